@@ -1,0 +1,1 @@
+"""Repo root on sys.path for tests (pytest imports this first)."""

@@ -1,0 +1,136 @@
+"""Task interface and the window/batch helpers shared by text and synthetic tasks.
+
+Conventions (all numpy, shapes static):
+  inputs  int32 [B, L]   tokens x_0 .. x_{L-1} of a window of L+1 tokens
+  targets int32 [B, L]   next tokens x_1 .. x_L  (targets[:, t] == window[t + 1])
+  loss_mask float32 [B, L]  1 where the target is scored, 0 on padding
+  positions int32 [B, L]    np.arange(L) per row
+Batches are pure functions of (seed, step[, index]); no global RNG state is used.
+"""
+import numpy as np
+
+SPLITS = ("train", "validation", "test")
+
+
+class Task:
+  """Base class. Subclasses set `name`, `vocab_size`, `is_text` and implement the methods."""
+
+  name: str = ""
+  vocab_size: int = 256
+  is_text: bool = False  # byte-level text: report bits per byte = nll / ln 2
+
+  def __init__(self, seed: int):
+    self.seed = int(seed)
+
+  def train_batch(self, step: int, batch_size: int, length: int) -> dict:
+    raise NotImplementedError
+
+  def eval_batches(self, split: str, length: int, batch_size: int, max_tokens=None):
+    raise NotImplementedError
+
+  def eval_docs(self, split: str):
+    raise NotImplementedError
+
+
+def encode(text) -> np.ndarray:
+  """Byte tokenizer (vocab 256): str or UTF-8 bytes -> uint8 array of byte values."""
+  data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+  return np.frombuffer(data, dtype=np.uint8)
+
+
+def decode(tokens) -> str:
+  return np.asarray(tokens, dtype=np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+def check_split(split):
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+
+
+def windows_to_batch(windows, length, extra=None):
+  """Stack windows (int arrays of L+1 tokens) into the standard batch dict."""
+  w = np.asarray(windows, dtype=np.int32).reshape(-1, length + 1)
+  batch = {
+      "inputs": w[:, :-1].copy(),
+      "targets": w[:, 1:].copy(),
+      "loss_mask": np.ones((w.shape[0], length), np.float32),
+      "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (w.shape[0], length)).copy(),
+  }
+  batch.update(extra or {})
+  return batch
+
+
+def pad_batch(batch, batch_size):
+  """Pad every [b, ...] array to batch_size rows; pad rows get loss_mask 0 (ids -1)."""
+  b = batch["inputs"].shape[0]
+  if b == batch_size:
+    return batch
+  out = {}
+  for k, v in batch.items():
+    fill = -1 if k in ("doc_id", "passkey_distance") else 0
+    pad = np.full((batch_size - b,) + v.shape[1:], fill, v.dtype)
+    if k == "positions":
+      pad = np.broadcast_to(np.arange(v.shape[1], dtype=v.dtype), pad.shape).copy()
+    out[k] = np.concatenate([v, pad], axis=0)
+  return out
+
+
+def sample_train_windows(flat, doc_starts, doc_lens, rng, batch_size, length):
+  """Random windows of L+1 tokens, uniform over all valid (doc, start) pairs.
+
+  A doc of n tokens has max(n - L, 0) valid starts, so a doc is picked with probability
+  proportional to its number of starts (~ its length) and windows never cross documents.
+  `flat` is all docs concatenated; doc_starts[i] is doc i's offset in it.
+  """
+  n_starts = np.maximum(doc_lens - length, 0)
+  total = int(n_starts.sum())
+  if total == 0:
+    raise ValueError(f"no document has more than length={length} tokens")
+  g = rng.integers(0, total, size=batch_size)           # global start index
+  cum = np.cumsum(n_starts)
+  doc = np.searchsorted(cum, g, side="right")             # doc containing start g
+  local = g - (cum[doc] - n_starts[doc])
+  idx = (doc_starts[doc] + local)[:, None] + np.arange(length + 1)
+  return flat[idx]
+
+
+def eval_windows(docs, length, max_tokens=None):
+  """Yield (doc_id, offset, window, n_scored) cutting each doc separately.
+
+  Window j of a doc of n tokens covers tokens [jL, jL + L] (L+1 tokens, consecutive windows
+  share one token), so every token x_1 .. x_{n-1} is a target exactly once; the last window is
+  shorter (zero-padded, scored count n_scored < L). With max_tokens, whole windows are taken
+  in order while the running scored-token total stays <= max_tokens.
+  """
+  used = 0
+  for d, doc in enumerate(docs):
+    for off in range(0, max(len(doc) - 1, 0), length):
+      chunk = doc[off:off + length + 1]
+      n = len(chunk) - 1
+      if max_tokens is not None and used + n > max_tokens:
+        return
+      used += n
+      w = np.zeros(length + 1, np.int32)
+      w[:len(chunk)] = chunk
+      yield d, off, w, n
+
+
+def batched_eval(docs, length, batch_size, max_tokens=None):
+  """Batches of eval windows (see eval_windows) with doc_id [B] and offset [B] int32."""
+  rows = []
+
+  def flush():
+    extra = {"doc_id": np.array([r[0] for r in rows], np.int32),
+             "offset": np.array([r[1] for r in rows], np.int32)}
+    batch = windows_to_batch([r[2] for r in rows], length, extra)
+    batch["loss_mask"] = (np.arange(length)[None] < np.array([r[3] for r in rows])[:, None]
+                          ).astype(np.float32)
+    return pad_batch(batch, batch_size)
+
+  for r in eval_windows(docs, length, max_tokens):
+    rows.append(r)
+    if len(rows) == batch_size:
+      yield flush()
+      rows = []
+  if rows:
+    yield flush()

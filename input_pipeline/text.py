@@ -1,0 +1,141 @@
+"""Byte-level text tasks: books (shipped corpus via TFDS), a directory of .txt files, or any
+TFDS dataset by name. Tokenizer: UTF-8 bytes, vocab 256 (token = byte value).
+
+text_dir split rule: if the directory has a MANIFEST.tsv with `file` and `split` columns, it
+decides; otherwise a file goes to split by h = int(sha256(relative path)[:8], 16) % 10:
+h < 8 -> train, h == 8 -> validation, h == 9 -> test (~80/10/10, stable across machines).
+`.txt` and gzip-compressed `.txt.gz` files are read; text must be valid UTF-8.
+"""
+import csv
+import functools
+import gzip
+import hashlib
+import pathlib
+
+import numpy as np
+
+from input_pipeline import base
+from input_pipeline import books_tfds
+from input_pipeline import tfds_source
+
+
+encode, decode = base.encode, base.decode
+
+
+@functools.lru_cache(maxsize=16)
+def books_docs(split, data_dir, books_dir):
+  """Docs of the shipped books corpus, sorted by file name (prepares TFDS on first use)."""
+  source = books_tfds.load_books(split, data_dir=data_dir or None,
+                                 books_dir=books_dir or books_tfds.BOOKS_DIR)
+  examples = sorted((source[i] for i in range(len(source))), key=lambda ex: ex["file"])
+  return tuple(encode(ex["text"]) for ex in examples)
+
+
+def read_utf8_file(path) -> bytes:
+  """Bytes of a .txt or .txt.gz file; ValueError naming file and byte offset if not UTF-8."""
+  path = pathlib.Path(path)
+  data = path.read_bytes()
+  if path.suffix == ".gz":
+    data = gzip.decompress(data)
+  try:
+    data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not valid UTF-8 at byte offset {e.start} "
+                     f"(byte 0x{data[e.start]:02x}); convert the file to UTF-8") from None
+  return data
+
+
+def hash_split(name: str) -> str:
+  h = int(hashlib.sha256(name.encode("utf-8")).hexdigest()[:8], 16) % 10
+  return "train" if h < 8 else ("validation" if h == 8 else "test")
+
+
+def text_dir_splits(text_dir):
+  """{relative file name: split} for all .txt / .txt.gz files under text_dir (recursive)."""
+  root = pathlib.Path(text_dir).expanduser()
+  if not root.is_dir():
+    raise ValueError(f"data.text_dir={str(text_dir)!r} is not a directory")
+  files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                 if p.is_file() and (p.name.endswith(".txt") or p.name.endswith(".txt.gz")))
+  manifest = root / "MANIFEST.tsv"
+  by_manifest = {}
+  if manifest.exists():
+    with open(manifest, newline="", encoding="utf-8") as f:
+      by_manifest = {r["file"]: r["split"] for r in csv.DictReader(f, delimiter="\t")}
+  out = {}
+  for name in files:
+    key = name[:-3] if name.endswith(".gz") else name  # manifest names the uncompressed file
+    out[name] = by_manifest.get(key) or hash_split(key)
+  return out
+
+
+@functools.lru_cache(maxsize=16)
+def text_dir_docs(text_dir, split):
+  root = pathlib.Path(text_dir).expanduser()
+  names = [n for n, s in text_dir_splits(text_dir).items() if s == split]
+  if not names:
+    raise ValueError(f"text_dir {text_dir!r} has no files in split {split!r} "
+                     "(rule: MANIFEST.tsv if present, else sha256(file name) % 10: "
+                     "0-7 train, 8 validation, 9 test)")
+  return tuple(encode(read_utf8_file(root / n)) for n in names)
+
+
+class TextTask(base.Task):
+  """Next-byte prediction on documents; train windows uniform over token starts."""
+
+  vocab_size = 256
+  is_text = True
+
+  def __init__(self, name, seed, docs_fn):
+    super().__init__(seed)
+    self.name = name
+    self._docs_fn = docs_fn  # split -> tuple of uint8 arrays (cached by the loader)
+    self._flat = None
+
+  def eval_docs(self, split):
+    """All documents of `split` as a list of uint8 token arrays."""
+    base.check_split(split)
+    return list(self._docs_fn(split))
+
+  def _train_flat(self):
+    if self._flat is None:  # concatenated train docs, for one fancy-index gather per batch
+      docs = self.eval_docs("train")
+      lens = np.array([len(d) for d in docs], np.int64)
+      starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+      self._flat = (np.concatenate(docs), starts, lens)
+    return self._flat
+
+  def train_batch(self, step, batch_size, length):
+    """Random windows of L+1 train tokens; rng = default_rng([seed, step])."""
+    rng = np.random.default_rng([self.seed, int(step)])
+    flat, starts, lens = self._train_flat()
+    windows = base.sample_train_windows(flat, starts, lens, rng, batch_size, length)
+    return base.windows_to_batch(windows, length)
+
+  def eval_batches(self, split, length, batch_size, max_tokens=None):
+    """Deterministic per-document windows; see base.eval_windows (adds doc_id, offset)."""
+    return base.batched_eval(self.eval_docs(split), length, batch_size, max_tokens)
+
+
+def make_text_task(cfg, seed):
+  """TextTask for cfg.name in {books, text_dir, tfds}."""
+  name = cfg["name"]
+  if name == "books":
+    data_dir = books_tfds.resolve_data_dir(cfg.get("data_dir") or None)
+    fn = functools.partial(_books_split, data_dir, cfg.get("books_dir") or "")
+  elif name == "text_dir":
+    if not cfg.get("text_dir"):
+      raise ValueError("data.name='text_dir' needs data.text_dir=PATH")
+    fn = functools.partial(_text_dir_split, str(cfg["text_dir"]))
+  else:
+    data_dir = books_tfds.resolve_data_dir(cfg.get("data_dir") or None)
+    fn = functools.partial(tfds_source.tfds_docs, cfg["tfds_name"], cfg["text_key"], data_dir)
+  return TextTask(name, seed, fn)
+
+
+def _books_split(data_dir, books_dir, split):
+  return books_docs(split, data_dir, books_dir)
+
+
+def _text_dir_split(text_dir, split):
+  return text_dir_docs(text_dir, split)

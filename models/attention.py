@@ -1,0 +1,75 @@
+"""Causal multi-head attention that talks to positional encodings only through
+the hooks of ``posenc.base.PositionalEncoding``.
+
+``attend`` computes softmax(scores + causal mask) V for a whole sequence at once.
+Masking is by *index* (key index <= query index), never by position id, so offset
+and randomized positions (sorted, possibly with gaps) are handled uniformly.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers import Dense, compute_dtype
+
+NEG_INF = -1e30  # finite: a fully masked row gives uniform weights, not NaN
+
+
+def causal_mask(sq, sk, q_offset=0, k_offset=0):
+  """[sq, sk] bool, True where key index <= query index (indices offset per block)."""
+  qi = q_offset + jnp.arange(sq)[:, None]
+  ki = k_offset + jnp.arange(sk)[None, :]
+  return ki <= qi
+
+
+def logn_query_scale(positions, base_len):
+  """Chiang & Cholak 2022 / Su 2023 log-n scaling: max(1, log(pos+1) / log(base_len)).
+
+  Identity up to the training length, grows slowly beyond it so attention
+  entropy stays roughly constant as the number of keys grows. [b, s] -> [b, s].
+  """
+  pos = positions.astype(jnp.float32)
+  return jnp.maximum(1.0, jnp.log(pos + 1.0) / math.log(base_len))
+
+
+def attention_stats(probs, q_pos, k_pos):
+  """Mean attention entropy (nats) and mean attended distance |i - j| of probs [b,h,sq,sk]."""
+  entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
+  distance = jnp.abs(q_pos[:, None, :, None] - k_pos[:, None, None, :]).astype(jnp.float32)
+  mean_distance = jnp.sum(probs * distance, axis=-1)
+  return {"entropy": jnp.mean(entropy), "distance": jnp.mean(mean_distance)}
+
+
+def attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False):
+  """Full causal attention. q/k/v [b, s, h, d] (q pre-scaled) -> [b, s, h, d] float32."""
+  logits = enc.scores(q, k, q_pos, k_pos)
+  mask = causal_mask(q.shape[1], k.shape[1], q_offset=k.shape[1] - q.shape[1])
+  probs = jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return (out, attention_stats(probs, q_pos, k_pos)) if with_stats else (out, None)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with a fused QKV projection."""
+
+  def __init__(self, cfg, *, rngs):
+    self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+    inner = cfg.num_heads * cfg.head_dim
+    self.qkv = Dense(cfg.d_model, 3 * inner, dtype=cfg.dtype, rngs=rngs)
+    self.out = Dense(inner, cfg.d_model, std=0.02 / math.sqrt(2 * cfg.num_layers),
+                     dtype=cfg.dtype, rngs=rngs)
+    self.dtype = compute_dtype(cfg.dtype)
+    self.logn_base_len = cfg.logn_base_len
+
+  def __call__(self, x, positions, enc, *, with_stats=False):
+    b, s, _ = x.shape
+    q, k, v = jnp.split(self.qkv(x).reshape(b, s, 3 * self.num_heads, self.head_dim), 3, axis=2)
+    q, k = enc.rotate(q, k, positions, positions)
+    q = q * (1.0 / math.sqrt(self.head_dim))
+    if self.logn_base_len:
+      q = q * logn_query_scale(positions, self.logn_base_len)[:, :, None, None]
+    q, k, v = (t.astype(self.dtype) for t in (q, k, v))
+    out, stats = attend(q, k, v, positions, positions, enc, with_stats=with_stats)
+    return self.out(out.reshape(b, s, -1)), stats

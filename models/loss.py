@@ -1,0 +1,32 @@
+"""Per-token losses, with the output head applied chunk by chunk along the
+sequence so that memory does not grow with vocab x length."""
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy(logits, targets):
+  """-log softmax(logits)[target], float32; logits [..., V], targets [...] int."""
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return logz - picked
+
+
+def token_nll(model, hidden, targets, chunk=2048):
+  """NLL [b, s] of targets given final hidden states [b, s, d].
+
+  For s > chunk the head runs on chunks of ``chunk`` positions inside a
+  ``lax.map``, so only a [b, chunk, vocab] logit block is live at a time.
+  """
+  b, s, d = hidden.shape
+  if s <= chunk:
+    return cross_entropy(model.logits(hidden), targets)
+  pad = (-s) % chunk
+  h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, d).swapaxes(0, 1)
+  t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, chunk).swapaxes(0, 1)
+  nll = jax.lax.map(lambda xs: cross_entropy(model.logits(xs[0]), xs[1]), (h, t))
+  return nll.swapaxes(0, 1).reshape(b, -1)[:, :s]
+
+
+def masked_mean(values, mask):
+  """Sum(values * mask) / max(sum(mask), 1)."""
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)

@@ -1,0 +1,83 @@
+"""Decoder-only byte LM (nanoGPT-sized, Llama-shaped): token embedding ->
+N pre-norm blocks (attention + MLP) -> final norm -> output head.
+
+Positions are always explicit integer arrays [batch, seq]; nothing assumes
+arange, so offset, randomized and extended positions work everywhere.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import posenc
+from models.attention import Attention
+from models.layers import MLP, Dense, dropout, make_norm
+
+
+class Block(nnx.Module):
+  """x + Attn(Norm(x)), then x + MLP(Norm(x))."""
+
+  def __init__(self, cfg, *, rngs):
+    self.attn_norm = make_norm(cfg.norm, cfg.d_model, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = make_norm(cfg.norm, cfg.d_model, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+    self.dropout_rate = cfg.dropout
+
+  def __call__(self, x, positions, enc, rng=None, *, with_stats=False):
+    rngs = jax.random.split(rng) if rng is not None else (None, None)
+    h, stats = self.attn(self.attn_norm(x), positions, enc, with_stats=with_stats)
+    x = x + dropout(h, self.dropout_rate, rngs[0])
+    x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, rngs[1])
+    return x, stats
+
+
+class DecoderLM(nnx.Module):
+  """The language model; ``posenc`` is one encoding instance shared by all layers."""
+
+  def __init__(self, model_cfg, posenc_cfg, *, rngs):
+    self.embedding = nnx.Param(
+        jax.nn.initializers.normal(0.02)(rngs.params(), (model_cfg.vocab_size, model_cfg.d_model)))
+    self.posenc = posenc.build(posenc_cfg, model_cfg, rngs=rngs)
+    self.blocks = nnx.List([Block(model_cfg, rngs=rngs) for _ in range(model_cfg.num_layers)])
+    self.final_norm = make_norm(model_cfg.norm, model_cfg.d_model, rngs=rngs)
+    self.head = None if model_cfg.tie_embeddings else Dense(
+        model_cfg.d_model, model_cfg.vocab_size, dtype=model_cfg.dtype, rngs=rngs)
+    self.dtype = model_cfg.dtype
+    self.dropout_rate = model_cfg.dropout
+
+  def check_positions(self, positions):
+    """Eager check (skipped under jit) that the encoding supports these positions."""
+    if not isinstance(positions, jax.core.Tracer):
+      self.posenc.check_positions(int(jnp.max(positions)))
+
+  def features(self, tokens, positions, *, dropout_rng=None, with_stats=False):
+    """Final-norm hidden states [b, s, d] (float32), plus per-layer attention stats."""
+    self.check_positions(positions)
+    x = jnp.take(self.embedding.value, tokens, axis=0)
+    x = self.posenc.embed(x, positions)
+    rngs = jax.random.split(dropout_rng, len(self.blocks) + 1) if dropout_rng is not None else None
+    x = dropout(x, self.dropout_rate, None if rngs is None else rngs[-1])
+    stats = []
+    for i, block in enumerate(self.blocks):
+      x, s = block(x, positions, self.posenc, None if rngs is None else rngs[i],
+                   with_stats=with_stats)
+      stats.append(s)
+    return self.final_norm(x), stats
+
+  def logits(self, h):
+    """Output head on hidden states [..., d] -> [..., vocab] float32."""
+    if self.head is not None:
+      return self.head(h)
+    w = self.embedding.value
+    dt = jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
+    return jnp.dot(h.astype(dt), w.T.astype(dt), preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens, positions, *, dropout_rng=None):
+    h, _ = self.features(tokens, positions, dropout_rng=dropout_rng)
+    return self.logits(h)
+
+
+def build_model(config, seed=None):
+  """DecoderLM from a full lenx config (``config.model``, ``config.posenc``)."""
+  seed = config.seed if seed is None else seed
+  return DecoderLM(config.model, config.posenc, rngs=nnx.Rngs(params=seed))

@@ -1,0 +1,103 @@
+"""Rotary position embedding (Su et al. 2021, RoFormer, eq. 34): rotate each pair
+of query/key dimensions by angle pos * theta_i, so q_m . k_n depends only on m - n.
+
+Layout is rotate-half (GPT-NeoX / Hugging Face ``rotate_half``): dimension i is
+paired with i + rotary_dim/2, not with its neighbour. Angles are computed in
+float32 from integer positions on the fly (no position tables), so any position
+works. Frequencies and context-extension scaling come from
+``posenc.rope_scaling.rope_frequencies``, which takes Hugging Face
+``rope_scaling`` dicts (``config.posenc.rope.scaling``).
+"""
+import json
+
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_dict
+
+from posenc.base import PositionalEncoding, register
+from posenc.rope_scaling import rope_frequencies, validate_rope_scaling
+
+__all__ = ["apply_rope", "rope_frequencies", "RoPE", "scaling_dict"]
+
+
+def rotate_half(x):
+  """[x1, x2] -> [-x2, x1] on the last axis (HF ``rotate_half``)."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x, positions, inv_freq, attention_factor=1.0):
+  """Rotates x [b, s, h, d] at positions [b, s] with inv_freq [r/2] (r <= d rotary dims).
+
+  Dimensions past r = 2 * len(inv_freq) pass through unchanged (partial rotary).
+  ``attention_factor`` multiplies cos and sin (YaRN / LongRoPE temperature).
+  """
+  rot = 2 * inv_freq.shape[-1]
+  angles = positions.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq, jnp.float32)
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [b, s, 1, r]
+  cos, sin = jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
+  x_rot, x_pass = x[..., :rot].astype(jnp.float32), x[..., rot:]
+  out = x_rot * cos + rotate_half(x_rot) * sin
+  return jnp.concatenate([out.astype(x.dtype), x_pass], axis=-1)
+
+
+def scaling_fields():
+  """Every Hugging Face rope_scaling key, unset; set only what a model card gives."""
+  p = config_dict.placeholder
+  return ml_collections.ConfigDict(dict(
+      rope_type="default",  # default|linear|ntk|dynamic|yarn|llama3|longrope
+      factor=p(float), original_max_position_embeddings=p(int),
+      beta_fast=p(float), beta_slow=p(float), mscale=p(float), mscale_all_dim=p(float),
+      attention_factor=p(float), truncate=p(bool), low_freq_factor=p(float),
+      high_freq_factor=p(float), short_factor=p(tuple), long_factor=p(tuple),
+  ))
+
+
+def scaling_dict(cfg):
+  """The HF-style dict of a rope config: ``scaling_json`` if given, else the set fields."""
+  if cfg.get("scaling_json"):
+    try:
+      return json.loads(cfg.scaling_json)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"posenc.rope.scaling_json is not valid JSON: {e}") from e
+  d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.scaling.items() if v is not None}
+  if cfg.partial_rotary_factor != 1.0:
+    d["partial_rotary_factor"] = cfg.partial_rotary_factor
+  return d
+
+
+@register("rope")
+class RoPE(PositionalEncoding):
+  """Rotary embedding of q and k; relative by construction."""
+
+  relative = True
+  uses_rope = True
+
+  @classmethod
+  def default_config(cls):
+    return ml_collections.ConfigDict(dict(
+        base=10000.0,  # theta base of eq. 15 (Llama 3 uses 500000)
+        partial_rotary_factor=1.0,  # rotate only this fraction of head_dim (GPT-J/NeoX: 0.25)
+        scaling=scaling_fields(),  # Hugging Face rope_scaling keys (context extension)
+        scaling_json="",  # or paste a model card's rope_scaling dict as JSON (overrides scaling)
+        original_len=0,  # length the model was trained at; 0 = config.train_len
+        eval_len=0,  # sequence length for dynamic/longrope frequencies; 0 = original_len
+    ))
+
+  @classmethod
+  def finalize_config(cls, own, config):
+    if own.original_len == 0:
+      own.original_len = config.train_len
+    rope_frequencies(config.model.head_dim or config.model.d_model // config.model.num_heads,
+                     own.base, scaling_dict(own), own.eval_len or own.original_len,
+                     own.original_len)  # raises ValueError on an invalid scaling dict
+
+  def __init__(self, config, model_config, *, rngs):
+    super().__init__(config, model_config, rngs=rngs)
+    self.inv_freq, self.attention_factor = rope_frequencies(
+        model_config.head_dim, config.base, scaling_dict(config),
+        config.eval_len or config.original_len or None, config.original_len or None)
+
+  def rotate(self, q, k, q_pos, k_pos):
+    return (apply_rope(q, q_pos, self.inv_freq, self.attention_factor),
+            apply_rope(k, k_pos, self.inv_freq, self.attention_factor))

@@ -1,0 +1,190 @@
+"""Tests for input_pipeline (fast, offline; run serially)."""
+import gzip
+import hashlib
+import time
+
+import numpy as np
+import pytest
+
+import input_pipeline as ip
+from input_pipeline import books_tfds
+from input_pipeline import text as text_lib
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="session")
+def books(data_dir):
+  return ip.get_task({"name": "books", "data_dir": data_dir}, seed=0)
+
+
+def test_books_tfds_roundtrip_exact_bytes(data_dir):
+  manifest = {r["file"]: r for r in books_tfds.read_manifest()}
+  source = books_tfds.load_books("test", data_dir=data_dir)
+  assert len(source) == 2
+  for i in range(len(source)):
+    ex = source[i]
+    row = manifest[ex["file"].decode()]
+    assert hashlib.sha256(ex["text"]).hexdigest() == row["sha256"]
+    assert ex["title"].decode() == row["title"]
+  # Second call reuses the prepared cache (no regeneration).
+  t = time.time()
+  assert len(books_tfds.load_books("test", data_dir=data_dir)) == 2
+  assert time.time() - t < 5
+
+
+def test_books_splits_follow_manifest(books):
+  rows = books_tfds.read_manifest()
+  for split in ("train", "validation", "test"):
+    want = sorted(int(r["bytes"]) for r in rows if r["split"] == split)
+    assert sorted(len(d) for d in books.eval_docs(split)) == want
+  assert books.is_text and books.vocab_size == 256
+
+
+def test_book_checksum_mismatch_raises(tmp_path):
+  row = books_tfds.read_manifest()[0]
+  (tmp_path / (row["file"] + ".gz")).write_bytes(gzip.compress(b"tampered"))
+  with pytest.raises(ValueError, match="does not match MANIFEST"):
+    books_tfds.read_book(tmp_path, row)
+
+
+def test_train_batch_deterministic_and_shifted(books):
+  a, b = books.train_batch(5, 4, 128), books.train_batch(5, 4, 128)
+  c = books.train_batch(6, 4, 128)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  assert not np.array_equal(a["inputs"], c["inputs"])
+  np.testing.assert_array_equal(a["inputs"][:, 1:], a["targets"][:, :-1])
+  assert a["inputs"].dtype == np.int32 and a["loss_mask"].dtype == np.float32
+  np.testing.assert_array_equal(a["positions"][1], np.arange(128))
+  # Each window is a contiguous slice of one train doc.
+  joined = b"\x00".join(d.tobytes() for d in books.eval_docs("train"))
+  row = np.concatenate([a["inputs"][0], a["targets"][0, -1:]]).astype(np.uint8).tobytes()
+  assert row in joined
+
+
+def test_eval_windows_score_every_token_once():
+  docs = [np.arange(1, 24) % 256, np.arange(5, 10), np.arange(3)]
+  task = text_lib.TextTask("t", 0, lambda split: tuple(docs))
+  seen = {i: [] for i in range(len(docs))}
+  for batch in task.eval_batches("test", 8, 3):
+    assert batch["inputs"].shape == (3, 8)
+    for r in range(3):
+      d, off = batch["doc_id"][r], batch["offset"][r]
+      if d < 0:
+        assert batch["loss_mask"][r].sum() == 0
+        continue
+      m = batch["loss_mask"][r] > 0
+      np.testing.assert_array_equal(batch["targets"][r][m], docs[d][off + 1:off + 1 + m.sum()])
+      seen[d].extend(off + 1 + np.flatnonzero(m))
+  for d, doc in enumerate(docs):
+    assert sorted(seen[d]) == list(range(1, len(doc)))
+  limited = list(task.eval_batches("test", 8, 2, max_tokens=20))
+  assert sum(b["loss_mask"].sum() for b in limited) == 16  # whole windows: 8 + 8 (<= 20)
+
+
+def test_markov_optimal_nll_matches_entropy_rate():
+  task = ip.get_task({"name": "markov", "markov": {"order": 2, "vocab_size": 16}}, seed=1)
+  batch = task.train_batch(0, 8, 4096)
+  assert batch["inputs"].max() < 16
+  assert abs(batch["optimal_nll"][:, 64:].mean() - task.entropy_rate()) < 0.05
+  np.testing.assert_allclose(task.stationary().sum(), 1.0)
+
+
+def test_copy_deterministic_part():
+  task = ip.get_task({"name": "copy", "copy": {"vocab_size": 8}}, seed=0)
+  L, n = 64, 32
+  b = task.train_batch(0, 4, L)
+  seq = np.concatenate([b["inputs"], b["targets"][:, -1:]], 1)
+  np.testing.assert_array_equal(seq[:, n + 1:], seq[:, :n])  # copy equals the prefix
+  assert (seq[:, n] == task.sep).all()
+  t = np.arange(L)
+  assert (b["optimal_nll"][:, t + 1 >= n] == 0).all()
+  np.testing.assert_allclose(b["optimal_nll"][:, t + 1 < n], np.log(8), rtol=1e-6)
+  assert (b["answer_mask"][:, t + 1 > n] == 1).all() and b["answer_mask"][:, :n].sum() == 0
+
+
+def test_passkey_answer_is_queried_value():
+  task = ip.get_task({"name": "passkey"}, seed=3)
+  L = 200
+  b = task.train_batch(2, 8, L)
+  assert np.all(b["answer_mask"].sum(1) == 1)
+  for r in range(8):
+    seq = np.concatenate([b["inputs"][r], b["targets"][r, -1:]])
+    key, value = seq[-3:-1], seq[-1]
+    assert seq[-4] == task.query
+    r0 = (L + 1 - 4) % 3  # leading PAD tokens
+    assert (seq[:r0] == task.pad).all()
+    pairs = seq[r0:-4].reshape(-1, 3)
+    hit = np.flatnonzero((pairs[:, :2] == key).all(1))
+    assert len(hit) == 1 and pairs[hit[0], 2] == value
+    stored_pos = r0 + 3 * hit[0] + 2
+    assert b["passkey_distance"][r] == L - stored_pos
+    assert b["optimal_nll"][r, -1] == 0 and b["answer_mask"][r, -1] == 1
+
+
+def test_synthetic_eval_is_deterministic_and_padded():
+  task = ip.get_task({"name": "passkey", "num_eval_sequences": 5}, seed=0)
+  a = list(task.eval_batches("validation", 64, 4))
+  b = list(task.eval_batches("validation", 64, 4))
+  assert len(a) == 2 and a[1]["inputs"].shape == (4, 64)
+  np.testing.assert_array_equal(a[1]["inputs"], b[1]["inputs"])
+  assert a[1]["loss_mask"][1:].sum() == 0 and a[1]["passkey_distance"][1] == -1
+
+
+def test_unknown_name_lists_choices():
+  with pytest.raises(ValueError, match="books, text_dir, tfds, markov, copy, passkey"):
+    ip.get_task({"name": "nope"}, seed=0)
+
+
+def test_text_dir_split_and_non_utf8(tmp_path):
+  for i in range(30):
+    (tmp_path / f"doc{i}.txt").write_text(f"document {i} " * 20, encoding="utf-8")
+  splits = text_lib.text_dir_splits(tmp_path)
+  assert set(splits.values()) <= {"train", "validation", "test"}
+  assert splits == text_lib.text_dir_splits(tmp_path)  # deterministic
+  task = ip.get_task({"name": "text_dir", "text_dir": str(tmp_path)}, seed=0)
+  assert len(task.eval_docs("train")) == sum(s == "train" for s in splits.values())
+  (tmp_path / "bad.txt").write_bytes(b"hello \xff world")
+  with pytest.raises(ValueError, match=r"bad\.txt: not valid UTF-8 at byte offset 6"):
+    text_lib.read_utf8_file(tmp_path / "bad.txt")
+
+
+def test_tfds_by_name_offline_fails_fast(tmp_path):
+  task = ip.get_task({"name": "tfds", "tfds_name": "pg19", "data_dir": str(tmp_path)}, 0)
+  t = time.time()
+  with pytest.raises(RuntimeError, match="not prepared .* internet is unreachable"):
+    task.eval_docs("test")
+  assert time.time() - t < 15
+
+
+def test_default_config_has_all_fields():
+  c = ip.default_data_config()
+  for key in ("name", "data_dir", "text_dir", "tfds_name", "text_key", "markov", "copy",
+              "passkey"):
+    assert key in c
+
+
+def test_passkey_optimal_nll_is_exact_log_probability():
+  # Keys without replacement: sum of key-token nll = log(N! / (N - m)!), N = K^J;
+  # query key uniform over m pairs: its tokens' nll sum to log m.
+  task = ip.get_task({"name": "passkey", "passkey": {"key_vocab": 4, "key_len": 2}}, seed=0)
+  L = 3 * 12 + 3  # 12 pairs, no PAD
+  b = task.train_batch(0, 2, L)
+  nll = b["optimal_nll"][0].astype(np.float64)
+  m, n_keys = 12, 16
+  key_targets = [t for t in range(L) if (t + 1) % 3 != 2 and t + 1 < 3 * m]
+  want = sum(np.log(n_keys - i) for i in range(m)) - np.log(4)  # x_0 is never a target
+  np.testing.assert_allclose(nll[key_targets].sum(), want, rtol=1e-5)
+  np.testing.assert_allclose(nll[-3:-1].sum(), np.log(m), rtol=1e-5)
+
+
+def test_get_task_accepts_configdict():
+  c = ip.default_data_config()
+  c.name = "markov"
+  c.markov.order = 1
+  task = ip.get_task(c, seed=0)
+  assert task.order == 1 and task.train_batch(0, 2, 16)["inputs"].shape == (2, 16)

@@ -1,0 +1,135 @@
+"""Train a lenx language model.
+
+  python train.py --config=configs/default.py:posenc=rope --workdir=runs/rope
+  python train.py --config=configs/default.py:posenc=alibi --workdir=runs/alibi \
+      --config.model.num_layers=6 --config.num_train_steps=2000
+
+Rerunning the same command resumes from the workdir's latest checkpoint; the
+final parameters equal those of an uninterrupted run (batches and dropout are
+pure functions of (seed, step)).
+"""
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import input_pipeline
+from input_pipeline import positions
+from configs.common import resolve
+from models import build_model
+from training import checkpoint
+from training.optim import make_optimizer
+from training.steps import make_eval_step, make_train_step, split_model
+from training.logging import MetricWriter, progress_bar
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.")
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def evaluate(eval_step, params, task, config, split="validation"):
+  """Mean validation NLL at train_len over config.eval_tokens tokens."""
+  nll, tokens = 0.0, 0.0
+  for batch in task.eval_batches(split, config.train_len, config.batch_size, config.eval_tokens):
+    out = jax.device_get(eval_step(params, batch))
+    nll, tokens = nll + float(out["nll_sum"]), tokens + float(out["tokens"])
+  return nll / max(tokens, 1.0), tokens
+
+
+def init_state(config, tx, workdir):
+  """Fresh train state, optionally with parameters from config.init_from."""
+  graphdef, params = split_model(build_model(config))
+  if config.init_from:
+    _, source = checkpoint.load_run(config.init_from)
+    _, params = split_model(source)
+    with open(os.path.join(workdir, "init_from.json"), "w") as f:
+      json.dump({"init_from": os.path.abspath(config.init_from)}, f)
+  return graphdef, {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def _check_finite(metrics, step, mngr):
+  loss = float(metrics["loss"])
+  if not np.isfinite(loss):
+    raise NonFiniteLossError(
+        f"non-finite loss {loss} at step {step}; stopped without saving. The last good "
+        f"checkpoint is step {mngr.latest_step()}. Lower optim.learning_rate or check the data.")
+  return loss
+
+
+def train_and_evaluate(config, workdir, *, stop_after=None):
+  """Trains config in workdir, resuming from its latest checkpoint.
+
+  stop_after: return after this many steps of *this invocation* (tests use it to
+  simulate an interrupted run).
+  """
+  config = resolve(config)
+  task = input_pipeline.get_task(config.data, config.seed)
+  config.model.vocab_size = task.vocab_size
+  checkpoint.check_compatible(workdir, config)
+  checkpoint.write_config(workdir, config)
+
+  tx = make_optimizer(config.optim, config.num_train_steps)
+  graphdef, state = init_state(config, tx, workdir)
+  mngr = checkpoint.manager(workdir, config.keep_checkpoints)
+  if mngr.latest_step() is not None:
+    state = checkpoint.restore(mngr, state)
+  train_step, eval_step = make_train_step(graphdef, tx, config.seed), make_eval_step(graphdef)
+
+  start = int(state["step"])
+  end = config.num_train_steps if stop_after is None else min(config.num_train_steps,
+                                                              start + stop_after)
+  writer = MetricWriter(workdir)
+  bar = progress_bar(start, config.num_train_steps, desc=os.path.basename(workdir.rstrip("/")))
+  tokens_per_step = config.batch_size * config.train_len
+  pending, t0, last_log = None, time.perf_counter(), start
+  try:
+    for step in range(start, end):
+      batch = task.train_batch(step, config.batch_size, config.train_len)
+      batch = positions.apply_positions(config.positions, batch, config.seed, step)
+      state, metrics = train_step(state, batch)
+      if pending is not None:  # check the previous step while this one runs
+        _check_finite(*pending, mngr)
+      pending = (metrics, step, )
+      done = step + 1
+      if done % config.log_every == 0 or done == end:
+        loss = _check_finite(metrics, done, mngr)
+        elapsed = time.perf_counter() - t0
+        rate = tokens_per_step * (done - last_log) / max(elapsed, 1e-9)
+        writer.write(done, {"train/loss": loss, "train/grad_norm": float(metrics["grad_norm"]),
+                            "train/tokens_per_s": rate})
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+        t0, last_log = time.perf_counter(), done
+      if done % config.eval_every == 0 or done == config.num_train_steps:
+        val, _ = evaluate(eval_step, state["params"], task, config)
+        writer.write(done, {"eval/loss": val, "eval/ppl": float(np.exp(val))})
+        bar.write(f"step {done}: validation loss {val:.4f} (ppl {np.exp(val):.2f})")
+      if done % config.checkpoint_every == 0 or done == end:
+        _check_finite(metrics, done, mngr)
+        checkpoint.save(mngr, state)
+      bar.update(1)
+  finally:
+    mngr.wait_until_finished()
+    bar.close()
+    writer.close()
+  return state
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/lenx/jax"))
+  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

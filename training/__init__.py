@@ -1,0 +1,1 @@
+"""Training machinery shared by train.py and eval_extrapolate.py."""
