@@ -49,10 +49,12 @@ def init_state(config, tx, workdir):
   """Fresh train state, optionally with parameters from config.init_from."""
   graphdef, params = split_model(build_model(config))
   if config.init_from:
-    _, source = checkpoint.load_run(config.init_from)
+    _, source, source_step = checkpoint.load_run(config.init_from, with_step=True)
     _, params = split_model(source)
     with open(os.path.join(workdir, "init_from.json"), "w") as f:
-      json.dump({"init_from": os.path.abspath(config.init_from)}, f)
+      json.dump({"init_from": os.path.abspath(config.init_from),
+                 "variant": config.get("init_variant", "none"),
+                 "source_step": int(source_step)}, f, indent=2)
   return graphdef, {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 

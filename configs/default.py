@@ -36,6 +36,13 @@ def get_config(arg=None):
   c.checkpoint_every = 200  # steps between checkpoints (and at the end)
   c.keep_checkpoints = 2  # most recent checkpoints kept
   c.init_from = ""  # another run's workdir to initialise parameters from (fine-tuning)
+  c.compilation_cache_dir = "~/.cache/lenx/jax"  # persistent XLA compile cache; "" = off
+
+  c.mesh = ml_collections.ConfigDict()  # device mesh (training/mesh.py)
+  c.mesh.data = -1  # batch-parallel ways; -1 = all devices left after fsdp
+  c.mesh.fsdp = 1  # ways to shard params/optimizer state (ZeRO-3 style); 1 = replicated
+  c.mesh.distributed = False  # multi-host: call jax.distributed.initialize() first
+  c.init_variant = "none"  # extension variant applied when fine-tuning from init_from
 
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = num_layers  # transformer blocks
@@ -50,6 +57,8 @@ def get_config(arg=None):
   c.model.tie_embeddings = True  # output head shares the token embedding
   c.model.logn_base_len = 0  # >0: log-n query scaling max(1, log(pos+1)/log(this)); 0 = off
   c.model.vocab_size = 256  # filled from the data source
+  c.model.attention = "auto"  # auto | full | blockwise; auto = blockwise when seq > 2*block_size
+  c.model.block_size = 512  # query/key block of blockwise attention (models/blockwise.py)
 
   c.posenc = ml_collections.ConfigDict(posenc.default_configs())  # one sub-config per encoding
   c.posenc.name = args["posenc"]  # which encoding; see posenc.names()

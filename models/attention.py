@@ -1,7 +1,9 @@
 """Causal multi-head attention that talks to positional encodings only through
 the hooks of ``posenc.base.PositionalEncoding``.
 
-``attend`` computes softmax(scores + causal mask) V for a whole sequence at once.
+``full_attend`` computes softmax(scores + causal mask) V for a whole sequence at
+once; ``models.blockwise`` does the same by blocks without an L x L matrix;
+``attend`` picks one (config.model.attention = auto | full | blockwise).
 Masking is by *index* (key index <= query index), never by position id, so offset
 and randomized positions (sorted, possibly with gaps) are handled uniformly.
 """
@@ -11,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.blockwise import blockwise_attend
 from models.layers import Dense, compute_dtype
 
 NEG_INF = -1e30  # finite: a fully masked row gives uniform weights, not NaN
@@ -41,7 +44,28 @@ def attention_stats(probs, q_pos, k_pos):
   return {"entropy": jnp.mean(entropy), "distance": jnp.mean(mean_distance)}
 
 
-def attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False):
+ATTENTION_IMPLS = ("auto", "full", "blockwise")
+
+
+def use_blockwise(impl, seq_len, block_size, enc, with_stats=False):
+  """Whether ``attend`` takes the blockwise path. "auto" = blockwise beyond 2 blocks
+  (below that one tile is the whole matrix and full attention is faster). Encodings
+  with ``blockwise = False`` (scores need a whole row, e.g. CoPE) and attention
+  statistics (need the probabilities) always take the full path."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attention {impl!r}; valid choices: {', '.join(ATTENTION_IMPLS)}")
+  wanted = impl == "blockwise" or (impl == "auto" and seq_len > 2 * block_size)
+  return wanted and enc.blockwise and not with_stats
+
+
+def attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, impl="full", block_size=512):
+  """Causal attention, full or blockwise (see ``use_blockwise``); same result either way."""
+  if q.shape[1] == k.shape[1] and use_blockwise(impl, q.shape[1], block_size, enc, with_stats):
+    return blockwise_attend(q, k, v, q_pos, k_pos, enc, block_size), None
+  return full_attend(q, k, v, q_pos, k_pos, enc, with_stats=with_stats)
+
+
+def full_attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False):
   """Full causal attention. q/k/v [b, s, h, d] (q pre-scaled) -> [b, s, h, d] float32."""
   logits = enc.scores(q, k, q_pos, k_pos)
   mask = causal_mask(q.shape[1], k.shape[1], q_offset=k.shape[1] - q.shape[1])
@@ -62,6 +86,8 @@ class Attention(nnx.Module):
                      dtype=cfg.dtype, rngs=rngs)
     self.dtype = compute_dtype(cfg.dtype)
     self.logn_base_len = cfg.logn_base_len
+    self.impl = cfg.get("attention", "full")  # runs saved before these fields: full
+    self.block_size = cfg.get("block_size", 512)
 
   def __call__(self, x, positions, enc, *, with_stats=False):
     b, s, _ = x.shape
@@ -71,5 +97,6 @@ class Attention(nnx.Module):
     if self.logn_base_len:
       q = q * logn_query_scale(positions, self.logn_base_len)[:, :, None, None]
     q, k, v = (t.astype(self.dtype) for t in (q, k, v))
-    out, stats = attend(q, k, v, positions, positions, enc, with_stats=with_stats)
+    out, stats = attend(q, k, v, positions, positions, enc, with_stats=with_stats,
+                        impl=self.impl, block_size=self.block_size)
     return self.out(out.reshape(b, s, -1)), stats

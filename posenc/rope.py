@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from posenc.base import PositionalEncoding, register
-from posenc.rope_scaling import rope_frequencies, validate_rope_scaling
+from posenc.base import PositionalEncoding, qk_dot, register
+from posenc.rope_scaling import rope_frequencies
 
-__all__ = ["apply_rope", "rope_frequencies", "RoPE", "scaling_dict"]
+__all__ = ["apply_rope", "rope_frequencies", "rerope_scores", "RoPE", "scaling_dict"]
 
 
 def rotate_half(x):
@@ -57,10 +57,12 @@ def scaling_dict(cfg):
   """The HF-style dict of a rope config: ``scaling_json`` if given, else the set fields."""
   if cfg.get("scaling_json"):
     try:
-      return json.loads(cfg.scaling_json)
+      d = json.loads(cfg.scaling_json)
     except json.JSONDecodeError as e:
       raise ValueError(f"posenc.rope.scaling_json is not valid JSON: {e}") from e
-  d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.scaling.items() if v is not None}
+  else:
+    d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.scaling.items()
+         if v is not None}
   if cfg.partial_rotary_factor != 1.0:
     d["partial_rotary_factor"] = cfg.partial_rotary_factor
   return d
@@ -82,6 +84,7 @@ class RoPE(PositionalEncoding):
         scaling_json="",  # or paste a model card's rope_scaling dict as JSON (overrides scaling)
         original_len=0,  # length the model was trained at; 0 = config.train_len
         eval_len=0,  # sequence length for dynamic/longrope frequencies; 0 = original_len
+        rerope_window=0,  # >0: ReRoPE (Su 2023) with relative positions capped at this window
     ))
 
   @classmethod
@@ -99,5 +102,31 @@ class RoPE(PositionalEncoding):
         config.eval_len or config.original_len or None, config.original_len or None)
 
   def rotate(self, q, k, q_pos, k_pos):
+    if self.config.rerope_window:  # ReRoPE needs unrotated q/k: it rotates per block in scores
+      return q, k
     return (apply_rope(q, q_pos, self.inv_freq, self.attention_factor),
             apply_rope(k, k_pos, self.inv_freq, self.attention_factor))
+
+  def scores(self, q, k, q_pos, k_pos):
+    if not self.config.rerope_window:
+      return qk_dot(q, k)
+    return rerope_scores(q, k, q_pos, k_pos, self.config.rerope_window, self.inv_freq,
+                         self.attention_factor)
+
+
+def rerope_scores(q, k, q_pos, k_pos, window, inv_freq, attention_factor=1.0):
+  """ReRoPE (Su 2023, kexue.fm/archives/9708; reference bojone/rerope ``rerope_patch.py``).
+
+  Relative positions are capped at ``window``: pairs with q_pos - k_pos < window get
+  ordinary RoPE logits R(q_pos) q . R(k_pos) k; farther pairs all get the logit of
+  relative position ``window``, computed as R(window) q . k (rotating the query at
+  the window against unrotated keys). Two logit sets per block, then a select; a
+  training-free extension that never shows the model a distance it did not train on.
+  """
+  rot = lambda x, p: apply_rope(x, p, inv_freq, attention_factor)
+  near = qk_dot(rot(q, q_pos), rot(k, k_pos))
+  far_q = rot(q, jnp.full_like(q_pos, window))
+  far_k = rot(k, jnp.zeros_like(k_pos))  # applies attention_factor to k as in the near branch
+  far = qk_dot(far_q, far_k)
+  rel = q_pos[:, None, :, None] - k_pos[:, None, None, :]
+  return jnp.where(rel < window, near, far)

@@ -252,6 +252,7 @@ def test_normalisation():
 LR = {"rope_type": "longrope", "short_factor": [1.0] * 32, "long_factor": [1.0] * 32}
 INVALID = [
     ({"rope_type": "xpos"}, "unknown rope_type 'xpos'; valid rope types: default, linear, ntk, dynamic, yarn"),
+    ({"rope_type": ["linear"]}, "unknown rope_type ['linear']"),
     ({"rope_type": "linear"}, "missing required key(s) ['factor']"),
     ({"rope_type": "llama3", "factor": 8, "low_freq_factor": 1}, "missing required key(s) ['high_freq_factor']"),
     ({"rope_type": "linear", "factor": 2, "beta_fast": 3}, "unknown key(s) ['beta_fast'] for rope_type 'linear'"),

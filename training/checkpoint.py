@@ -9,10 +9,13 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from models import build_model
+from training.optim import make_optimizer
 from training.steps import split_model
 
 # Fields that may change between a run and its resumption without mixing two
@@ -31,7 +34,18 @@ def read_config(workdir):
   if not os.path.exists(path):
     raise FileNotFoundError(f"{workdir!r} is not a lenx run directory: no config.json there")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  # Fields added to lenx after the run was made take their defaults.
+  from configs.default import get_config
+  config = get_config(f"posenc={saved['posenc']['name']}").to_dict()
+  return ml_collections.ConfigDict(_merge(config, saved))
+
+
+def _merge(base, override):
+  out = dict(base)
+  for k, v in override.items():
+    out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+  return out
 
 
 def write_config(workdir, config):
@@ -87,17 +101,18 @@ def restore(mngr, abstract_state, step=None):
   return mngr.restore(step, args=ocp.args.StandardRestore(target))
 
 
-def load_run(workdir, step=None):
-  """(config, model) from a run directory, with parameters from its checkpoint."""
+def load_run(workdir, step=None, *, with_step=False):
+  """(config, model[, step]) from a run directory, parameters from its checkpoint."""
   config = read_config(workdir)
   mngr = manager(workdir)
   if mngr.latest_step() is None:
     raise FileNotFoundError(f"run {workdir!r} has no checkpoint under {workdir}/checkpoints")
   model = build_model(config)
   graphdef, params = split_model(model)
-  abstract = jax.eval_shape(lambda: {"params": params})
-  # Restore only the parameters: partial restore of the "params" subtree.
-  restored = mngr.restore(step or mngr.latest_step(), args=ocp.args.StandardRestore(
-      jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract), strict=False))
-  from flax import nnx
-  return config, nnx.merge(graphdef, restored["params"])
+  tx = make_optimizer(config.optim, config.num_train_steps)
+  abstract = jax.eval_shape(lambda: {"params": params, "opt_state": tx.init(params),
+                                     "step": jnp.zeros((), jnp.int32)})
+  step = mngr.latest_step() if step is None else step
+  restored = restore(mngr, abstract, step)
+  model = nnx.merge(graphdef, restored["params"])
+  return (config, model, step) if with_step else (config, model)

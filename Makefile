@@ -1,0 +1,29 @@
+# lenx: `make test` runs the suite, `make demo` the small extrapolation experiment.
+# Both create/update .venv from requirements.txt first (idempotent: reinstalls only
+# when requirements.txt changes).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements.stamp
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q -n 2 --dist loadfile
+
+demo: $(STAMP)
+	$(PY) demo.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py --mode train
+
+clean:
+	rm -rf $(VENV) .pytest_cache
