@@ -55,6 +55,7 @@ def resolve(config):
     m.mlp_dim = -(-(8 * m.d_model // 3) // 16) * 16 if m.mlp == "swiglu" else 4 * m.d_model
   name = config.posenc.name
   posenc.get(name).finalize_config(config.posenc[name], config)  # validates, fills derived fields
+  positions.check_config(config)  # randomized positions fit the encoding's table
   return config
 
 

@@ -36,13 +36,13 @@ def get_config(arg=None):
   c.checkpoint_every = 200  # steps between checkpoints (and at the end)
   c.keep_checkpoints = 2  # most recent checkpoints kept
   c.init_from = ""  # another run's workdir to initialise parameters from (fine-tuning)
+  c.init_variant = "none"  # extension variant applied when fine-tuning from init_from
   c.compilation_cache_dir = "~/.cache/lenx/jax"  # persistent XLA compile cache; "" = off
 
   c.mesh = ml_collections.ConfigDict()  # device mesh (training/mesh.py)
   c.mesh.data = -1  # batch-parallel ways; -1 = all devices left after fsdp
   c.mesh.fsdp = 1  # ways to shard params/optimizer state (ZeRO-3 style); 1 = replicated
   c.mesh.distributed = False  # multi-host: call jax.distributed.initialize() first
-  c.init_variant = "none"  # extension variant applied when fine-tuning from init_from
 
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = num_layers  # transformer blocks

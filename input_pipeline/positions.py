@@ -1,28 +1,125 @@
-"""Which position ids training sees (orthogonal to the encoding).
+"""Which position ids training (and, optionally, evaluation) sees; orthogonal to the
+encoding, since every encoding reads positions from the batch.
 
 ``config.positions.kind``:
-  contiguous - 0..L-1 (default).
-Every encoding reads positions from the batch, so a sampling scheme here works
-with all of them.
+  contiguous - 0..L-1 in every row (default).
+  randomized - Ruoss et al. 2023, "Randomized Positional Encodings Boost Length
+      Generalization of Transformers" (arXiv 2305.16843, sec. 3): each row gets a
+      sorted random subset of train_len distinct positions out of [0, max_len), so
+      training already visits the positions (and distances) of sequences up to
+      max_len. As in the reference code (github google-deepmind/
+      randomized_positional_encodings, ``models/positional_encodings.py``,
+      ``noisy_fixed_positional_encodings``: ``jrandom.choice(..., replace=False)`` then
+      ``jnp.sort``). The reference draws one subset per batch; here each row draws its
+      own (``per_row``). Draws are pure functions of (seed, step): resuming a run
+      reproduces them.
+
+``config.positions.eval`` (what ``eval_positions`` gives an evaluation at length L):
+  contiguous - 0..L-1 (default): the usual evaluation, comparable across runs.
+  randomized - a sorted random subset of [0, max_len) like training; this is what the
+      reference code does (its range evaluation passes a fresh rng to the model, which
+      samples noisy positions on every call). Needs L <= max_len.
+The in-training validation of ``train.py`` uses the task's contiguous positions.
 """
 import ml_collections
+import numpy as np
 
-KINDS = ("contiguous",)
+KINDS = ("contiguous", "randomized")
+EVAL_KINDS = ("contiguous", "randomized")
+_TRAIN_TAG, _EVAL_TAG = 0x706F73, 0x65766C  # separate random streams from the data's
 
 
 def default_positions_config():
   return ml_collections.ConfigDict(dict(
-      kind="contiguous",  # how training position ids are drawn: contiguous
+      kind="contiguous",  # how training position ids are drawn: contiguous | randomized
+      max_len=2048,  # randomized: positions drawn from [0, max_len); must be >= train_len
+      per_row=True,  # randomized: a fresh subset per row (False = one per batch, as reference)
+      eval="contiguous",  # positions at evaluation: contiguous (0..L-1) | randomized
   ))
 
 
 def validate(cfg, train_len):
+  """Raises ValueError naming the bad field and the valid choices."""
   if cfg.kind not in KINDS:
     raise ValueError(f"unknown positions.kind {cfg.kind!r}; valid choices: {', '.join(KINDS)}")
-  del train_len
+  if cfg.eval not in EVAL_KINDS:
+    raise ValueError(f"unknown positions.eval {cfg.eval!r}; valid choices: "
+                     f"{', '.join(EVAL_KINDS)}")
+  if (cfg.kind == "randomized" or cfg.eval == "randomized") and cfg.max_len < train_len:
+    raise ValueError(f"positions.max_len={cfg.max_len} is smaller than train_len={train_len}; "
+                     f"randomized positions draw train_len distinct ids from [0, max_len), "
+                     f"so set positions.max_len >= {train_len}")
+
+
+def largest_position(cfg, train_len):
+  """The largest position id training can produce under cfg."""
+  return cfg.max_len - 1 if cfg.kind == "randomized" else train_len - 1
+
+
+def check_encoding(cfg, train_len, encoding):
+  """Raises a readable ValueError if ``encoding`` (a built PositionalEncoding) cannot
+  represent the positions cfg draws in training (e.g. a learned table shorter than
+  max_len). Under jit such lookups would only show up as a NaN loss."""
+  limit, needed = encoding.max_position, largest_position(cfg, train_len)
+  if limit is not None and needed > limit:
+    raise ValueError(
+        f"positions.kind={cfg.kind!r} with positions.max_len={cfg.max_len} draws position "
+        f"ids up to {needed}, but encoding {encoding.name!r} supports only 0..{limit}; lower "
+        f"positions.max_len to <= {limit + 1} or enlarge the encoding's table "
+        f"(config.posenc.{encoding.name}.max_len)")
+
+
+def random_positions(rng, rows, length, max_len, per_row=True):
+  """Sorted subsets of ``length`` distinct ids from [0, max_len): int32 [rows, length]."""
+  if length > max_len:
+    raise ValueError(f"cannot draw {length} distinct positions from [0, {max_len}); "
+                     f"raise positions.max_len to >= {length}")
+  draws = rows if per_row else 1
+  out = np.stack([np.sort(rng.choice(max_len, size=length, replace=False))
+                  for _ in range(draws)]).astype(np.int32)
+  return np.broadcast_to(out, (rows, length)).copy()
+
+
+def train_positions(cfg, batch_size, length, seed, step):
+  """Training position ids [batch_size, length] for ``step`` (pure in (seed, step))."""
+  if cfg.kind == "contiguous":
+    return np.broadcast_to(np.arange(length, dtype=np.int32), (batch_size, length)).copy()
+  rng = np.random.default_rng([int(seed), int(step), _TRAIN_TAG])
+  return random_positions(rng, batch_size, length, cfg.max_len, cfg.per_row)
 
 
 def apply_positions(cfg, batch, seed, step):
   """Returns the training batch with ``positions`` drawn per cfg (pure in (seed, step))."""
-  del cfg, seed, step
-  return batch
+  if cfg.kind == "contiguous":
+    return batch
+  b, length = batch["inputs"].shape
+  return {**batch, "positions": train_positions(cfg, b, length, seed, step)}
+
+
+def eval_positions(cfg, length, batch_size, seed=0, index=0):
+  """Position ids [batch_size, length] for evaluation batch ``index`` per ``cfg.eval``.
+
+  contiguous: 0..length-1 in every row, any length. randomized: sorted subsets of
+  [0, max_len) (needs length <= max_len), reproducible from (seed, index).
+  """
+  if cfg.eval not in EVAL_KINDS:
+    raise ValueError(f"unknown positions.eval {cfg.eval!r}; valid choices: "
+                     f"{', '.join(EVAL_KINDS)}")
+  if cfg.eval == "contiguous":
+    return np.broadcast_to(np.arange(length, dtype=np.int32), (batch_size, length)).copy()
+  rng = np.random.default_rng([int(seed), int(index), _EVAL_TAG])
+  return random_positions(rng, batch_size, length, cfg.max_len, cfg.per_row)
+
+
+def check_config(config):
+  """``check_encoding`` for a full lenx config (called by ``configs.common.resolve``).
+
+  Builds the encoding abstractly (``nnx.eval_shape``: no parameter memory) to read
+  its ``max_position``; only needed for randomized positions.
+  """
+  if config.positions.kind == "contiguous":
+    return
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import posenc  # pylint: disable=g-import-not-at-top
+  enc = nnx.eval_shape(lambda: posenc.build(config.posenc, config.model, rngs=nnx.Rngs(0)))
+  check_encoding(config.positions, config.train_len, enc)

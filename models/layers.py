@@ -27,7 +27,7 @@ class Dense(nnx.Module):
     self.dtype = compute_dtype(dtype)
 
   def __call__(self, x):
-    return jnp.dot(x.astype(self.dtype), self.kernel.value.astype(self.dtype),
+    return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
                    preferred_element_type=jnp.float32)
 
 

@@ -53,7 +53,7 @@ class DecoderLM(nnx.Module):
   def features(self, tokens, positions, *, dropout_rng=None, with_stats=False):
     """Final-norm hidden states [b, s, d] (float32), plus per-layer attention stats."""
     self.check_positions(positions)
-    x = jnp.take(self.embedding.value, tokens, axis=0)
+    x = jnp.take(self.embedding[...], tokens, axis=0)
     x = self.posenc.embed(x, positions)
     rngs = jax.random.split(dropout_rng, len(self.blocks) + 1) if dropout_rng is not None else None
     x = dropout(x, self.dropout_rate, None if rngs is None else rngs[-1])
@@ -68,7 +68,7 @@ class DecoderLM(nnx.Module):
     """Output head on hidden states [..., d] -> [..., vocab] float32."""
     if self.head is not None:
       return self.head(h)
-    w = self.embedding.value
+    w = self.embedding[...]
     dt = jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
     return jnp.dot(h.astype(dt), w.T.astype(dt), preferred_element_type=jnp.float32)
 

@@ -36,5 +36,5 @@ class Learned(PositionalEncoding):
     return self.config.max_len - 1
 
   def embed(self, x, positions):
-    pe = jnp.take(self.table.value, positions, axis=0, mode="fill", fill_value=jnp.nan)
+    pe = jnp.take(self.table[...], positions, axis=0, mode="fill", fill_value=jnp.nan)
     return x + pe.astype(x.dtype)

@@ -17,8 +17,8 @@ Initialisation follows tensor2tensor (common_attention.py
 t2t default initializer ``uniform_unit_scaling``, gain 1): uniform in
 +-sqrt(3 / (2k+1)).
 
-Left out: the value term a^V of eq. 3 (Shaw et al. report it adds nothing over
-a^K alone in their ablation of a^V / a^K); it would need a new hook inside the attention module's
+Left out: the value term a^V of eq. 3 (in the paper's ablation a^K alone does
+as well as a^K + a^V); it would need a new hook inside the attention module's
 weighted sum of values. Also, lenx shares one encoding by all layers, so one
 table serves every layer (the paper has one per layer).
 """
@@ -72,4 +72,4 @@ class Shaw(PositionalEncoding):
 
   def scores(self, q, k, q_pos, k_pos):
     index = clipped_relative_index(q_pos, k_pos, self.config.max_distance)
-    return qk_dot(q, k) + relative_key_logits(q, self.rel_key.value, index)
+    return qk_dot(q, k) + relative_key_logits(q, self.rel_key[...], index)

@@ -62,5 +62,5 @@ class T5Bias(PositionalEncoding):
     rel = k_pos[:, None, :] - q_pos[:, :, None]  # [b, sq, sk]
     buckets = relative_position_bucket(rel, self.config.bidirectional, self.config.num_buckets,
                                        self.config.max_distance)
-    values = jnp.take(self.embedding.value, buckets, axis=0)  # [b, sq, sk, h]
+    values = jnp.take(self.embedding[...], buckets, axis=0)  # [b, sq, sk, h]
     return jnp.transpose(values, (0, 3, 1, 2))

@@ -1,0 +1,85 @@
+"""results.jsonl: one JSON row per (run, variant, length, mode, stride, split, max_tokens).
+
+Writes are atomic: the whole file is rewritten to ``results.jsonl.tmp`` and renamed
+over the old one (``os.replace`` is atomic on POSIX), so a kill at any moment leaves
+either the old or the new file, never a half-written one. Reading still skips a
+malformed line (with a warning) in case a file was produced by other means.
+"""
+import json
+import math
+import os
+import sys
+
+KEY_FIELDS = ("run_dir", "variant", "length", "mode", "stride", "split", "max_tokens")
+
+
+def row_key(row):
+  return tuple(row.get(k) for k in KEY_FIELDS)
+
+
+def _clean(value):
+  """JSON-safe: NaN / inf become null (strict JSON readers reject them)."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _clean(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_clean(v) for v in value]
+  return value
+
+
+def read_rows(path):
+  """Rows of a results.jsonl ([] if absent); malformed lines are skipped with a warning."""
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for i, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        print(f"warning: {path}:{i} is not valid JSON (partial write?); ignored", file=sys.stderr)
+  return rows
+
+
+def write_atomic(path, text):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+class ResultsFile:
+  """The rows of one sweep's results.jsonl, keyed for resumption."""
+
+  def __init__(self, path):
+    self.path = path
+    self.rows = {}
+    for row in read_rows(path):
+      self.rows[row_key(row)] = row  # a duplicate key keeps the last row
+
+  def __contains__(self, key):
+    return key in self.rows
+
+  def add(self, row):
+    self.rows[row_key(row)] = _clean(row)
+    write_atomic(self.path, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                    for r in self.rows.values()))
+
+
+def line_label(row):
+  return row["run"] if row["variant"] == "none" else f"{row['run']} +{row['variant']}"
+
+
+def ok_rows(rows):
+  return [r for r in rows if r.get("status") == "ok" and r.get("nll") is not None]
+
+
+def at_train_len(by_len, train_len):
+  """The row at the training length, or the longest length below it (None if none)."""
+  below = [n for n in by_len if n <= train_len]
+  return by_len[max(below)] if below else None

@@ -1,0 +1,98 @@
+"""One results row: a trained run, under one variant, at one length and mode.
+
+The variant's model is built from ``apply_variant``'s config and given the run's
+trained parameters (only ``nnx.Param`` leaves: non-trainable state such as RoPE
+inverse frequencies belongs to the variant and must not be overwritten by the
+checkpoint's). One eval function is compiled per (model, length), ahead of time,
+so compile time is measured separately from run time and reused for all batches.
+"""
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from evaluation import windows
+from evaluation.metrics import Accumulator
+from models import build_model
+from models.loss import token_nll
+from training.steps import split_model
+
+
+def with_eval_attention(config):
+  """Runs saved before ``model.attention`` existed evaluate with "auto" (blockwise when long)."""
+  if "attention" not in config.model:
+    config.model.attention, config.model.block_size = "auto", 512
+  return config
+
+
+def variant_model(run_model, variant_config):
+  """The model of ``variant_config`` carrying ``run_model``'s trained parameters."""
+  model = build_model(with_eval_attention(variant_config))
+  nnx.update(model, nnx.state(run_model, nnx.Param))
+  return model
+
+
+def make_eval_fn(model, with_correct):
+  """jit f(state, inputs, targets, positions) -> {"nll" [B,L], "correct" [B,L]?}."""
+  graphdef, state = split_model(model)
+
+  def f(state, inputs, targets, positions):
+    m = nnx.merge(graphdef, state)
+    hidden, _ = m.features(inputs, positions)
+    out = {"nll": token_nll(m, hidden, targets)}
+    if with_correct:  # synthetic vocabularies are small: full logits are cheap
+      out["correct"] = jnp.argmax(m.logits(hidden), axis=-1) == targets
+    return out
+
+  return jax.jit(f), state
+
+
+def make_stats_fn(model):
+  """jit f(state, inputs, positions) -> (entropy [layers], distance [layers]) (full attention)."""
+  graphdef, state = split_model(model)
+
+  def f(state, inputs, positions):
+    _, stats = nnx.merge(graphdef, state).features(inputs, positions, with_stats=True)
+    return (jnp.stack([s["entropy"] for s in stats]), jnp.stack([s["distance"] for s in stats]))
+
+  return jax.jit(f), state
+
+
+def attention_stats(model, batch, num_windows):
+  """Per-layer mean attention entropy (nats) and attended distance on the first windows."""
+  rows = int(min(num_windows, (np.asarray(batch["loss_mask"]).sum(1) > 0).sum()))
+  if rows == 0:
+    return {}
+  fn, state = make_stats_fn(model)
+  ent, dist = jax.device_get(fn(state, batch["inputs"][:rows], batch["positions"][:rows]))
+  return {"attn_entropy": [float(x) for x in ent], "attn_distance": [float(x) for x in dist],
+          "attn_windows": rows}
+
+
+def evaluate(model, task, *, length, mode="nonoverlapping", stride=0, split="validation",
+             batch_size=8, max_tokens=None, stats_windows=1):
+  """Row fields for ``model`` at ``length``; ValueError "unsupported" if positions overflow."""
+  model.posenc.check_positions(length - 1)  # learned tables: raises before any compile
+  stride = windows.resolve_stride(mode, length, stride)
+  fn, state = make_eval_fn(model, with_correct=not task.is_text)
+  acc, compiled, compile_s, run_s = Accumulator(length), None, 0.0, 0.0
+  first = None
+  for batch in windows.eval_batches(task, mode, split, length, stride, batch_size, max_tokens):
+    args = (state, batch["inputs"], batch["targets"], batch["positions"])
+    if compiled is None:
+      t0 = time.perf_counter()
+      compiled = fn.lower(*args).compile()
+      compile_s = time.perf_counter() - t0
+      first = batch
+    t0 = time.perf_counter()
+    acc.add(batch, jax.device_get(compiled(*args)))
+    run_s += time.perf_counter() - t0
+  row = acc.row(task.is_text)
+  if first is not None and stats_windows:
+    t0 = time.perf_counter()
+    row.update(attention_stats(model, first, stats_windows))
+    row["stats_s"] = time.perf_counter() - t0
+  row.update(stride=stride, compile_s=compile_s, run_s=run_s)
+  return row

@@ -1,0 +1,143 @@
+"""The sweep: runs x variants x lengths -> rows in ``<out>/results.jsonl`` -> report.
+
+Resumable: a row whose key (run dir, variant, length, mode, stride, split,
+max_tokens) is already in results.jsonl is not recomputed. Every job ends as a row:
+``status`` is "ok", "unsupported: <reason>" (the encoding cannot represent the
+length, e.g. a learned table) or "skipped: <reason>" (the variant does not apply to
+the run's encoding), so figures and summary can be re-rendered from the file alone.
+"""
+import glob
+import os
+import sys
+import time
+
+from tqdm import tqdm
+
+import input_pipeline
+from evaluation import report, runner, windows
+from evaluation.results import ResultsFile, row_key
+from evaluation.variants import NotApplicable, apply_variant, parse_variants
+from training import checkpoint
+
+DEFAULT_BATCH_TOKENS = 32768  # batch_size 0: windows per batch = this // length (1..64)
+
+
+def expand_runs(spec):
+  """'runs/a,runs/b*' -> sorted run dirs (each with config.json); ValueError if none match."""
+  items = list(spec) if isinstance(spec, (list, tuple)) else str(spec).split(",")
+  out = []
+  for item in filter(None, (s.strip() for s in items)):
+    matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+    matches = [m for m in matches if os.path.exists(checkpoint.config_path(m))]
+    if not matches:
+      raise ValueError(f"--runs entry {item!r} matches no run directory (a dir with config.json)")
+    out.extend(m for m in matches if m not in out)
+  return out
+
+
+def parse_lengths(spec):
+  items = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
+  lengths = [int(x) for x in items if str(x).strip()]
+  if not lengths or min(lengths) < 1:
+    raise ValueError(f"--lengths must be positive integers, got {spec!r}")
+  return sorted(set(lengths))
+
+
+def batch_size_for(batch_size, length):
+  return batch_size or max(1, min(64, DEFAULT_BATCH_TOKENS // length))
+
+
+class _Run:
+  """A run directory, loaded lazily (only when one of its rows is still missing)."""
+
+  def __init__(self, run_dir):
+    self.dir, self.config = run_dir, checkpoint.read_config(run_dir)
+    self._model = self._task = None
+    self.step = checkpoint.manager(run_dir).latest_step()
+
+  @property
+  def model(self):
+    if self._model is None:
+      _, self._model = checkpoint.load_run(self.dir)
+    return self._model
+
+  @property
+  def task(self):
+    if self._task is None:
+      self._task = input_pipeline.get_task(self.config.data, self.config.seed)
+    return self._task
+
+  def base_row(self, variant, length, opts, stride):
+    c = self.config
+    return {"run": os.path.basename(os.path.normpath(self.dir)),
+            "run_dir": os.path.realpath(self.dir), "posenc": c.posenc.name,
+            "positions": c.get("positions", {}).get("kind", "contiguous"), "data": c.data.name,
+            "variant": variant.label, "variant_name": variant.name,
+            "variant_params": variant.param_dict(), "train_len": c.train_len,
+            "length": length, "mode": opts.mode, "stride": stride, "split": opts.split,
+            "max_tokens": opts.max_tokens, "step": self.step}
+
+
+def _compute(run, variant, length, opts, stride):
+  """Row fields (without the base) of one job."""
+  try:
+    config = apply_variant(run.config, variant, length)
+  except NotApplicable as e:
+    return {"status": f"skipped: {e}"}
+  if opts.mode == "sliding" and not run.task.is_text:
+    return {"status": f"skipped: sliding mode needs a text task, {run.config.data.name!r} is not"}
+  model = runner.variant_model(run.model, config)
+  try:
+    model.posenc.check_positions(length - 1)
+  except ValueError as e:
+    return {"status": f"unsupported: {e}"}
+  fields = runner.evaluate(
+      model, run.task, length=length, mode=opts.mode, stride=stride, split=opts.split,
+      batch_size=batch_size_for(opts.batch_size, length), max_tokens=opts.max_tokens or None,
+      stats_windows=opts.stats_windows)
+  return {"status": "ok", **fields}
+
+
+def _describe(row):
+  if row["status"] != "ok":
+    return f"{row['run']} {row['variant']} L={row['length']}: {row['status'][:90]}"
+  metric = f"bpb {row['bpb']:.3f}" if "bpb" in row else f"excess {row['excess_nll']:.3f}"
+  return (f"{row['run']} {row['variant']} L={row['length']}: ppl {row['ppl']:.3f} {metric} "
+          f"({row['tokens']} tok, compile {row['compile_s']:.1f}s, run {row['run_s']:.1f}s)")
+
+
+def run_sweep(opts, *, verbose=True):
+  """Computes the missing rows, then writes summary.md and the figures; returns all rows.
+
+  opts: runs, lengths, variants, mode, stride, split, max_tokens, batch_size,
+  stats_windows, out (a ConfigDict or any object with these attributes).
+  """
+  windows.check_mode(opts.mode, 1, 1)
+  runs = [_Run(d) for d in expand_runs(opts.runs)]
+  lengths, variants = parse_lengths(opts.lengths), parse_variants(opts.variants)
+  os.makedirs(opts.out, exist_ok=True)
+  results = ResultsFile(os.path.join(opts.out, "results.jsonl"))
+  jobs = [(r, v, n) for r in runs for v in variants for n in lengths]
+  bar = tqdm(total=len(jobs), desc="sweep", unit="row", file=sys.stderr, dynamic_ncols=True,
+             disable=not verbose)
+  computed = 0
+  for run, variant, length in jobs:
+    stride = windows.resolve_stride(opts.mode, length, opts.stride)
+    windows.check_mode(opts.mode, length, stride)
+    row = run.base_row(variant, length, opts, stride)
+    bar.set_postfix_str(f"{row['run']} {variant.label} L={length}")
+    if row_key(row) not in results:
+      t0 = time.perf_counter()
+      row.update(_compute(run, variant, length, opts, stride))
+      row["seconds"] = time.perf_counter() - t0
+      results.add(row)
+      computed += 1
+      if verbose:
+        bar.write(_describe(row))
+    bar.update(1)
+  bar.close()
+  rows = list(results.rows.values())
+  report.write_all(opts.out, rows)
+  if verbose:
+    print(f"{computed} rows computed, {len(jobs) - computed} already in {results.path}")
+  return rows

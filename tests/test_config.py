@@ -1,0 +1,67 @@
+"""Config errors are early and name the valid choices."""
+import pytest
+
+from configs.common import resolve
+from configs.default import get_config
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("posenc=ropee", "unknown positional encoding 'ropee'; valid choices: .*alibi.*rope"),
+    ("data=wiki", "unknown data source 'wiki'; valid choices: books, text_dir, tfds, markov"),
+])
+def test_unknown_names(arg, message):
+  with pytest.raises(ValueError, match=message):
+    resolve(get_config(arg))
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="unknown size 'huge'; valid choices: tiny, small, base"):
+    get_config("size=huge")
+  with pytest.raises(ValueError, match="unknown config argument 'lenght'; valid keys: posenc"):
+    get_config("lenght=5")
+  with pytest.raises(ValueError, match="invalid literal"):
+    get_config("train_len=abc")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model.norm", "batchnorm", "unknown model.norm 'batchnorm'; valid choices: rmsnorm, layernorm"),
+    ("model.mlp", "relu", "valid choices: swiglu, gelu"),
+    ("model.dtype", "float16", "valid choices: float32, bfloat16"),
+    ("model.num_heads", 3, "d_model=128 is not divisible by model.num_heads=3"),
+    ("train_len", 0, "config.train_len must be > 0"),
+    ("model.dropout", 1.5, "dropout must be in"),
+])
+def test_invalid_values(field, value, message):
+  config = get_config()
+  section, _, key = field.rpartition(".")
+  (config[section] if section else config)[key] = value
+  with pytest.raises(ValueError, match=message):
+    resolve(config)
+
+
+def test_invalid_rope_scaling_is_rejected_before_compiling():
+  config = get_config("posenc=rope")
+  config.posenc.rope.scaling.rope_type = "yarnn"
+  with pytest.raises(ValueError, match="unknown rope_type 'yarnn'; valid rope types: default"):
+    resolve(config)
+  config.posenc.rope.scaling.rope_type = "linear"
+  config.posenc.rope.scaling.factor = 0.5
+  with pytest.raises(ValueError, match="'factor' must be a number >= 1"):
+    resolve(config)
+
+
+def test_every_knob_is_overridable_from_the_command_line(monkeypatch):
+  from absl import flags
+  from ml_collections import config_flags
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
+  argv = ["prog", "--config=configs/default.py:posenc=rope,size=small",
+          "--config.posenc.rope.base=500000", "--config.num_train_steps=7",
+          "--config.posenc.rope.scaling.rope_type=yarn", "--config.posenc.rope.scaling.factor=4",
+          "--config.model.dtype=bfloat16"]
+  monkeypatch.setattr("sys.argv", argv)  # config_flags reads overrides from sys.argv
+  fv(argv)
+  c = resolve(fv.config)
+  assert (c.posenc.rope.base, c.num_train_steps, c.model.d_model) == (500000, 7, 256)
+  assert c.posenc.rope.scaling.factor == 4.0 and c.model.dtype == "bfloat16"
+  assert c.model.head_dim == 64 and c.model.mlp_dim == 688

@@ -1,0 +1,137 @@
+"""End-to-end training: every encoding and task runs; resume is exact; failures are clear."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import input_pipeline
+import posenc
+import train
+from training import checkpoint
+from training.steps import split_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _params(workdir):
+  _, model = checkpoint.load_run(workdir)
+  return split_model(model)[1]
+
+
+def _assert_same_params(a, b):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _losses(workdir, key="train/loss"):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r[key] for r in map(json.loads, f) if key in r]
+
+
+@pytest.mark.parametrize("name", posenc.names())
+def test_each_encoding_trains_on_books(name, tiny_config, tmp_path):
+  config = tiny_config(posenc=name, data="books", num_train_steps=2, checkpoint_every=2,
+                       eval_every=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  losses = _losses(str(tmp_path), "eval/loss")
+  assert len(losses) == 1 and np.isfinite(losses[0])
+  assert checkpoint.manager(str(tmp_path)).latest_step() == 2
+
+
+@pytest.mark.parametrize("data", ["markov", "copy", "passkey"])
+def test_each_synthetic_task_trains(data, tiny_config, tmp_path):
+  train.train_and_evaluate(tiny_config(data=data), str(tmp_path))
+  assert all(np.isfinite(_losses(str(tmp_path))))
+
+
+def test_loss_falls_well_below_start_on_an_easy_task(tiny_config, tmp_path):
+  config = tiny_config(data="markov", num_train_steps=40, log_every=1, eval_every=40,
+                       checkpoint_every=40, **{"data.markov.order": 1, "data.markov.alpha": 0.1})
+  train.train_and_evaluate(config, str(tmp_path))
+  losses = _losses(str(tmp_path))
+  assert losses[0] > 0.9 * np.log(16)  # uniform over the 16 symbols at init
+  floor = input_pipeline.get_task(config.data, config.seed).entropy_rate()
+  assert floor < 0.5 * losses[0]  # the optimum is far below the start ...
+  assert np.mean(losses[-5:]) < 0.75 * losses[0]  # ... and training heads there fast
+
+
+def _resume_config(tiny_config):
+  return tiny_config(data="copy", num_train_steps=6, checkpoint_every=2, log_every=1,
+                     eval_every=6, **{"model.dropout": 0.1})
+
+
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tiny_config, tmp_path):
+  whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+  train.train_and_evaluate(_resume_config(tiny_config), whole)
+  train.train_and_evaluate(_resume_config(tiny_config), parts, stop_after=3)
+  assert checkpoint.manager(parts).latest_step() == 3
+  train.train_and_evaluate(_resume_config(tiny_config), parts)
+  _assert_same_params(_params(whole), _params(parts))
+  assert _losses(whole)[3:] == _losses(parts)[3:]
+
+
+def _cli(config, workdir):
+  overrides = {"model.num_layers": 1, "model.d_model": 32, "model.num_heads": 2,
+               "batch_size": 4, "num_train_steps": 6, "checkpoint_every": 2, "log_every": 1,
+               "eval_every": 6, "eval_tokens": config.eval_tokens, "optim.warmup_steps": 1,
+               "data.num_eval_sequences": 4, "model.dropout": 0.1}
+  return ([sys.executable, "train.py", "--config=configs/default.py:posenc=rope,data=copy,train_len=32",
+           f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()])
+
+
+def test_sigkill_then_rerun_matches_uninterrupted(tiny_config, tmp_path):
+  whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+  train.train_and_evaluate(_resume_config(tiny_config), whole)
+  cmd = _cli(_resume_config(tiny_config), killed)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while not os.path.isdir(os.path.join(killed, "checkpoints", "2")) and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert checkpoint.manager(killed).latest_step() in (2, 4)  # killed mid-run
+  subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+  _assert_same_params(_params(whole), _params(killed))
+
+
+def test_incompatible_workdir_is_an_error(tiny_config, tmp_path):
+  train.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
+  with pytest.raises(ValueError, match="holds a run with a different config .*model.d_model"):
+    train.train_and_evaluate(tiny_config(num_train_steps=2, **{"model.d_model": 64}), str(tmp_path))
+  # bookkeeping fields may change: extending a run is allowed
+  train.train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
+  config = tiny_config(num_train_steps=8, checkpoint_every=2, **{"optim.learning_rate": 1e38,
+                                                                 "optim.grad_clip": 1e38})
+  with pytest.raises(train.NonFiniteLossError, match="non-finite loss .* last good checkpoint"):
+    train.train_and_evaluate(config, str(tmp_path))
+  step = checkpoint.manager(str(tmp_path)).latest_step()
+  assert step is not None and step < 8
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(_params(str(tmp_path))))
+
+
+def test_init_from_records_source_and_starts_from_its_parameters(tiny_config, tmp_path):
+  source, target = str(tmp_path / "source"), str(tmp_path / "target")
+  train.train_and_evaluate(tiny_config(num_train_steps=2), source)
+  config = tiny_config(num_train_steps=2, init_from=source, init_variant="linear")
+  train.train_and_evaluate(config, target, stop_after=0)
+  with open(os.path.join(target, "init_from.json")) as f:
+    record = json.load(f)
+  assert record == {"init_from": os.path.abspath(source), "variant": "linear", "source_step": 2}
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, tiny_config):
+  with pytest.raises(FileNotFoundError, match="not a lenx run directory"):
+    checkpoint.load_run(str(tmp_path))
