@@ -1,0 +1,127 @@
+"""Sliding and non-overlapping evaluation against brute-force per-token computation.
+
+The brute force scores target x_t of a document from exactly the context its window
+should give it, x[start(t) : t], right-padded (padding after t cannot matter in a
+causal model, but any leak of later tokens or an off-by-one in the window would).
+A tiny random RoPE model with enlarged weights makes the loss depend strongly on the
+context, so a wrong context changes the numbers.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.common import resolve
+from configs.default import get_config
+from evaluation import runner, windows
+from input_pipeline import base
+from models import build_model
+from models.loss import token_nll
+
+L = 8
+DOCS = [np.random.default_rng(i).integers(0, 256, n).astype(np.uint8)
+        for i, n in enumerate([30, 5, 9, 17])]
+
+
+class FakeText(base.Task):
+  name, is_text = "fake", True
+
+  def eval_docs(self, split):
+    return DOCS
+
+  def eval_batches(self, split, length, batch_size, max_tokens=None):
+    return base.batched_eval(DOCS, length, batch_size, max_tokens)
+
+
+@pytest.fixture(scope="module")
+def model():
+  c = get_config(f"posenc=rope,train_len={L}")
+  c.model.num_layers, c.model.d_model, c.model.num_heads = 1, 32, 2
+  m = build_model(resolve(c))
+  params = nnx.state(m, nnx.Param)
+  nnx.update(m, jax.tree.map(lambda p: p * 25.0, params))  # peaky, context-dependent outputs
+  return m
+
+
+def brute_force(model, start_of):
+  """{(doc, t): nll of x_t given x[start_of(doc, t) : t]} for every target t >= 1."""
+  keys, inputs, targets, idx = [], [], [], []
+  for d, doc in enumerate(DOCS):
+    for t in range(1, len(doc)):
+      s = start_of(len(doc), t)
+      ctx = np.zeros(L, np.int32)
+      ctx[:t - s] = doc[s:t]
+      tgt = np.zeros(L, np.int32)
+      tgt[t - s - 1] = doc[t]
+      keys.append((d, t)), inputs.append(ctx), targets.append(tgt), idx.append(t - s - 1)
+  x, y = jnp.asarray(np.stack(inputs)), jnp.asarray(np.stack(targets))
+  pos = jnp.broadcast_to(jnp.arange(L), x.shape)
+  nll = np.asarray(token_nll(model, model.features(x, pos)[0], y))
+  return {k: float(nll[i, j]) for i, (k, j) in enumerate(zip(keys, idx))}
+
+
+def windowed(model, batches):
+  """{(doc, t): nll} from eval batches; fails if a target is scored twice."""
+  fn, state = runner.make_eval_fn(model, with_correct=False)
+  out = {}
+  for b in batches:
+    nll = np.asarray(fn(state, b["inputs"], b["targets"], b["positions"])["nll"])
+    for r, c in zip(*np.nonzero(b["loss_mask"])):
+      key = (int(b["doc_id"][r]), int(b["offset"][r]) + int(c) + 1)
+      assert key not in out, f"target {key} scored twice"
+      out[key] = float(nll[r, c])
+  return out
+
+
+def sliding_start(stride):
+  """start(t) = 0 if t <= L else min(ceil((t - L) / S) * S, n - 1 - L) (windows.py docstring)."""
+  return lambda n, t: 0 if t <= L else min(math.ceil((t - L) / stride) * stride, n - 1 - L)
+
+
+@pytest.mark.parametrize("stride", [1, 3, L])
+def test_sliding_equals_brute_force(model, stride):
+  # stride 1: each target sees exactly the previous min(t, L) tokens, independent of windows.
+  start = (lambda n, t: max(0, t - L)) if stride == 1 else sliding_start(stride)
+  expected = brute_force(model, start)
+  got = windowed(model, windows.sliding_batches(DOCS, L, stride, batch_size=3))
+  assert set(got) == set(expected)  # every target exactly once (duplicates fail above)
+  np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=2e-5)
+  assert np.std(list(expected.values())) > 0.5  # the model is context-sensitive
+  for d, t in expected:
+    ctx = t - start(len(DOCS[d]), t)
+    assert start(len(DOCS[d]), t) == 0 or ctx >= L - stride + 1
+  row = runner.evaluate(model, FakeText(0), length=L, mode="sliding", stride=stride,
+                        batch_size=3, stats_windows=0)
+  assert row["tokens"] == sum(len(d) - 1 for d in DOCS)
+  assert row["nll"] == pytest.approx(np.mean(list(expected.values())), rel=1e-5)
+
+
+def test_sliding_differs_from_nonoverlapping(model):
+  slide = brute_force(model, sliding_start(2))
+  cut = brute_force(model, lambda n, t: (t - 1) // L * L)
+  assert max(abs(slide[k] - cut[k]) for k in slide) > 0.1
+
+
+def test_sliding_max_tokens_takes_whole_windows():
+  wins = list(windows.sliding_windows(DOCS, L, 3, max_tokens=20))
+  scored = sum(w[4] - w[3] for w in wins)
+  assert scored <= 20 and scored + 3 > 20  # the next window (3 new targets) would overflow
+
+
+def test_nonoverlapping_weights_every_token_equally(model):
+  expected = brute_force(model, lambda n, t: (t - 1) // L * L)
+  row = runner.evaluate(model, FakeText(0), length=L, mode="nonoverlapping",
+                        batch_size=4, stats_windows=0)
+  token_mean = np.mean(list(expected.values()))
+  assert row["tokens"] == len(expected)
+  assert row["nll"] == pytest.approx(token_mean, rel=1e-5)
+  # Windows of 8, 8, 8, 5 | 4 | 8 | 8, 8 targets: a mean of window means weights them differently.
+  by_window = {}
+  for (d, t), v in expected.items():
+    by_window.setdefault((d, (t - 1) // L), []).append(v)
+  window_mean = np.mean([np.mean(v) for v in by_window.values()])
+  assert abs(window_mean - token_mean) > 1e-3
+  assert row["nll"] != pytest.approx(window_mean, rel=1e-5)
