@@ -74,7 +74,8 @@ class Sandwich(PositionalEncoding):
     super().__init__(config, model_config, rngs=rngs)
     self.dim = config.dim or model_config.head_dim
     if self.dim % 2:
-      raise ValueError(f"sandwich needs an even dim, got head_dim {self.dim}; set posenc.sandwich.dim")
+      raise ValueError(
+          f"sandwich needs an even dim, got head_dim {self.dim}; set posenc.sandwich.dim")
 
   def bias(self, q_pos, k_pos):
     return sandwich_bias(q_pos, k_pos, self.num_heads, self.dim, self.config.base)

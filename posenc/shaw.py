@@ -33,13 +33,13 @@ from posenc.base import PositionalEncoding, qk_dot, register
 
 
 def clipped_relative_index(q_pos, k_pos, max_distance):
-  """clip(j - i, k) + k in [0, 2k] for positions q [b, sq], k [b, sk] -> [b, sq, sk] int32."""
+  """clip(j - i, k) + k in [0, 2k] for positions q [b, sq], k [b, sk] -> [b, sq, sk]."""
   rel = k_pos[:, None, :].astype(jnp.int32) - q_pos[:, :, None].astype(jnp.int32)
   return jnp.clip(rel, -max_distance, max_distance) + max_distance
 
 
 def relative_key_logits(q, table, index):
-  """q_i . table[index_ij] for q [b, sq, h, d], table [n, d], index [b, sq, sk] -> [b, h, sq, sk]."""
+  """q_i . table[index_ij]: q [b, sq, h, d], table [n, d], index [b, sq, sk] -> [b, h, sq, sk]."""
   per_row = jnp.einsum("bqhd,nd->bhqn", q, table.astype(q.dtype),
                        preferred_element_type=jnp.float32)  # [b, h, sq, 2k+1]
   idx = jnp.broadcast_to(index[:, None], (index.shape[0], q.shape[2]) + index.shape[1:])
@@ -61,7 +61,8 @@ class Shaw(PositionalEncoding):
   @classmethod
   def finalize_config(cls, own, config):
     if not isinstance(own.max_distance, int) or own.max_distance < 1:
-      raise ValueError(f"posenc.shaw.max_distance must be an integer >= 1, got {own.max_distance!r}")
+      raise ValueError(
+          f"posenc.shaw.max_distance must be an integer >= 1, got {own.max_distance!r}")
 
   def __init__(self, config, model_config, *, rngs):
     super().__init__(config, model_config, rngs=rngs)

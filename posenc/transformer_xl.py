@@ -79,7 +79,8 @@ class TransformerXL(PositionalEncoding):
     if own.d_rel == 0:
       own.d_rel = config.model.d_model
     if own.d_rel < 2 or own.d_rel % 2:
-      raise ValueError(f"posenc.transformer_xl.d_rel must be a positive even integer, got {own.d_rel}")
+      raise ValueError(
+          f"posenc.transformer_xl.d_rel must be a positive even integer, got {own.d_rel}")
 
   def __init__(self, config, model_config, *, rngs):
     super().__init__(config, model_config, rngs=rngs)

@@ -33,8 +33,15 @@ def qk(b, s, h, d, seed=0):
 
 
 def logits(enc, q, k, q_pos, k_pos):
-  qr, kr = enc.rotate(q, k, q_pos, k_pos)
-  return np.asarray(enc.scores(qr, kr, q_pos, k_pos))
+  def f(q, k, q_pos, k_pos):
+    qr, kr = enc.rotate(q, k, q_pos, k_pos)
+    return enc.scores(qr, kr, q_pos, k_pos)
+  return np.asarray(jax.jit(f)(q, k, q_pos, k_pos))
+
+
+def scores(enc, q, k, q_pos, k_pos):
+  """enc.scores under jit (eager dispatch of many small ops is slow on a busy CPU)."""
+  return np.asarray(jax.jit(enc.scores)(q, k, q_pos, k_pos))
 
 
 # ---------------------------------------------------------------- all four
@@ -62,7 +69,7 @@ def test_shaw_matches_eq4_and_clips_at_k():
   assert table.shape == (7, 8)
   q, k = qk(1, 9, 2, 8, seed=2)
   pos = jnp.arange(9)[None]
-  got = np.asarray(enc.scores(q, k, pos, pos))
+  got = np.asarray(scores(enc, q, k, pos, pos))
   qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
   for i in range(9):
     for j in range(9):
@@ -70,7 +77,7 @@ def test_shaw_matches_eq4_and_clips_at_k():
       want = (qn[0, i] * (kn[0, j] + a)).sum(-1)  # eq. 4 per head (q pre-scaled)
       np.testing.assert_allclose(got[0, :, i, j], want, rtol=1e-5, atol=1e-5)
   # pure position term (k = 0): every distance beyond k equals distance k
-  rel = np.asarray(enc.scores(q, jnp.zeros_like(k), pos, pos))
+  rel = np.asarray(scores(enc, q, jnp.zeros_like(k), pos, pos))
   for i in range(5, 9):
     np.testing.assert_allclose(rel[0, :, i, 0], rel[0, :, i, i - 3], rtol=1e-6)
     assert not np.allclose(rel[0, :, i, i - 2], rel[0, :, i, i - 3])
@@ -107,7 +114,7 @@ def test_transformer_xl_hand_example():
   enc.w_r[...] = jnp.eye(2)[:, None, :]
   q = jnp.asarray([[[[1.0, 0.0]]]]) / math.sqrt(2)  # the attention module pre-scales q
   k = jnp.asarray([[[[0.0, 1.0]]]])
-  got = enc.scores(q, k, jnp.asarray([[7]]), jnp.asarray([[6]]))
+  got = scores(enc, q, k, jnp.asarray([[7]]), jnp.asarray([[6]]))
   np.testing.assert_allclose(got[0, 0, 0, 0], (2 + 2 * math.sin(1)) / math.sqrt(2), rtol=1e-6)
 
 
@@ -118,7 +125,7 @@ def test_transformer_xl_matches_direct_formula_on_gapped_positions():
   want = txl_direct(np.asarray(q, np.float64), np.asarray(k, np.float64),
                     np.asarray(enc.u[...]), np.asarray(enc.v[...]),
                     np.asarray(enc.w_r[...], np.float64), pos, pos)
-  got = enc.scores(q / math.sqrt(8), k, jnp.asarray(pos), jnp.asarray(pos))
+  got = scores(enc, q / math.sqrt(8), k, jnp.asarray(pos), jnp.asarray(pos))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -126,9 +133,9 @@ def test_transformer_xl_block_equals_slice_of_full():
   enc = make("transformer_xl")
   q, k = qk(1, 24, 2, 8, seed=4)
   pos = jnp.arange(24)[None] + 100
-  full = np.asarray(enc.scores(q, k, pos, pos))
+  full = np.asarray(scores(enc, q, k, pos, pos))
   for (q0, q1), (k0, k1) in [((16, 24), (0, 8)), ((8, 16), (8, 16)), ((20, 24), (3, 21))]:
-    block = enc.scores(q[:, q0:q1], k[:, k0:k1], pos[:, q0:q1], pos[:, k0:k1])
+    block = scores(enc, q[:, q0:q1], k[:, k0:k1], pos[:, q0:q1], pos[:, k0:k1])
     np.testing.assert_allclose(block, full[:, :, q0:q1, k0:k1], rtol=1e-5, atol=1e-5)
 
 
@@ -212,7 +219,9 @@ def test_xpos_gradients_finite_with_far_future_keys():
     qr, kr = enc.rotate(q, k, pos, pos)
     out, _ = attend(qr, kr, k, pos, pos, enc)
     return jnp.sum(out ** 2)
-  grads = jax.grad(loss, argnums=(0, 1))(q, k)
+  raw = logits(enc, q, k, pos, pos)[0, 0]
+  assert np.isfinite(raw[np.tril_indices(64)]).all() and not np.isfinite(raw).all()
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(q, k)
   assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
