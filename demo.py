@@ -29,7 +29,7 @@ flags.DEFINE_string("only", "", "Comma list of demo run names to use (default: a
 flags.DEFINE_string("runs_dir", "", "Override train.runs_dir.")
 flags.DEFINE_string("out", "", "Override the output directory.")
 
-EVAL_S_PER_ROW = 4.0  # rough: compile (~1.5 s x2) + eval of max_tokens at the demo size
+EVAL_S_PER_ROW = 4.5  # measured: 1-2 s compile + 0.5-4 s for 16384 tokens (L 128..4096)
 
 
 def _set(config, dotted, text):

@@ -32,8 +32,9 @@ def apply_rope(x, positions, inv_freq, attention_factor=1.0):
   Dimensions past r = 2 * len(inv_freq) pass through unchanged (partial rotary).
   ``attention_factor`` multiplies cos and sin (YaRN / LongRoPE temperature).
   """
+  inv_freq = jnp.asarray(inv_freq, jnp.float32)
   rot = 2 * inv_freq.shape[-1]
-  angles = positions.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq, jnp.float32)
+  angles = positions.astype(jnp.float32)[:, :, None] * inv_freq
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [b, s, 1, r]
   cos, sin = jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
   x_rot, x_pass = x[..., :rot].astype(jnp.float32), x[..., rot:]
@@ -97,9 +98,10 @@ class RoPE(PositionalEncoding):
 
   def __init__(self, config, model_config, *, rngs):
     super().__init__(config, model_config, rngs=rngs)
-    self.inv_freq, self.attention_factor = rope_frequencies(
+    inv_freq, self.attention_factor = rope_frequencies(
         model_config.head_dim, config.base, scaling_dict(config),
         config.eval_len or config.original_len or None, config.original_len or None)
+    self.inv_freq = tuple(inv_freq.tolist())  # static constants, not trainable state
 
   def rotate(self, q, k, q_pos, k_pos):
     if self.config.rerope_window:  # ReRoPE needs unrotated q/k: it rotates per block in scores

@@ -80,8 +80,9 @@ class XPos(PositionalEncoding):
 
   def __init__(self, config, model_config, *, rngs):
     super().__init__(config, model_config, rngs=rngs)
-    self.zeta = xpos_zeta(model_config.head_dim)
-    self.inv_freq = rope_inv_freq(model_config.head_dim, config.base)
+    # static constants (tuples), so they are neither trained nor checkpointed
+    self.zeta = tuple(xpos_zeta(model_config.head_dim).tolist())
+    self.inv_freq = tuple(rope_inv_freq(model_config.head_dim, config.base).tolist())
 
   def rotate(self, q, k, q_pos, k_pos):
     return apply_rope(q, q_pos, self.inv_freq), apply_rope(k, k_pos, self.inv_freq)

@@ -80,3 +80,12 @@ def test_relative_logits_invariant_to_shifting_positions(name, tiny_config):
   pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
   np.testing.assert_allclose(_scores(enc, q, k, pos), _scores(enc, q, k, pos + 101),
                              rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_model_state_is_only_trainable_params(name, tiny_config):
+  # Training updates every array in params; constants must be static attributes.
+  from flax import nnx as _nnx
+  model = build_model(_config(name, tiny_config))
+  _, _, rest = _nnx.split(model, _nnx.Param, ...)
+  assert not jax.tree.leaves(rest)

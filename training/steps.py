@@ -15,9 +15,16 @@ from models.loss import masked_mean, token_nll
 
 
 def split_model(model):
-  """(graphdef, pure-dict params) of an nnx model."""
-  graphdef, state = nnx.split(model)
-  return graphdef, nnx.to_pure_dict(state)
+  """(graphdef, pure-dict params) of an nnx model.
+
+  All state must be trainable ``nnx.Param``: the optimizer updates everything in
+  params. Constants (RoPE frequencies, ...) belong in static Python attributes.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise TypeError("model holds non-Param arrays, which training would update: "
+                    f"{list(nnx.to_pure_dict(rest))}; store constants as tuples/floats")
+  return nnx.split(model)[0], nnx.to_pure_dict(params)
 
 
 def batch_nll(graphdef, params, batch, dropout_rng=None):

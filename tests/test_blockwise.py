@@ -1,0 +1,115 @@
+"""Blockwise attention (models/blockwise.py) equals full attention for every
+registered encoding, never builds an L x L array, and the loss head is chunked."""
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import posenc
+from configs.common import resolve
+from configs.default import get_config
+from models import build_model
+from models.attention import attend, full_attend, use_blockwise
+from models.blockwise import blockwise_attend
+from training.steps import make_eval_step, split_model
+
+CASES = ((37, 8), (64, 16), (45, 64))  # (length, block): non-multiples too
+
+
+def tiny_model(name, **model):
+  c = get_config(f"posenc={name},train_len=64,data=copy")
+  c.model.update(num_layers=1, d_model=32, num_heads=2, **model)
+  return build_model(resolve(c))
+
+
+def qkv(enc, s, b=2, seed=0):
+  r = np.random.RandomState(seed)
+  q, k, v = (jnp.asarray(r.randn(b, s, enc.num_heads, enc.head_dim), jnp.float32)
+             for _ in range(3))
+  pos = jnp.broadcast_to(jnp.arange(s) * 2 + 5, (b, s))  # offset, gapped position ids
+  q, k = enc.rotate(q, k, pos, pos)
+  return q * enc.head_dim ** -0.5, k, v, pos
+
+
+def rel_err(a, b):
+  return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+@pytest.mark.parametrize("name", posenc.names())
+def test_blockwise_equals_full(name):
+  enc = tiny_model(name).posenc
+  for s, block in CASES:
+    q, k, v, pos = qkv(enc, s)
+    both = jax.jit(lambda q, k, v, p: (full_attend(q, k, v, p, p, enc)[0], attend(
+        q, k, v, p, p, enc, impl="blockwise", block_size=block)[0]))
+    full, out = both(q, k, v, pos)
+    if not enc.blockwise:  # CoPE-like: must fall back to the full path, bit for bit
+      assert not use_blockwise("blockwise", s, block, enc)
+      np.testing.assert_array_equal(out, full)
+      continue
+    assert use_blockwise("blockwise", s, block, enc)
+    assert rel_err(out, full) < 1e-5, (name, s, block)
+
+
+def test_gradients_match():
+  enc = tiny_model("t5_bias").posenc  # a learned bias table: gradients flow through the hook
+  q, k, v, pos = qkv(enc, 40)
+  graphdef, state = nnx.split(enc)
+
+  def loss(attn, q, k, v, state):
+    e = nnx.merge(graphdef, state)
+    return jnp.sum(jnp.sin(attn(q, k, v, pos, pos, e)))
+
+  full = lambda *a: full_attend(*a)[0]
+  blk = lambda *a: blockwise_attend(*a, block_size=16)
+  g_full = jax.grad(functools.partial(loss, full), argnums=(0, 1, 2, 3))(q, k, v, state)
+  g_blk = jax.grad(functools.partial(loss, blk), argnums=(0, 1, 2, 3))(q, k, v, state)
+  for a, b in zip(jax.tree.leaves(g_blk), jax.tree.leaves(g_full)):
+    assert rel_err(a, b) < 1e-5
+
+
+def test_auto_switches_on_length_and_rejects_unknown():
+  enc = tiny_model("rope").posenc
+  assert not use_blockwise("auto", 1024, 512, enc)
+  assert use_blockwise("auto", 1025, 512, enc)
+  assert not use_blockwise("full", 10**6, 512, enc)
+  assert not use_blockwise("blockwise", 4096, 512, enc, with_stats=True)  # stats need probs
+  with pytest.raises(ValueError, match="valid choices: auto, full, blockwise"):
+    use_blockwise("flash", 10, 4, enc)
+
+
+def largest_array(hlo_text):
+  """Largest element count of any tensor type in StableHLO text."""
+  dims = re.findall(r"tensor<((?:\d+x)+)[a-z]", hlo_text)
+  return max(int(np.prod([int(x) for x in d.rstrip("x").split("x")])) for d in dims)
+
+
+def test_no_quadratic_buffer():
+  L, block = 4096, 256
+  enc = tiny_model("alibi").posenc
+  x = jax.ShapeDtypeStruct((1, L, enc.num_heads, 16), jnp.float32)
+  pos = jax.ShapeDtypeStruct((1, L), jnp.int32)
+  full = jax.jit(lambda q, k, v, p: full_attend(q, k, v, p, p, enc)[0]).lower(x, x, x, pos)
+  blk = jax.jit(lambda q, k, v, p: blockwise_attend(q, k, v, p, p, enc, block)).lower(x, x, x, pos)
+  assert largest_array(full.as_text()) >= L * L  # the detector sees the full path's matrix
+  assert largest_array(blk.as_text()) < L * L // 8
+  temp = blk.compile().memory_analysis().temp_size_in_bytes
+  assert temp < L * L * 4 // 8, temp  # scratch is O(L * block), not O(L^2)
+
+
+def test_loss_head_is_chunked():
+  """token_nll (used by train and eval steps) never holds [b, L, vocab] logits at once."""
+  model = tiny_model("rope", attention="auto", block_size=256)
+  graphdef, params = split_model(model)
+  L = 8192  # > token_nll's chunk of 2048
+  batch = {"inputs": jax.ShapeDtypeStruct((1, L), jnp.int32),
+           "targets": jax.ShapeDtypeStruct((1, L), jnp.int32),
+           "positions": jax.ShapeDtypeStruct((1, L), jnp.int32),
+           "loss_mask": jax.ShapeDtypeStruct((1, L), jnp.float32)}
+  text = make_eval_step(graphdef).lower(params, batch).as_text()
+  assert largest_array(text) < L * 256  # vocab 256: no full [1, L, vocab] logits anywhere
+  assert "tensor<1x2048x256xf32>" in text  # one chunk of logits at a time

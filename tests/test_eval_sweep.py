@@ -1,0 +1,141 @@
+"""The sweep end to end on the demo's smoke version (2 tiny runs trained with
+train.train_and_evaluate: RoPE on books, ALiBi on passkey; lengths 16, 32; variants
+none, linear): outputs, skipping, resumption, a kill between rows, --replot."""
+import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import demo
+import train
+from configs import sweep_demo
+from configs.default import get_config
+from evaluation import results, sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FILES = ("results.jsonl", "summary.md", "ppl_vs_length.png", "per_position_loss.png",
+         "attention_entropy.png", "accuracy_vs_length.png")
+
+
+def smoke_config(tmp):
+  cfg = sweep_demo.get_config("smoke")
+  cfg.train.runs_dir, cfg.out = str(tmp / "runs"), str(tmp / "results")
+  return cfg
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory):
+  cfg = smoke_config(tmp_path_factory.mktemp("demo"))
+  rows = demo.run_demo(cfg)
+  return cfg, rows
+
+
+def rows_by_key(path):
+  return {results.row_key(r): r for r in results.read_rows(path)}
+
+
+def test_smoke_sweep_writes_every_output(smoke):
+  cfg, rows = smoke
+  for name in FILES:
+    assert os.path.getsize(os.path.join(cfg.out, name)) > 0, name
+  lines = open(os.path.join(cfg.out, "results.jsonl")).read().splitlines()
+  assert len(lines) == 2 * 2 * 2 == len({results.row_key(json.loads(l)) for l in lines})
+  ok = [r for r in rows if r["status"] == "ok"]
+  assert len(ok) == 6  # rope x 2 variants x 2 lengths + alibi_passkey x none x 2 lengths
+  for r in ok:
+    assert math.isfinite(r["nll"]) and r["tokens"] > 0 and r["ppl"] == pytest.approx(
+        math.exp(r["nll"]))
+    assert len(r["position_nll"]) == len(r["position_buckets"])
+    assert len(r["attn_entropy"]) == 1 and r["compile_s"] >= 0 and r["run_s"] >= 0
+    if r["data"] == "books":
+      assert r["bpb"] == pytest.approx(r["nll"] / math.log(2))
+    else:
+      assert r["excess_nll"] == pytest.approx(r["nll"] - r["optimal_nll"])
+      assert 0 <= r["answer_acc"] <= 1 and r["passkey_acc"]
+
+
+def test_rope_variant_on_non_rope_run_is_skipped(smoke):
+  cfg, rows = smoke
+  skipped = [r for r in rows if r["status"].startswith("skipped")]
+  assert {(r["run"], r["variant"]) for r in skipped} == {("alibi_passkey", "linear")}
+  assert all("nll" not in r for r in skipped)
+  summary = open(os.path.join(cfg.out, "summary.md")).read()
+  assert "alibi_passkey + linear: linear needs a RoPE encoding" in summary
+
+
+def _fake_compute(source, calls, fail_at=None):
+  """Stands in for sweep._compute: returns the row the smoke sweep computed (fast)."""
+  def compute(run, variant, length, opts, stride):
+    calls.append((run.dir, variant.label, length))
+    if fail_at is not None and len(calls) == fail_at:
+      raise KeyboardInterrupt  # the sweep is killed while computing this row
+    key = (os.path.realpath(run.dir), variant.label, length, opts.mode, stride, opts.split,
+           opts.max_tokens)
+    return {k: v for k, v in source[key].items() if k not in results.KEY_FIELDS}
+  return compute
+
+
+def test_resume_computes_only_missing_rows(smoke, tmp_path, monkeypatch):
+  cfg = copy.deepcopy(smoke[0])
+  source = rows_by_key(os.path.join(cfg.out, "results.jsonl"))
+  kept = list(source.values())[:5]
+  path = tmp_path / "results.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"run": "rope", "varia')
+  calls = []
+  monkeypatch.setattr(sweep, "_compute", _fake_compute(source, calls))
+  cfg.out = str(tmp_path)
+  sweep.run_sweep(cfg, verbose=False)
+  assert len(calls) == 3  # only the rows missing from the file
+  after = rows_by_key(str(path))
+  assert set(after) == set(source) and len(path.read_text().splitlines()) == len(source)
+  for r in kept:
+    assert after[results.row_key(r)] == r  # finished rows untouched
+
+
+def test_kill_between_rows_leaves_valid_file_and_resumes(smoke, tmp_path, monkeypatch):
+  cfg = copy.deepcopy(smoke[0])
+  source = rows_by_key(os.path.join(cfg.out, "results.jsonl"))
+  cfg.out = str(tmp_path)
+  calls = []
+  monkeypatch.setattr(sweep, "_compute", _fake_compute(source, calls, fail_at=4))
+  with pytest.raises(KeyboardInterrupt):
+    sweep.run_sweep(cfg, verbose=False)
+  lines = (tmp_path / "results.jsonl").read_text().splitlines()
+  assert len(lines) == 3 and all(json.loads(l) for l in lines)  # rows 1-3, complete
+  calls.clear()
+  monkeypatch.setattr(sweep, "_compute", _fake_compute(source, calls))
+  sweep.run_sweep(cfg, verbose=False)
+  assert len(calls) == 5 and set(rows_by_key(str(tmp_path / "results.jsonl"))) == set(source)
+
+
+def test_replot_from_results_only(smoke, tmp_path):
+  cfg, _ = smoke
+  shutil.copy(os.path.join(cfg.out, "results.jsonl"), tmp_path / "results.jsonl")
+  # The run dirs named in the config do not exist here: --replot must not need them.
+  proc = subprocess.run(
+      [sys.executable, "eval_extrapolate.py", "--config=configs/sweep_demo.py:smoke",
+       f"--out={tmp_path}", "--replot"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for name in FILES:
+    assert (tmp_path / name).stat().st_size > 0, name
+  assert (tmp_path / "summary.md").read_text() == open(os.path.join(cfg.out, "summary.md")).read()
+
+
+def test_learned_table_too_short_is_marked_unsupported(tmp_path):
+  c = get_config("posenc=learned,train_len=16")
+  c.model.num_layers, c.model.d_model, c.model.num_heads = 1, 32, 2
+  c.batch_size, c.num_train_steps, c.eval_tokens = 4, 3, 256
+  c.eval_every = c.checkpoint_every = c.log_every = 3
+  c.posenc.learned.max_len = 16
+  train.train_and_evaluate(c, str(tmp_path / "learned"))
+  opts = sweep_demo.get_config("smoke")
+  opts.runs, opts.variants, opts.out = str(tmp_path / "learned"), "none", str(tmp_path / "out")
+  rows = {r["length"]: r for r in sweep.run_sweep(opts, verbose=False)}
+  assert rows[16]["status"] == "ok"
+  assert rows[32]["status"].startswith("unsupported: ") and "0..15" in rows[32]["status"]
+  assert "n/a*" in (tmp_path / "out" / "summary.md").read_text()
