@@ -69,25 +69,8 @@ def sliding_windows(docs, length, stride, max_tokens=None):
 
 def sliding_batches(docs, length, stride, batch_size, max_tokens=None):
   """Batches (standard keys + doc_id, offset) whose loss_mask marks the new targets."""
-  rows = []
-
-  def flush():
-    extra = {"doc_id": np.array([r[0] for r in rows], np.int32),
-             "offset": np.array([r[1] for r in rows], np.int32)}
-    batch = base.windows_to_batch([r[2] for r in rows], length, extra)
-    idx = np.arange(length)[None]
-    first = np.array([r[3] for r in rows])[:, None]
-    last = np.array([r[4] for r in rows])[:, None]
-    batch["loss_mask"] = ((idx >= first) & (idx < last)).astype(np.float32)
-    return base.pad_batch(batch, batch_size)
-
-  for r in sliding_windows(docs, length, stride, max_tokens):
-    rows.append(r)
-    if len(rows) == batch_size:
-      yield flush()
-      rows = []
-  if rows:
-    yield flush()
+  return base.batch_windows(sliding_windows(docs, length, stride, max_tokens), length,
+                            batch_size)
 
 
 def eval_batches(task, mode, split, length, stride, batch_size, max_tokens=None):

@@ -7,6 +7,8 @@ Conventions (all numpy, shapes static):
   positions int32 [B, L]    np.arange(L) per row
 Batches are pure functions of (seed, step[, index]); no global RNG state is used.
 """
+import itertools
+
 import numpy as np
 
 SPLITS = ("train", "validation", "test")
@@ -117,20 +119,20 @@ def eval_windows(docs, length, max_tokens=None):
 
 def batched_eval(docs, length, batch_size, max_tokens=None):
   """Batches of eval windows (see eval_windows) with doc_id [B] and offset [B] int32."""
-  rows = []
+  rows = ((d, off, w, 0, n) for d, off, w, n in eval_windows(docs, length, max_tokens))
+  return batch_windows(rows, length, batch_size)
 
-  def flush():
-    extra = {"doc_id": np.array([r[0] for r in rows], np.int32),
-             "offset": np.array([r[1] for r in rows], np.int32)}
-    batch = windows_to_batch([r[2] for r in rows], length, extra)
-    batch["loss_mask"] = (np.arange(length)[None] < np.array([r[3] for r in rows])[:, None]
-                          ).astype(np.float32)
-    return pad_batch(batch, batch_size)
 
-  for r in eval_windows(docs, length, max_tokens):
-    rows.append(r)
-    if len(rows) == batch_size:
-      yield flush()
-      rows = []
-  if rows:
-    yield flush()
+def batch_windows(rows, length, batch_size):
+  """Batches from rows (doc_id, offset, window of L+1 tokens, first, last); the loss_mask
+  scores targets first <= t < last of each window. Padded to batch_size rows."""
+  rows = iter(rows)
+  while chunk := list(itertools.islice(rows, batch_size)):
+    extra = {"doc_id": np.array([r[0] for r in chunk], np.int32),
+             "offset": np.array([r[1] for r in chunk], np.int32)}
+    batch = windows_to_batch([r[2] for r in chunk], length, extra)
+    idx = np.arange(length)[None]
+    first = np.array([r[3] for r in chunk])[:, None]
+    last = np.array([r[4] for r in chunk])[:, None]
+    batch["loss_mask"] = ((idx >= first) & (idx < last)).astype(np.float32)
+    yield pad_batch(batch, batch_size)

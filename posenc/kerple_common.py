@@ -10,6 +10,7 @@ place (``param.data.clamp_(min=eps)``, eps = 1e-2) before every forward pass.
 """
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from posenc.base import PositionalEncoding
@@ -74,6 +75,19 @@ class KerpleBase(PositionalEncoding):
     """(r1, r2) after the reference's positivity clamps, [h] each."""
     eps = self.config.eps
     return clamp_ste(self.r1[...], eps), clamp_ste(self.r2[...], eps, self.r2_max)
+
+  @classmethod
+  def default_config(cls):
+    return ml_collections.ConfigDict(dict(
+        eps=EPS,  # lower clamp of r1 and r2 (reference: 1e-2)
+    ))
+
+  @classmethod
+  def finalize_config(cls, own, config):
+    del config
+    upper = cls.r2_max if cls.r2_max is not None else float("inf")
+    if not 0 < own.eps < upper:
+      raise ValueError(f"posenc.{cls.name}.eps must be in (0, {upper}), got {own.eps}")
 
   def kernel(self, r1, r2, distance):
     raise NotImplementedError

@@ -10,10 +10,8 @@ U(0, 2) (``torch.rand * 2``); r2 is its ``bias_a``, initialised U(0, 1); both cl
 The bias depends only on |m - n|, so any block of (query, key) positions is computed on
 its own and equals the matching slice of the full bias.
 """
-import ml_collections
-
 from posenc.base import register
-from posenc.kerple_common import EPS, KerpleBase, log_kernel_bias
+from posenc.kerple_common import KerpleBase, log_kernel_bias
 
 __all__ = ["KerpleLog", "log_kernel_bias"]
 
@@ -25,18 +23,6 @@ class KerpleLog(KerpleBase):
   r1_init_scale = 2.0  # reference: self.bias_p = get_parameter(2, 'uniform')
   r2_init_scale = 1.0  # reference: self.bias_a = get_parameter(1, 'uniform')
   r2_max = None
-
-  @classmethod
-  def default_config(cls):
-    return ml_collections.ConfigDict(dict(
-        eps=EPS,  # lower clamp of r1 and r2 (reference: 1e-2)
-    ))
-
-  @classmethod
-  def finalize_config(cls, own, config):
-    del config
-    if not own.eps > 0:
-      raise ValueError(f"posenc.kerple_log.eps must be > 0, got {own.eps}")
 
   def kernel(self, r1, r2, distance):
     return log_kernel_bias(r1, r2, distance)

@@ -11,10 +11,8 @@ learnable a and p in the reference code (github chijames/KERPLE,
 Note the inits are swapped relative to kerple_log (there the *scale* r1 starts in
 U(0, 2)); both follow the reference. Relative, so block bias = slice of full bias.
 """
-import ml_collections
-
 from posenc.base import register
-from posenc.kerple_common import EPS, KerpleBase, power_kernel_bias
+from posenc.kerple_common import KerpleBase, power_kernel_bias
 
 __all__ = ["KerplePower", "power_kernel_bias"]
 
@@ -26,18 +24,6 @@ class KerplePower(KerpleBase):
   r1_init_scale = 1.0  # reference: self.bias_a = get_parameter(1, 'uniform')
   r2_init_scale = 2.0  # reference: self.bias_p = get_parameter(2, 'uniform')
   r2_max = 2.0  # reference: bias_p.data.clamp(min=eps, max=2)
-
-  @classmethod
-  def default_config(cls):
-    return ml_collections.ConfigDict(dict(
-        eps=EPS,  # lower clamp of r1 and r2 (reference: 1e-2)
-    ))
-
-  @classmethod
-  def finalize_config(cls, own, config):
-    del config
-    if not 0 < own.eps < 2:
-      raise ValueError(f"posenc.kerple_power.eps must be in (0, 2), got {own.eps}")
 
   def kernel(self, r1, r2, distance):
     return power_kernel_bias(r1, r2, distance)
