@@ -23,6 +23,7 @@ from input_pipeline import positions
 from configs.common import resolve
 from models import build_model
 from training import checkpoint
+from training.mesh import make_mesh, maybe_initialize_distributed, shard_batch, state_sharding
 from training.optim import make_optimizer
 from training.steps import make_eval_step, make_train_step, split_model
 from training.logging import MetricWriter, progress_bar
@@ -81,6 +82,8 @@ def train_and_evaluate(config, workdir, *, stop_after=None):
 
   tx = make_optimizer(config.optim, config.num_train_steps)
   graphdef, state = init_state(config, tx, workdir)
+  mesh = make_mesh(config.get("mesh") or {})  # batch over ("data", "fsdp"); params split over "fsdp"
+  state = jax.device_put(state, state_sharding(mesh, state))  # restore keeps these shardings
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
   if mngr.latest_step() is not None:
     state = checkpoint.restore(mngr, state)
@@ -97,23 +100,30 @@ def train_and_evaluate(config, workdir, *, stop_after=None):
     for step in range(start, end):
       batch = task.train_batch(step, config.batch_size, config.train_len)
       batch = positions.apply_positions(config.positions, batch, config.seed, step)
+      batch = shard_batch(mesh, batch)
       state, metrics = train_step(state, batch)
       if pending is not None:  # check the previous step while this one runs
         _check_finite(*pending, mngr)
-      pending = (metrics, step, )
+      pending = (metrics, step)
       done = step + 1
+      if step == start:  # compile + first step, reported apart from the steady-state rate
+        jax.block_until_ready(metrics)
+        writer.write(done, {"train/first_step_s": time.perf_counter() - t0})
+        t0, last_log = time.perf_counter(), done
       if done % config.log_every == 0 or done == end:
         loss = _check_finite(metrics, done, mngr)
-        elapsed = time.perf_counter() - t0
-        rate = tokens_per_step * (done - last_log) / max(elapsed, 1e-9)
-        writer.write(done, {"train/loss": loss, "train/grad_norm": float(metrics["grad_norm"]),
-                            "train/tokens_per_s": rate})
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+        scalars = {"train/loss": loss, "train/grad_norm": float(metrics["grad_norm"])}
+        if done > last_log:  # steady-state rate over the steps since the last log/eval
+          scalars["train/tokens_per_s"] = (tokens_per_step * (done - last_log)
+                                           / (time.perf_counter() - t0))
+          bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{scalars['train/tokens_per_s']:,.0f}")
+        writer.write(done, scalars)
         t0, last_log = time.perf_counter(), done
       if done % config.eval_every == 0 or done == config.num_train_steps:
         val, _ = evaluate(eval_step, state["params"], task, config)
         writer.write(done, {"eval/loss": val, "eval/ppl": float(np.exp(val))})
         bar.write(f"step {done}: validation loss {val:.4f} (ppl {np.exp(val):.2f})")
+        t0, last_log = time.perf_counter(), done  # keep eval time out of the train rate
       if done % config.checkpoint_every == 0 or done == end:
         _check_finite(metrics, done, mngr)
         checkpoint.save(mngr, state)
@@ -125,10 +135,18 @@ def train_and_evaluate(config, workdir, *, stop_after=None):
   return state
 
 
+def setup_runtime(config):
+  """Before any computation: multi-host init, persistent compilation cache (a repeated
+  sweep then loads executables instead of recompiling; eval scripts call this too)."""
+  maybe_initialize_distributed(config.get("mesh") or {})
+  if config.get("compilation_cache_dir"):
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/lenx/jax"))
+  setup_runtime(FLAGS.config)
   train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -25,7 +25,7 @@ DEMO_RUNS = {
     "t5_bias": ("posenc=t5_bias", ""),
     "kerple_log": ("posenc=kerple_log", ""),
     "fire": ("posenc=fire", ""),
-    "rope_randomized": ("posenc=rope", "positions.kind=randomized"),
+    "rope_randomized": ("posenc=rope", "positions.kind=randomized;positions.max_len=4096"),
 }
 SMOKE_RUNS = {
     "rope": ("posenc=rope", ""),

@@ -86,7 +86,7 @@ class Attention(nnx.Module):
                      dtype=cfg.dtype, rngs=rngs)
     self.dtype = compute_dtype(cfg.dtype)
     self.logn_base_len = cfg.logn_base_len
-    self.impl = cfg.get("attention", "full")  # runs saved before these fields: full
+    self.impl = cfg.get("attention", "auto")  # runs saved before this field: auto too
     self.block_size = cfg.get("block_size", 512)
 
   def __call__(self, x, positions, enc, *, with_stats=False):

@@ -12,9 +12,10 @@ For query block i and key blocks j = 0..i, with logits S_ij from the encoding's
 Running max, sum and accumulator are float32. Key blocks j > i (entirely above
 the causal diagonal) are skipped by a ``lax.cond`` inside the scan, so they are
 neither computed nor masked; the mask (by *index*, like ``attention.attend``) is
-applied only where it can bite. Lengths that are not multiples of the block are
-padded at the end: a padded key has an index larger than every real query, so the
-causal mask removes it, and padded query rows are sliced off.
+applied to each computed tile (a no-op below the diagonal, fused into the exp
+pass). Lengths that are not multiples of the block are padded at the end: a
+padded key has an index larger than every real query, so the causal mask removes
+it, and padded query rows are sliced off.
 
 Memory: one [b, h, block, block] logit tile at a time. Under ``jax.grad`` the
 key-block body is rematerialised (``jax.checkpoint``), so the backward pass
@@ -50,6 +51,7 @@ def blockwise_attend(q, k, v, q_pos, k_pos, enc, block_size=512):
   n = -(-s // block)
   qb, kb, vb = (_blocks(t, n, block) for t in (q, k, v))
   qpb, kpb = _blocks(q_pos, n, block), _blocks(k_pos, n, block)
+  vb = vb.transpose(0, 1, 3, 2, 4)  # [n, b, h, block, d]: P V_j is then a plain batched matmul
   idx = jnp.arange(block)
 
   def key_step(i, q_blk, qp_blk, carry, j):
@@ -61,7 +63,7 @@ def blockwise_attend(q, k, v, q_pos, k_pos, enc, block_size=512):
     p = jnp.exp(logits - m_new[..., None])
     scale = jnp.exp(m - m_new)
     l = l * scale + jnp.sum(p, axis=-1)
-    pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), vb[j],
+    pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vb[j],
                     preferred_element_type=jnp.float32)
     return m_new, l, acc * scale[..., None] + pv
 
