@@ -38,31 +38,49 @@ class NotApplicable(Exception):
 @dataclasses.dataclass(frozen=True)
 class Variant:
   name: str
-  params: tuple = ()  # ((key, value), ...) in the order given
+  params: tuple = ()  # ((key, value), ...) in the order given (lists stored as tuples)
 
   @property
   def label(self):
     if not self.params:
       return self.name
-    return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.params)
+    show = lambda v: json.dumps(list(v)).replace(" ", "") if isinstance(v, tuple) else v
+    return self.name + ":" + ",".join(f"{k}={show(v)}" for k, v in self.params)
 
   def param_dict(self):
-    return dict(self.params)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in self.params}
 
 
 def _parse_value(text):
   if text == "auto":
     return text
   try:
-    return json.loads(text)  # numbers, true/false, [lists]
+    value = json.loads(text)  # numbers, true/false, [lists]
+    return tuple(value) if isinstance(value, list) else value
   except json.JSONDecodeError:
     return text
 
 
+def _split_top_level(spec):
+  """Splits on commas outside [...] so list values (longrope factors) survive."""
+  tokens, depth, current = [], 0, ""
+  for ch in spec:
+    depth += {"[": 1, "]": -1}.get(ch, 0)
+    if ch == "," and depth == 0:
+      tokens.append(current)
+      current = ""
+    else:
+      current += ch
+  return [t.strip() for t in tokens + [current] if t.strip()]
+
+
 def parse_variants(spec):
-  """'none,yarn:factor=8,beta_fast=16' -> [Variant('none'), Variant('yarn', ...)]."""
+  """'none,yarn:factor=8,beta_fast=16' -> [Variant('none'), Variant('yarn', ...)].
+
+  List values are JSON: 'longrope:short_factor=[1,1],long_factor=[2,4]'.
+  """
   variants = []
-  for token in filter(None, (t.strip() for t in spec.split(","))):
+  for token in _split_top_level(spec):
     if "=" in token and ":" not in token:
       if not variants:
         raise ValueError(f"variant parameter {token!r} comes before any variant name")

@@ -110,3 +110,15 @@ def test_finetune_config_starts_from_the_source_run(rope_run, tmp_path):
   assert c.batch_size * c.train_len == rope_run.batch_size * rope_run.train_len
   with pytest.raises(ValueError, match="needs init_from"):
     finetune.get_config("train_len=128")
+
+
+def test_longrope_lists_parse_and_switch_above_the_original_length(rope_run):
+  pairs = rope_run.model.head_dim // 2
+  short, long = [1.0] * pairs, [2.0] * pairs
+  spec = f"longrope:short_factor={json.dumps(short)},long_factor={json.dumps(long)}"
+  (v,) = parse_variants(spec)
+  assert v.param_dict() == {"short_factor": short, "long_factor": long}
+  assert parse_variants(v.label)[0] == v  # labels round-trip
+  at = lambda n: build_model(apply_variant(rope_run, v, n)).posenc.inv_freq
+  np.testing.assert_allclose(at(32), build_model(rope_run).posenc.inv_freq, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(at(33)) * 2.0, at(32), rtol=1e-6)  # long factors
