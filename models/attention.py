@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.blockwise import blockwise_attend
+from models.fast_attention import softmax_pv
 from models.layers import Dense, compute_dtype
 
 NEG_INF = -1e30  # finite: a fully masked row gives uniform weights, not NaN
@@ -66,9 +67,17 @@ def attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, impl="full", block_s
 
 
 def full_attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False):
-  """Full causal attention. q/k/v [b, s, h, d] (q pre-scaled) -> [b, s, h, d] float32."""
+  """Full causal attention. q/k/v [b, s, h, d] (q pre-scaled) -> [b, s, h, d] float32.
+
+  Without stats, the softmax and P V run in ``fast_attention.softmax_pv`` (custom
+  VJP, head-major V); with stats, the plain formulation (probabilities are needed).
+  """
   logits = enc.scores(q, k, q_pos, k_pos)
-  mask = causal_mask(q.shape[1], k.shape[1], q_offset=k.shape[1] - q.shape[1])
+  offset = k.shape[1] - q.shape[1]
+  if not with_stats:
+    out = softmax_pv(logits, v.transpose(0, 2, 1, 3), offset, v.dtype)
+    return out.transpose(0, 2, 1, 3), None
+  mask = causal_mask(q.shape[1], k.shape[1], q_offset=offset)
   probs = jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
   out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)

@@ -2,8 +2,11 @@
 
 Parameters are float32. With ``dtype="bfloat16"`` matmul *inputs* are cast to
 bfloat16 while products accumulate in float32 (``preferred_element_type``),
-the usual mixed-precision recipe; everything else stays float32.
+the usual mixed-precision recipe; everything else stays float32. ``mixed_dot``
+keeps the backward matmuls in bfloat16 too (autodiff of a bf16 x bf16 -> f32
+dot would multiply the f32 cotangent by an up-cast f32 weight: f32 speed).
 """
+import functools
 import math
 
 import jax
@@ -19,6 +22,37 @@ def compute_dtype(name):
   return DTYPES[name]
 
 
+@jax.custom_vjp
+def _bf16_dot(x, w):
+  return _bf16_dot_fwd(x, w)[0]
+
+
+def _bf16_dot_fwd(x, w):
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  return jnp.dot(xb, wb, preferred_element_type=jnp.float32), (xb, wb)
+
+
+def _bf16_dot_bwd(res, g):
+  """dx = g W^T, dW = x^T g with g rounded to bf16 (Micikevicius et al. 2018, mixed
+  precision: activation gradients in half precision), products accumulated in f32."""
+  xb, wb = res
+  gb = g.astype(jnp.bfloat16)
+  dx = jnp.dot(gb, wb.T, preferred_element_type=jnp.float32)
+  xf, gf = xb.reshape(-1, xb.shape[-1]), gb.reshape(-1, gb.shape[-1])
+  dw = jnp.dot(xf.T, gf, preferred_element_type=jnp.float32)
+  return dx, dw  # float32, the primal dtype (mixed_dot passes float32 in)
+
+
+_bf16_dot.defvjp(_bf16_dot_fwd, _bf16_dot_bwd)
+
+
+def mixed_dot(x, w, dtype):
+  """x [..., din] @ w [din, dout] -> float32, inputs in ``dtype`` (jnp.float32 or bfloat16)."""
+  if dtype == jnp.bfloat16:
+    return _bf16_dot(x.astype(jnp.float32), w.astype(jnp.float32))
+  return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
 class Dense(nnx.Module):
   """y = x @ W without bias, W ~ N(0, std^2); float32 output."""
 
@@ -27,17 +61,77 @@ class Dense(nnx.Module):
     self.dtype = compute_dtype(dtype)
 
   def __call__(self, x):
-    return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                   preferred_element_type=jnp.float32)
+    return mixed_dot(x, self.kernel[...], self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x, scale, eps):
+  """Zhang & Sennrich 2019, eq. 4: x / sqrt(mean(x^2) + eps) * scale (float32)."""
+  return _rms_norm_fwd(x, scale, eps)[0]
+
+
+def _rms_norm_fwd(x, scale, eps):
+  r = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+  return x * r * scale, (x, r, scale)
+
+
+def _rms_norm_bwd(eps, res, g):
+  """With x^ = x r and gs = g * scale: dx = r (gs - x^ mean(gs x^)), dscale = sum g x^
+  (d r / d x = -r^3 x / n). One pass each, where autodiff keeps the broadcast scale
+  and the reciprocal's chain as separate [b, s, d] tensors."""
+  del eps
+  x, r, scale = res
+  xhat, gs = x * r, g * scale
+  dx = r * (gs - xhat * jnp.mean(gs * xhat, axis=-1, keepdims=True))
+  dscale = jnp.sum((g * xhat).reshape(-1, x.shape[-1]), axis=0)
+  return dx, dscale
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with the fused backward above; same parameter (``scale``) as nnx.RMSNorm,
+  so checkpoints of either load into the other."""
+
+  def __init__(self, dim, *, epsilon=1e-6, rngs):
+    rngs.params()  # drawn (unused) like nnx.RMSNorm, so a seed gives the same model as before
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.epsilon = epsilon
+
+  def __call__(self, x):
+    return rms_norm(x.astype(jnp.float32), self.scale[...], self.epsilon)
 
 
 def make_norm(kind, dim, *, rngs):
   """RMSNorm (Zhang & Sennrich 2019) or LayerNorm (Ba et al. 2016), float32."""
   if kind == "rmsnorm":
-    return nnx.RMSNorm(dim, epsilon=1e-6, rngs=rngs)
+    return RMSNorm(dim, epsilon=1e-6, rngs=rngs)
   if kind == "layernorm":
     return nnx.LayerNorm(dim, epsilon=1e-6, rngs=rngs)
   raise ValueError(f"unknown norm {kind!r}; valid choices: rmsnorm, layernorm")
+
+
+@jax.custom_vjp
+def swiglu(h):
+  """Shazeer 2020, eq. 6 (FFN_SwiGLU before W2): silu(gate) * up, h = [gate, up] (last axis)."""
+  gate, up = jnp.split(h, 2, axis=-1)
+  return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(h):
+  return swiglu(h), h
+
+
+def _swiglu_bwd(h, g):
+  """d gate = g up s (1 + gate (1 - s)), d up = g silu(gate), s = sigmoid(gate): one
+  fused pass that writes the [gate, up] cotangent the up-projection's backward reads."""
+  gate, up = jnp.split(h, 2, axis=-1)
+  sig = jax.nn.sigmoid(gate)
+  return (jnp.concatenate([g * up * sig * (1.0 + gate * (1.0 - sig)), g * gate * sig], axis=-1),)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class MLP(nnx.Module):
@@ -56,8 +150,7 @@ class MLP(nnx.Module):
   def __call__(self, x):
     h = self.up(x)
     if self.kind == "swiglu":
-      gate, up = jnp.split(h, 2, axis=-1)
-      h = jax.nn.silu(gate) * up
+      h = swiglu(h)
     else:
       h = jax.nn.gelu(h)
     return self.down(h)

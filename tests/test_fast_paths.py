@@ -1,0 +1,122 @@
+"""The hand-written fast paths equal autodiff of the plain formulations.
+
+softmax_pv (custom VJP after the logits), the model's attention with encodings that
+have trainable bias parameters (t5_bias) or rotate q/k (rope), the fused RMSNorm,
+and the bfloat16 matmul whose backward runs in bfloat16.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.common import resolve
+from models import build_model
+from models.fast_attention import _probs, softmax_pv
+from models.layers import RMSNorm, mixed_dot, swiglu
+from training.steps import split_model
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+
+
+def _plain_softmax_pv(logits, v, offset):
+  return jnp.einsum("bhqk,bhkd->bhqd", _probs(logits, offset), v)
+
+
+@pytest.mark.parametrize("sq,sk", [(16, 16), (5, 12), (1, 7)])
+def test_softmax_pv_value_and_grads_equal_autodiff(sq, sk):
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  logits = 3.0 * jax.random.normal(k1, (2, 3, sq, sk))
+  v = jax.random.normal(k2, (2, 3, sk, 8))
+  g = jax.random.normal(k3, (2, 3, sq, 8))
+  fast, fast_vjp = jax.vjp(lambda l, x: softmax_pv(l, x, sk - sq, jnp.float32), logits, v)
+  plain, plain_vjp = jax.vjp(lambda l, x: _plain_softmax_pv(l, x, sk - sq), logits, v)
+  assert _rel(fast, plain) < 1e-5
+  for a, b in zip(fast_vjp(g), plain_vjp(g)):
+    assert _rel(a, b) < 1e-5
+  # causality: the logit of a future key gets exactly zero gradient
+  d_logits = fast_vjp(g)[0]
+  future = np.arange(sk)[None, :] > (sk - sq) + np.arange(sq)[:, None]
+  assert np.all(np.asarray(d_logits)[..., future] == 0.0)
+
+
+def _model_grads(posenc, with_stats):
+  from tests.conftest import make_tiny_config
+  c = resolve(make_tiny_config(posenc=posenc, train_len=24, **{"model.num_layers": 2}))
+  graphdef, params = split_model(build_model(c))
+  tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, c.model.vocab_size)
+  positions = jnp.broadcast_to(jnp.arange(24), (2, 24))
+
+  def loss(p):
+    model = nnx.merge(graphdef, p)
+    h, _ = model.features(tokens, positions, with_stats=with_stats)  # stats: plain path
+    return jnp.mean(model.logits(h) ** 2)
+  return jax.value_and_grad(loss)(params)
+
+
+@pytest.mark.parametrize("posenc", ["rope", "t5_bias"])
+def test_model_gradients_equal_plain_attention(posenc):
+  loss_fast, g_fast = _model_grads(posenc, False)
+  loss_plain, g_plain = _model_grads(posenc, True)
+  assert _rel(loss_fast, loss_plain) < 1e-6
+  flat_fast, flat_plain = dict(nnx.traversals.flatten_mapping(g_fast)), dict(
+      nnx.traversals.flatten_mapping(g_plain))
+  assert flat_fast.keys() == flat_plain.keys()
+  for key in flat_fast:
+    assert _rel(flat_fast[key], flat_plain[key]) < 1e-5, key
+  if posenc == "t5_bias":  # the encoding's trainable table still gets its gradient
+    enc = [v for k, v in flat_fast.items() if k[0] == "posenc"]
+    assert enc and all(float(jnp.max(jnp.abs(v))) > 0 for v in enc)
+
+
+def test_rmsnorm_matches_flax_and_autodiff():
+  x = jax.random.normal(jax.random.key(2), (3, 5, 16)) * 2.0 + 0.5
+  g = jax.random.normal(jax.random.key(3), (3, 5, 16))
+  ours, ref = RMSNorm(16, rngs=nnx.Rngs(0)), nnx.RMSNorm(16, epsilon=1e-6, rngs=nnx.Rngs(0))
+  scale = jax.random.normal(jax.random.key(4), (16,))
+  ours.scale[...] = scale
+  ref.scale[...] = scale
+
+  def vjp(m):
+    gd, st = nnx.split(m)
+    out, f = jax.vjp(lambda s, x: nnx.merge(gd, s)(x), st, x)
+    ds, dx = f(g)
+    return out, ds["scale"][...], dx
+  for a, b in zip(vjp(ours), vjp(ref)):
+    assert _rel(a, b) < 1e-5
+
+
+def test_swiglu_grad_equals_autodiff_of_plain_formula():
+  h = 3.0 * jax.random.normal(jax.random.key(7), (2, 5, 24))
+  g = jax.random.normal(jax.random.key(8), (2, 5, 12))
+
+  def plain(h):
+    gate, up = jnp.split(h, 2, axis=-1)
+    return jax.nn.silu(gate) * up
+  out, f = jax.vjp(swiglu, h)
+  ref, f_ref = jax.vjp(plain, h)
+  assert _rel(out, ref) < 1e-6 and _rel(f(g)[0], f_ref(g)[0]) < 1e-5
+
+
+def _eqns(jaxpr):
+  """All equations of a jaxpr, including those inside custom_vjp / pjit sub-jaxprs."""
+  yield from jaxpr.eqns
+  for sub in jax.extend.core.subjaxprs(jaxpr):
+    yield from _eqns(sub)
+
+
+def test_mixed_dot_float32_is_plain_dot_and_bf16_backward_runs_in_bf16():
+  x = jax.random.normal(jax.random.key(5), (4, 6, 32))
+  w = jax.random.normal(jax.random.key(6), (32, 8))
+  np.testing.assert_array_equal(mixed_dot(x, w, jnp.float32), jnp.dot(x, w))
+  loss = lambda dt: (lambda x, w: jnp.sum(jnp.sin(mixed_dot(x, w, dt))))
+  g16, g32 = jax.grad(loss(jnp.bfloat16), (0, 1))(x, w), jax.grad(loss(jnp.float32), (0, 1))(x, w)
+  for a, b in zip(g16, g32):
+    assert a.dtype == jnp.float32 and _rel(a, b) < 3e-2  # bf16 rounding, not a wrong formula
+  jaxpr = jax.make_jaxpr(jax.grad(loss(jnp.bfloat16), (0, 1)))(x, w)
+  dots = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+  assert len(dots) >= 3  # forward, dx, dW
+  assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
