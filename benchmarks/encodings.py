@@ -9,7 +9,10 @@ first-step time and the ratio to rope, then a markdown table.
 """
 import json
 import os
+import sys
 import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
 from absl import app, flags, logging
 
