@@ -9,6 +9,7 @@ Prepared once as array_record into `data_dir` (see `resolve_data_dir`) and read 
 array_record record, which array_record handles fine (records up to GBs), so no chunking.
 """
 import csv
+import fcntl
 import gzip
 import hashlib
 import os
@@ -87,9 +88,15 @@ def load_books(split, data_dir=None, books_dir=BOOKS_DIR):
 
   Returns a random-access sequence of dicts {"text","title","file"} (text fields as bytes).
   """
-  builder = LenxBooks(data_dir=resolve_data_dir(data_dir), books_dir=books_dir)
-  # download_and_prepare is a no-op when the prepared version is already in data_dir.
-  builder.download_and_prepare(
-      file_format="array_record",
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  root = resolve_data_dir(data_dir)
+  os.makedirs(root, exist_ok=True)
+  # Several processes (parallel tests, concurrent runs) may prepare at once: an exclusive
+  # lock makes one prepare while the others wait, then find it ready.
+  with open(os.path.join(root, ".lenx_books.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    builder = LenxBooks(data_dir=root, books_dir=books_dir)
+    # download_and_prepare is a no-op when the prepared version is already in data_dir.
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder.as_data_source(split=split)
