@@ -136,3 +136,13 @@ def test_init_from_records_source_and_starts_from_its_parameters(tiny_config, tm
 def test_missing_checkpoint_is_a_clear_error(tmp_path, tiny_config):
   with pytest.raises(FileNotFoundError, match="not a lenx run directory"):
     checkpoint.load_run(str(tmp_path))
+
+
+def test_model_options_train(tiny_config, tmp_path):
+  # LayerNorm, GELU MLP, bf16 matmuls with f32 accumulation, untied head, dropout
+  config = tiny_config(**{"model.norm": "layernorm", "model.mlp": "gelu",
+                          "model.dtype": "bfloat16", "model.tie_embeddings": False,
+                          "model.dropout": 0.1})
+  train.train_and_evaluate(config, str(tmp_path))
+  params = _params(str(tmp_path))
+  assert "head" in params and all(np.isfinite(_losses(str(tmp_path))))
