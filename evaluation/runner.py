@@ -20,16 +20,9 @@ from models.loss import token_nll
 from training.steps import split_model
 
 
-def with_eval_attention(config):
-  """Runs saved before ``model.attention`` existed evaluate with "auto" (blockwise when long)."""
-  if "attention" not in config.model:
-    config.model.attention, config.model.block_size = "auto", 512
-  return config
-
-
 def variant_model(run_model, variant_config):
   """The model of ``variant_config`` carrying ``run_model``'s trained parameters."""
-  model = build_model(with_eval_attention(variant_config))
+  model = build_model(variant_config)
   nnx.update(model, nnx.state(run_model, nnx.Param))
   return model
 

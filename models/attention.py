@@ -95,8 +95,7 @@ class Attention(nnx.Module):
                      dtype=cfg.dtype, rngs=rngs)
     self.dtype = compute_dtype(cfg.dtype)
     self.logn_base_len = cfg.logn_base_len
-    self.impl = cfg.get("attention", "auto")  # runs saved before this field: auto too
-    self.block_size = cfg.get("block_size", 512)
+    self.impl, self.block_size = cfg.attention, cfg.block_size
 
   def __call__(self, x, positions, enc, *, with_stats=False):
     b, s, _ = x.shape
