@@ -6,6 +6,7 @@ arange, so offset, randomized and extended positions work everywhere.
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import posenc
@@ -48,7 +49,7 @@ class DecoderLM(nnx.Module):
   def check_positions(self, positions):
     """Eager check (skipped under jit) that the encoding supports these positions."""
     if not isinstance(positions, jax.core.Tracer):
-      self.posenc.check_positions(int(jnp.max(positions)))
+      self.posenc.check_positions(int(np.max(np.asarray(positions))))  # numpy: fine inside a trace
 
   def features(self, tokens, positions, *, dropout_rng=None, with_stats=False):
     """Final-norm hidden states [b, s, d] (float32), plus per-layer attention stats."""

@@ -15,6 +15,7 @@ without an L x L matrix. An encoding that needs a whole row of keys (CoPE) sets
 """
 from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
@@ -38,6 +39,22 @@ def register(name):
 def qk_dot(q, k):
   """Content logits q.k for q [b, sq, h, d], k [b, sk, h, d] -> [b, h, sq, sk] (float32)."""
   return jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+
+
+def position_table(fn, x):
+  """fn(x), computed once and stored, for small position-derived tables (cos/sin, decays).
+
+  Why: XLA:CPU fuses elementwise producers into their consumers, so a table of
+  transcendentals broadcast over heads (RoPE's cos/sin [b, s, 1, r] times q/k
+  [b, s, h, d]) gets recomputed for every element of every consumer, forward and
+  backward: ~15 % of a RoPE train step (measured, benchmarks/README.md). A
+  ``lax.cond`` output is always materialised and CSE merges the tables of all
+  layers into one; both branches are ``fn``, so the predicate (true unless x[0]
+  is NaN) never changes the result. (``optimization_barrier`` would be the idiom,
+  but XLA:CPU strips it before fusion.)
+  """
+  first = x.ravel()[0]
+  return jax.lax.cond(first == first, fn, fn, x)
 
 
 class PositionalEncoding(nnx.Module):

@@ -43,7 +43,8 @@ def test_softmax_pv_value_and_grads_equal_autodiff(sq, sk):
   assert np.all(np.asarray(d_logits)[..., future] == 0.0)
 
 
-def _model_grads(posenc, with_stats):
+def _model_loss(posenc, with_stats):
+  """(loss(params), params) of a 2-layer tiny model on fixed tokens."""
   from tests.conftest import make_tiny_config
   c = resolve(make_tiny_config(posenc=posenc, train_len=24, **{"model.num_layers": 2}))
   graphdef, params = split_model(build_model(c))
@@ -54,6 +55,11 @@ def _model_grads(posenc, with_stats):
     model = nnx.merge(graphdef, p)
     h, _ = model.features(tokens, positions, with_stats=with_stats)  # stats: plain path
     return jnp.mean(model.logits(h) ** 2)
+  return loss, params
+
+
+def _model_grads(posenc, with_stats):
+  loss, params = _model_loss(posenc, with_stats)
   return jax.value_and_grad(loss)(params)
 
 
@@ -120,3 +126,19 @@ def test_mixed_dot_float32_is_plain_dot_and_bf16_backward_runs_in_bf16():
   dots = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
   assert len(dots) >= 3  # forward, dx, dW
   assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+
+
+def test_position_table_equals_fn_and_is_computed_once_per_step():
+  from posenc.base import position_table
+  x = jnp.linspace(-3.0, 40.0, 24).reshape(2, 3, 4)
+  fn = lambda a: (jnp.cos(a), jnp.sin(a))
+  for arr in (x, x.at[0, 0, 0].set(jnp.nan)):  # the NaN predicate takes the other branch
+    got, want = position_table(fn, arr), fn(arr)
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert np.allclose(jax.vmap(lambda r: position_table(jnp.exp, r))(x), jnp.exp(x))
+  # a 2-layer RoPE model: the tables of both layers, q and k, forward and backward, are
+  # one stored computation (one conditional), not recomputed inside every consumer
+  loss, params = _model_loss("rope", False)
+  hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  assert hlo.count("conditional(") == 1
