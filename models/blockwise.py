@@ -10,10 +10,9 @@ For query block i and key blocks j = 0..i, with logits S_ij from the encoding's
   l' = l e^(m - m') + rowsum(P),   acc' = acc e^(m - m') + P V_j,   out_i = acc / l
 
 Running max, sum and accumulator are float32. Key blocks j > i (entirely above
-the causal diagonal) are skipped by a ``lax.cond`` inside the scan, so they are
+the causal diagonal) are skipped by a ``lax.switch`` inside the scan, so they are
 neither computed nor masked; the mask (by *index*, like ``attention.attend``) is
-applied to each computed tile (a no-op below the diagonal, fused into the exp
-pass). Lengths that are not multiples of the block are padded at the end: a
+applied to the diagonal tiles only (the others are entirely visible). Lengths that are not multiples of the block are padded at the end: a
 padded key has an index larger than every real query, so the causal mask removes
 it, and padded query rows are sliced off.
 
@@ -54,25 +53,26 @@ def blockwise_attend(q, k, v, q_pos, k_pos, enc, block_size=512):
   vb = vb.transpose(0, 1, 3, 2, 4)  # [n, b, h, block, d]: P V_j is then a plain batched matmul
   idx = jnp.arange(block)
 
-  def key_step(i, q_blk, qp_blk, carry, j):
+  def key_step(i, q_blk, qp_blk, carry, j, diagonal):
     m, l, acc = carry
     logits = enc.scores(q_blk, kb[j], qp_blk, kpb[j])  # [b, h, bq, bk] f32
-    mask = (j * block + idx[None, :]) <= (i * block + idx[:, None])
-    logits = jnp.where(mask, logits, NEG_INF)
+    if diagonal:  # tiles below the diagonal are entirely visible: no mask pass
+      logits = jnp.where(idx[None, :] <= idx[:, None], logits, NEG_INF)
     m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
-    p = jnp.exp(logits - m_new[..., None])
+    p = jnp.exp(logits - m_new[..., None]).astype(v.dtype)  # one pass writes P as used by P V
     scale = jnp.exp(m - m_new)
-    l = l * scale + jnp.sum(p, axis=-1)
-    pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vb[j],
-                    preferred_element_type=jnp.float32)
+    l = l * scale + jnp.sum(p, axis=-1, dtype=jnp.float32)
+    pv = jnp.einsum("bhqk,bhkd->bhqd", p, vb[j], preferred_element_type=jnp.float32)
     return m_new, l, acc * scale[..., None] + pv
 
   def query_block(args):
     i, q_blk, qp_blk = args
-    step = jax.checkpoint(lambda c, j: key_step(i, q_blk, qp_blk, c, j))
+    below, diag = (jax.checkpoint(lambda c, j, d=d: key_step(i, q_blk, qp_blk, c, j, d))
+                   for d in (False, True))
 
-    def body(carry, j):  # skip key blocks above the diagonal: not computed at all
-      return jax.lax.cond(j <= i, step, lambda c, _: c, carry, j), None
+    def body(carry, j):  # key blocks above the diagonal are skipped: not computed at all
+      branch = jnp.where(j < i, 0, jnp.where(j == i, 1, 2))
+      return jax.lax.switch(branch, (below, diag, lambda c, _: c), carry, j), None
 
     init = (jnp.full((b, h, block), NEG_INF, jnp.float32), jnp.zeros((b, h, block), jnp.float32),
             jnp.zeros((b, h, block, d), jnp.float32))
