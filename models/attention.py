@@ -70,13 +70,12 @@ def full_attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False):
   """Full causal attention. q/k/v [b, s, h, d] (q pre-scaled) -> [b, s, h, d] float32.
 
   Without stats, the softmax and P V run in ``fast_attention.softmax_pv`` (custom
-  VJP, head-major V); with stats, the plain formulation (probabilities are needed).
+  VJP); with stats, the plain formulation (probabilities are needed).
   """
   logits = enc.scores(q, k, q_pos, k_pos)
   offset = k.shape[1] - q.shape[1]
   if not with_stats:
-    out = softmax_pv(logits, v.transpose(0, 2, 1, 3), offset, v.dtype)
-    return out.transpose(0, 2, 1, 3), None
+    return softmax_pv(logits, v, offset, v.dtype), None
   mask = causal_mask(q.shape[1], k.shape[1], q_offset=offset)
   probs = jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
   out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from posenc.xla_ops import bmm, to_heads, transposed
+
 registry = {}
 
 
@@ -36,25 +38,32 @@ def register(name):
   return wrap
 
 
+@jax.custom_vjp
 def qk_dot(q, k):
-  """Content logits q.k for q [b, sq, h, d], k [b, sk, h, d] -> [b, h, sq, sk] (float32)."""
+  """Content logits q.k for q [b, sq, h, d], k [b, sk, h, d] -> [b, h, sq, sk] (float32).
+
+  Under differentiation (training) q and k are first copied head-major and the
+  backward products dQ = dS K, dK = dS^T Q run with dS in q's dtype and every
+  operand a real row-major buffer, so bfloat16 runs as bfloat16 on XLA:CPU (see
+  ``posenc.xla_ops``); autodiff of the einsum would run both in float32.
+  """
   return jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
 
 
-def position_table(fn, x):
-  """fn(x), computed once and stored, for small position-derived tables (cos/sin, decays).
+def _qk_dot_fwd(q, k):
+  qh, kh = to_heads(q), to_heads(k)
+  return bmm(qh, kh, 3, 3), (qh, kh)
 
-  Why: XLA:CPU fuses elementwise producers into their consumers, so a table of
-  transcendentals broadcast over heads (RoPE's cos/sin [b, s, 1, r] times q/k
-  [b, s, h, d]) gets recomputed for every element of every consumer, forward and
-  backward: ~15 % of a RoPE train step (measured, benchmarks/README.md). A
-  ``lax.cond`` output is always materialised and CSE merges the tables of all
-  layers into one; both branches are ``fn``, so the predicate (true unless x[0]
-  is NaN) never changes the result. (``optimization_barrier`` would be the idiom,
-  but XLA:CPU strips it before fusion.)
-  """
-  first = x.ravel()[0]
-  return jax.lax.cond(first == first, fn, fn, x)
+
+def _qk_dot_bwd(res, g):
+  qh, kh = res
+  gd = g.astype(qh.dtype)
+  dq = bmm(gd, kh, 3, 2)  # dS K: [b, h, sq, d]
+  dk = bmm(transposed(gd), qh, 3, 2)  # dS^T Q: [b, h, sk, d]
+  return dq.transpose(0, 2, 1, 3).astype(qh.dtype), dk.transpose(0, 2, 1, 3).astype(kh.dtype)
+
+
+qk_dot.defvjp(_qk_dot_fwd, _qk_dot_bwd)
 
 
 class PositionalEncoding(nnx.Module):

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from posenc.base import PositionalEncoding, position_table, qk_dot, register
+from posenc.base import PositionalEncoding, qk_dot, register
+from posenc.xla_ops import materialize
 from posenc.rope_scaling import rope_frequencies
 
 __all__ = ["apply_rope", "rope_frequencies", "rerope_scores", "RoPE", "scaling_dict"]
@@ -36,7 +37,7 @@ def apply_rope(x, positions, inv_freq, attention_factor=1.0):
   rot = 2 * inv_freq.shape[-1]
   angles = positions.astype(jnp.float32)[:, :, None] * inv_freq
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [b, s, 1, r]
-  cos, sin = position_table(
+  cos, sin = materialize(
       lambda a: (jnp.cos(a) * attention_factor, jnp.sin(a) * attention_factor), angles)
   x_rot, x_pass = x[..., :rot].astype(jnp.float32), x[..., rot:]
   out = x_rot * cos + rotate_half(x_rot) * sin

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from posenc.base import PositionalEncoding, position_table, qk_dot, register
+from posenc.base import PositionalEncoding, qk_dot, register
+from posenc.xla_ops import materialize
 from posenc.rope import apply_rope
 
 
@@ -54,7 +55,7 @@ def decay_factors(positions, center, zeta, scale_base, sign):
   """zeta^(sign * (pos - center) / scale_base) for rotate-half layout: [b, s, 1, d] float32."""
   exponent = sign * (positions.astype(jnp.float32) - center) / scale_base  # [b, s]
   log_zeta = jnp.log(jnp.asarray(zeta, jnp.float32))
-  factor = position_table(jnp.exp, exponent[:, :, None] * log_zeta)  # [b, s, d/2], stored
+  factor = materialize(jnp.exp, exponent[:, :, None] * log_zeta)  # [b, s, d/2], stored
   return jnp.concatenate([factor, factor], axis=-1)[:, :, None, :]
 
 

@@ -23,15 +23,15 @@ def _rel(a, b):
 
 
 def _plain_softmax_pv(logits, v, offset):
-  return jnp.einsum("bhqk,bhkd->bhqd", _probs(logits, offset), v)
+  return jnp.einsum("bhqk,bkhd->bqhd", _probs(logits, offset), v)
 
 
 @pytest.mark.parametrize("sq,sk", [(16, 16), (5, 12), (1, 7)])
 def test_softmax_pv_value_and_grads_equal_autodiff(sq, sk):
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
   logits = 3.0 * jax.random.normal(k1, (2, 3, sq, sk))
-  v = jax.random.normal(k2, (2, 3, sk, 8))
-  g = jax.random.normal(k3, (2, 3, sq, 8))
+  v = jax.random.normal(k2, (2, sk, 3, 8))
+  g = jax.random.normal(k3, (2, sq, 3, 8))
   fast, fast_vjp = jax.vjp(lambda l, x: softmax_pv(l, x, sk - sq, jnp.float32), logits, v)
   plain, plain_vjp = jax.vjp(lambda l, x: _plain_softmax_pv(l, x, sk - sq), logits, v)
   assert _rel(fast, plain) < 1e-5
@@ -41,6 +41,25 @@ def test_softmax_pv_value_and_grads_equal_autodiff(sq, sk):
   d_logits = fast_vjp(g)[0]
   future = np.arange(sk)[None, :] > (sk - sq) + np.arange(sq)[:, None]
   assert np.all(np.asarray(d_logits)[..., future] == 0.0)
+
+
+@pytest.mark.parametrize("sq,sk", [(16, 16), (5, 12)])
+def test_qk_dot_value_and_grads_equal_autodiff(sq, sk):
+  from posenc.base import qk_dot
+  k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
+  q, k = jax.random.normal(k1, (2, sq, 3, 8)), jax.random.normal(k2, (2, sk, 3, 8))
+  g = jax.random.normal(k3, (2, 3, sq, sk))
+  plain = lambda a, b: jnp.einsum("bqhd,bkhd->bhqk", a, b)
+  fast, fast_vjp = jax.vjp(qk_dot, q, k)
+  ref, ref_vjp = jax.vjp(plain, q, k)
+  assert _rel(fast, ref) < 1e-6
+  for a, b in zip(fast_vjp(g), ref_vjp(g)):
+    assert _rel(a, b) < 1e-5
+  # bfloat16 inputs: the backward products take dS rounded to bfloat16 (f32 accumulation)
+  qb, kb = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+  dq, dk = jax.vjp(qk_dot, qb, kb)[1](g)
+  assert dq.dtype == dk.dtype == jnp.bfloat16
+  assert _rel(dq, ref_vjp(g)[0]) < 2e-2 and _rel(dk, ref_vjp(g)[1]) < 2e-2
 
 
 def _model_loss(posenc, with_stats):
@@ -128,17 +147,18 @@ def test_mixed_dot_float32_is_plain_dot_and_bf16_backward_runs_in_bf16():
   assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
 
 
-def test_position_table_equals_fn_and_is_computed_once_per_step():
-  from posenc.base import position_table
+def test_materialize_equals_fn_and_is_computed_once_per_step():
+  from posenc.xla_ops import materialize
   x = jnp.linspace(-3.0, 40.0, 24).reshape(2, 3, 4)
   fn = lambda a: (jnp.cos(a), jnp.sin(a))
   for arr in (x, x.at[0, 0, 0].set(jnp.nan)):  # the NaN predicate takes the other branch
-    got, want = position_table(fn, arr), fn(arr)
+    got, want = materialize(fn, arr), fn(arr)
     for a, b in zip(got, want):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert np.allclose(jax.vmap(lambda r: position_table(jnp.exp, r))(x), jnp.exp(x))
+  assert np.allclose(jax.vmap(lambda r: materialize(jnp.exp, r))(x), jnp.exp(x))
   # a 2-layer RoPE model: the tables of both layers, q and k, forward and backward, are
-  # one stored computation (one conditional), not recomputed inside every consumer
+  # one stored computation (one conditional: a sine in each of its two branches), not
+  # recomputed inside every consumer
   loss, params = _model_loss("rope", False)
   hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
-  assert hlo.count("conditional(") == 1
+  assert hlo.count(" sine(") == 2 and hlo.count(" cosine(") == 2
