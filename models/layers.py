@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from posenc.xla_ops import row_major
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -39,7 +41,8 @@ def _bf16_dot_bwd(res, g):
   gb = g.astype(jnp.bfloat16)
   dx = jnp.dot(gb, wb.T, preferred_element_type=jnp.float32)
   xf, gf = xb.reshape(-1, xb.shape[-1]), gb.reshape(-1, gb.shape[-1])
-  dw = jnp.dot(xf.T, gf, preferred_element_type=jnp.float32)
+  dw = jnp.dot(row_major(xf.T), gf, preferred_element_type=jnp.float32)  # x^T: a real copy,
+  # or XLA:CPU runs this bf16 product in f32 on up-cast operands (posenc.xla_ops)
   return dx, dw  # float32, the primal dtype (mixed_dot passes float32 in)
 
 

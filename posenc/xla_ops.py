@@ -11,7 +11,7 @@ They exist because of how XLA:CPU compiles (measured, benchmarks/README.md):
   fusion), and CSE merges identical ones (the RoPE tables of all layers become
   one). Both branches are ``fn``, so the predicate (true unless x's first element
   is NaN) never changes the result.
-* ``to_heads`` / ``transposed``: a transposed operand is a strided *view* for XLA,
+* ``row_major`` / ``to_heads`` / ``transposed``: a transposed operand is a strided *view* for XLA,
   and XLA:CPU runs a bfloat16 matmul on a view as a float32 one on up-cast copies
   (~3x slower); these copy the transpose into a row-major buffer (bfloat16 only).
 * ``bmm``: a matmul batched over the two leading axes with float32 accumulation.
@@ -35,7 +35,7 @@ def bmm(a, b, contract_a, contract_b, dtype=None):
                              preferred_element_type=jnp.float32)
 
 
-def _own_buffer(x):
+def row_major(x):
   """x (typically a transposed view) copied into a row-major buffer: the transpose
   happens *outside* the cond, whose output XLA lays out row-major, so the copy inside
   is a physical transpose. (``y * 1`` keeps JAX from forwarding the input through the
@@ -48,9 +48,9 @@ def _own_buffer(x):
 
 def to_heads(x, dtype=None):
   """[b, s, h, d] -> [b, h, s, d], a real head-major buffer unless float32 (``dtype``: cast)."""
-  return _own_buffer(x.transpose(0, 2, 1, 3).astype(dtype or x.dtype))
+  return row_major(x.transpose(0, 2, 1, 3).astype(dtype or x.dtype))
 
 
 def transposed(x, dtype=None):
   """[b, h, m, n] -> [b, h, n, m], a real buffer unless float32 (``dtype``: cast on the way)."""
-  return _own_buffer(x.swapaxes(2, 3).astype(dtype or x.dtype))
+  return row_major(x.swapaxes(2, 3).astype(dtype or x.dtype))
