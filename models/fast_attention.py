@@ -13,7 +13,8 @@ Why: autodiff of softmax + einsum emits several extra passes over the
 [b, h, sq, sk] tile (the division's two cotangents, the max's gradient, masks)
 and, in bfloat16 mode, runs the backward P V dots in float32 because the
 cotangent is float32. Here every product takes ``dtype`` inputs with float32
-accumulation, and V, dO and P^T are copied into real head-major buffers first
+accumulation, and V, dO and dO^T are copied into real head-major buffers first
+(dV is computed transposed, dO^T P, so the [sq, sk] matrix P is never transposed)
 (``posenc.xla_ops``: XLA:CPU runs a bfloat16 matmul on a transposed view in float32). The result equals
 autodiff of the plain formulation to float32 rounding (tests/test_fast_paths.py).
 """
@@ -22,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from posenc.xla_ops import bmm, to_heads, transposed
+from posenc.xla_ops import bmm, heads_last, to_heads
 
 NEG_INF = -1e30  # same finite constant as attention.NEG_INF
 
@@ -52,12 +53,12 @@ def _fwd(logits, v, q_offset, dtype):
 def _bwd(q_offset, dtype, res, g):
   del q_offset
   p, vh, out = res
-  gh = to_heads(g, dtype)  # dO, head-major
-  dv = bmm(transposed(p, dtype), gh, 3, 2)  # P^T dO: [b, h, sk, d]
+  gh = to_heads(g, dtype)  # dO, head-major [b, h, sq, d]
+  dv_t = bmm(heads_last(g, dtype), p, 3, 2, dtype)  # (P^T dO)^T = dO^T P: [b, h, d, sk]
   dp = bmm(gh, vh, 3, 3)  # dO V^T: [b, h, sq, sk]
   delta = jnp.sum(g * out, axis=-1).transpose(0, 2, 1)[..., None]  # [b, h, sq, 1]
   d_logits = p * (dp - delta)  # masked entries have p == 0, so their logits get 0
-  return d_logits.astype(p.dtype), dv.transpose(0, 2, 1, 3).astype(vh.dtype)
+  return d_logits.astype(p.dtype), dv_t.transpose(0, 3, 1, 2).astype(vh.dtype)
 
 
 softmax_pv.defvjp(_fwd, _bwd)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from posenc.xla_ops import bmm, to_heads, transposed
+from posenc.xla_ops import bmm, heads_last, to_heads
 
 registry = {}
 
@@ -52,15 +52,15 @@ def qk_dot(q, k):
 
 def _qk_dot_fwd(q, k):
   qh, kh = to_heads(q), to_heads(k)
-  return bmm(qh, kh, 3, 3), (qh, kh)
+  return bmm(qh, kh, 3, 3), (heads_last(q), kh)
 
 
 def _qk_dot_bwd(res, g):
-  qh, kh = res
-  gd = g.astype(qh.dtype)
+  q_t, kh = res  # Q^T [b, h, d, sq], K [b, h, sk, d]
+  gd = g.astype(kh.dtype)
   dq = bmm(gd, kh, 3, 2)  # dS K: [b, h, sq, d]
-  dk = bmm(transposed(gd), qh, 3, 2)  # dS^T Q: [b, h, sk, d]
-  return dq.transpose(0, 2, 1, 3).astype(qh.dtype), dk.transpose(0, 2, 1, 3).astype(kh.dtype)
+  dk_t = bmm(q_t, gd, 3, 2)  # (dS^T Q)^T = Q^T dS: [b, h, d, sk], no [sq, sk] transpose
+  return dq.transpose(0, 2, 1, 3).astype(kh.dtype), dk_t.transpose(0, 3, 1, 2).astype(kh.dtype)
 
 
 qk_dot.defvjp(_qk_dot_fwd, _qk_dot_bwd)

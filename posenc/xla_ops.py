@@ -11,7 +11,7 @@ They exist because of how XLA:CPU compiles (measured, benchmarks/README.md):
   fusion), and CSE merges identical ones (the RoPE tables of all layers become
   one). Both branches are ``fn``, so the predicate (true unless x's first element
   is NaN) never changes the result.
-* ``row_major`` / ``to_heads`` / ``transposed``: a transposed operand is a strided *view* for XLA,
+* ``row_major`` / ``to_heads`` / ``heads_last``: a transposed operand is a strided *view* for XLA,
   and XLA:CPU runs a bfloat16 matmul on a view as a float32 one on up-cast copies
   (~3x slower); these copy the transpose into a row-major buffer (bfloat16 only).
 * ``bmm``: a matmul batched over the two leading axes with float32 accumulation.
@@ -51,6 +51,6 @@ def to_heads(x, dtype=None):
   return row_major(x.transpose(0, 2, 1, 3).astype(dtype or x.dtype))
 
 
-def transposed(x, dtype=None):
-  """[b, h, m, n] -> [b, h, n, m], a real buffer unless float32 (``dtype``: cast on the way)."""
-  return row_major(x.swapaxes(2, 3).astype(dtype or x.dtype))
+def heads_last(x, dtype=None):
+  """[b, s, h, d] -> [b, h, d, s] (X^T per head), a real buffer unless float32 (``dtype``: cast)."""
+  return row_major(x.transpose(0, 2, 3, 1).astype(dtype or x.dtype))
