@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from posenc.xla_ops import bmm, heads_last, to_heads
+from posenc.xla_ops import bmm, heads_last, row_major, to_heads
 
 NEG_INF = -1e30  # same finite constant as attention.NEG_INF
 
@@ -58,7 +58,7 @@ def _bwd(q_offset, dtype, res, g):
   dp = bmm(gh, vh, 3, 3)  # dO V^T: [b, h, sq, sk]
   delta = jnp.sum(g * out, axis=-1).transpose(0, 2, 1)[..., None]  # [b, h, sq, 1]
   d_logits = p * (dp - delta)  # masked entries have p == 0, so their logits get 0
-  return d_logits.astype(p.dtype), dv_t.transpose(0, 3, 1, 2).astype(vh.dtype)
+  return d_logits.astype(p.dtype), row_major(dv_t.astype(vh.dtype)).transpose(0, 3, 1, 2)
 
 
 softmax_pv.defvjp(_fwd, _bwd)
