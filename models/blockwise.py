@@ -28,6 +28,8 @@ use this; ``attention.attend`` sends them to the full path.
 import jax
 import jax.numpy as jnp
 
+from posenc.xla_ops import row_major
+
 NEG_INF = -1e30  # same finite constant as attention.NEG_INF (fully masked rows stay NaN-free)
 
 
@@ -51,11 +53,15 @@ def blockwise_attend(q, k, v, q_pos, k_pos, enc, block_size=512):
   qb, kb, vb = (_blocks(t, n, block) for t in (q, k, v))
   qpb, kpb = _blocks(q_pos, n, block), _blocks(k_pos, n, block)
   vb = vb.transpose(0, 1, 3, 2, 4)  # [n, b, h, block, d]: P V_j is then a plain batched matmul
+  # K^T stored once per layer, [n, b, h, d, block], as the q.k product reads it; the hook
+  # gets a transposed view that XLA folds away, instead of a transposing copy of the key
+  # block in every tile (16k evaluation: bf16 -11 %, f32 -5 %, in-process A/B)
+  kb = row_major(kb.transpose(0, 1, 3, 4, 2))
   idx = jnp.arange(block)
 
   def key_step(i, q_blk, qp_blk, carry, j, diagonal):
     m, l, acc = carry
-    logits = enc.scores(q_blk, kb[j], qp_blk, kpb[j])  # [b, h, bq, bk] f32
+    logits = enc.scores(q_blk, kb[j].transpose(0, 3, 1, 2), qp_blk, kpb[j])  # [b, h, bq, bk] f32
     if diagonal:  # tiles below the diagonal are entirely visible: no mask pass
       logits = jnp.where(idx[None, :] <= idx[:, None], logits, NEG_INF)
     m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
