@@ -1,0 +1,28 @@
+#!/bin/bash
+# Peer vs lenx, back to back, one process at a time: 3 train repeats (peer, lenx f32,
+# lenx bf16), 2 eval-16k repeats, then 64k bf16 and the memory sweep (1k..64k, f32).
+# One JSON line per run, prefixed by its row name. The peer runs in its own venv:
+#   PEER_PY=/path/to/venv/bin/python sh benchmarks/side_by_side.sh > results.txt
+# (venv: python3 -m venv V && V/bin/pip install torch==2.13.0 transformers)
+cd "$(dirname "$0")/.." || exit 1
+PEER_PY=${PEER_PY:-/tmp/hfvenv/bin/python}
+PEER=${PEER:-../shared/bench/peer_torch_llama.py}
+L=.venv/bin/python
+A="--layers 4 --d-model 256 --heads 4 --ffn 688 --seq-len 256 --batch 16"
+for r in 1 2 3; do
+  echo "## train repeat $r $(date +%T) load $(cut -d' ' -f1 /proc/loadavg)"
+  $PEER_PY "$PEER" --mode train $A 2>/dev/null | tail -1 | sed 's/^/peer_train /'
+  $L benchmarks/throughput.py --mode train $A | sed 's/^/lenx_train_f32 /'
+  $L benchmarks/throughput.py --mode train $A --dtype bfloat16 | sed 's/^/lenx_train_bf16 /'
+done
+for r in 1 2; do
+  echo "## eval repeat $r $(date +%T) load $(cut -d' ' -f1 /proc/loadavg)"
+  $PEER_PY "$PEER" --mode eval --seq-len 16384 2>/dev/null | tail -1 | sed 's/^/peer_eval16k /'
+  $L benchmarks/throughput.py --mode eval --seq-len 16384 --peak-size 0 | sed 's/^/lenx_eval16k_f32 /'
+  $L benchmarks/throughput.py --mode eval --seq-len 16384 --dtype bfloat16 | sed 's/^/lenx_eval16k_bf16 /'
+done
+echo "## 64k $(date +%T)"
+$L benchmarks/throughput.py --mode eval --seq-len 65536 --dtype bfloat16 --steps 1 \
+    --warmup-steps 0 --peak-size 0 | sed 's/^/lenx_eval64k_bf16 /'
+sh benchmarks/memory_sweep.sh 1024 4096 16384 65536 | sed 's/^/sweep /'
+echo "## done $(date +%T)"
