@@ -11,7 +11,7 @@ from flax import nnx
 
 import posenc
 from models.attention import Attention
-from models.layers import MLP, Dense, dropout, make_norm
+from models.layers import MLP, Dense, compute_dtype, dropout, make_norm, mixed_dot
 
 
 class Block(nnx.Module):
@@ -69,9 +69,7 @@ class DecoderLM(nnx.Module):
     """Output head on hidden states [..., d] -> [..., vocab] float32."""
     if self.head is not None:
       return self.head(h)
-    w = self.embedding[...]
-    dt = jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
-    return jnp.dot(h.astype(dt), w.T.astype(dt), preferred_element_type=jnp.float32)
+    return mixed_dot(h, self.embedding[...].T, compute_dtype(self.dtype))  # tied: h E^T
 
   def __call__(self, tokens, positions, *, dropout_rng=None):
     h, _ = self.features(tokens, positions, dropout_rng=dropout_rng)

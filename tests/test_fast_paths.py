@@ -62,10 +62,11 @@ def test_qk_dot_value_and_grads_equal_autodiff(sq, sk):
   assert _rel(dq, ref_vjp(g)[0]) < 2e-2 and _rel(dk, ref_vjp(g)[1]) < 2e-2
 
 
-def _model_loss(posenc, with_stats):
+def _model_loss(posenc, with_stats, dtype="float32"):
   """(loss(params), params) of a 2-layer tiny model on fixed tokens."""
   from tests.conftest import make_tiny_config
-  c = resolve(make_tiny_config(posenc=posenc, train_len=24, **{"model.num_layers": 2}))
+  c = resolve(make_tiny_config(posenc=posenc, train_len=24, **{"model.num_layers": 2,
+                                                                "model.dtype": dtype}))
   graphdef, params = split_model(build_model(c))
   tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, c.model.vocab_size)
   positions = jnp.broadcast_to(jnp.arange(24), (2, 24))
@@ -162,3 +163,20 @@ def test_materialize_equals_fn_and_is_computed_once_per_step():
   loss, params = _model_loss("rope", False)
   hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
   assert hlo.count(" sine(") == 2 and hlo.count(" cosine(") == 2
+
+
+def test_bf16_training_matmuls_all_run_in_bf16():
+  """Every matmul of a bf16 model's forward + backward keeps bf16 operands in the
+  compiled program: XLA:CPU up-casts a bf16 dot whose operand is a transposed view to
+  f32 (posenc.xla_ops), so this fails if an operand stops being a row-major buffer."""
+  import re
+  loss, params = _model_loss("rope", False, "bfloat16")
+  hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+  types.update(re.findall(r"([\w.\-]+): (\w+)\[", hlo))  # fused-computation parameters
+  dots = re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)
+  big = [d for d in dots if "batch_dims" in hlo.split(f"dot(%{d[0]}, %{d[1]})")[1].split("\n")[0]]
+  assert len(big) >= 2 * 6  # per layer: q.k, P V forward; dP, dV, dQ, dK backward
+  operand_types = {types[name] for pair in dots for name in pair}
+  assert operand_types == {"bf16"}, [(a, b, types[a], types[b]) for a, b in dots
+                                     if {types[a], types[b]} != {"bf16"}]
