@@ -9,8 +9,9 @@
 Same model shape as the peer: pre-RMSNorm, SwiGLU (--ffn), RoPE, vocab 256, untied
 head, AdamW. Prints one JSON line with the peer's fields (tokens_per_s,
 step_s_median, params, achieved_gflops, peak_rss_mib, ...) plus compile_s (first
-call minus a steady step: trace + compile, or a cache load with --cache-dir), this machine's matmul peak measured in the
-same run (jnp.dot f32, and bf16 inputs with f32 accumulation) and MFU against it.
+call minus a steady step: trace + compile, or a cache load with --cache-dir), this
+machine's matmul peak measured in the same run (jnp.dot f32, and bf16 inputs with f32
+accumulation) and MFU against it.
 FLOPs per token as the peer (PaLM appendix B): train 6N + 12 L d T, eval 2N + 4 L d T.
 """
 import argparse
@@ -95,11 +96,11 @@ def batches(a):
 
 def build_step(a, config):
   """(run(batch) -> loss float, parameter count); run is the jitted train or eval step."""
+  from flax import nnx
   from models import build_model
   from training.optim import make_optimizer
   from training.steps import make_eval_step, make_train_step, split_model
   model = build_model(config)
-  from flax import nnx
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   graphdef, params = split_model(model)
   if a.mode == "eval":
@@ -164,7 +165,8 @@ def main(argv=None):
       "params": total, "params_matmul": n_matmul, "tokens_per_step": a.batch * a.seq_len,
       "tokens_per_s": round(tps, 1), "step_s_median": round(med, 5),
       "step_s_min": round(min(times), 5), "step_s_max": round(max(times), 5),
-      "first_call_s": round(first_s, 2), "compile_s": round(max(first_s - med, 0.0), 2), "flops_per_token_est": fpt,
+      "first_call_s": round(first_s, 2), "compile_s": round(max(first_s - med, 0.0), 2),
+      "flops_per_token_est": fpt,
       "achieved_gflops": round(gflops, 2),
       "achieved_gflops_causal_attn": round(causal, 2),
       "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},

@@ -9,23 +9,12 @@ and randomized positions (sorted, possibly with gaps) are handled uniformly.
 """
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from models.blockwise import blockwise_attend
-from models.fast_attention import softmax_pv
+from models.fast_attention import causal_softmax, softmax_pv
 from models.layers import Dense, compute_dtype
-
-NEG_INF = -1e30  # finite: a fully masked row gives uniform weights, not NaN
-
-
-def causal_mask(sq, sk, q_offset=0, k_offset=0):
-  """[sq, sk] bool, True where key index <= query index (indices offset per block)."""
-  qi = q_offset + jnp.arange(sq)[:, None]
-  ki = k_offset + jnp.arange(sk)[None, :]
-  return ki <= qi
-
 
 def logn_query_scale(positions, base_len):
   """Chiang & Cholak 2022 / Su 2023 log-n scaling: max(1, log(pos+1) / log(base_len)).
@@ -76,8 +65,7 @@ def full_attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False):
   offset = k.shape[1] - q.shape[1]
   if not with_stats:
     return softmax_pv(logits, v, offset, v.dtype), None
-  mask = causal_mask(q.shape[1], k.shape[1], q_offset=offset)
-  probs = jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
+  probs = causal_softmax(logits, offset)
   out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return (out, attention_stats(probs, q_pos, k_pos)) if with_stats else (out, None)

@@ -12,9 +12,10 @@ For query block i and key blocks j = 0..i, with logits S_ij from the encoding's
 Running max, sum and accumulator are float32. Key blocks j > i (entirely above
 the causal diagonal) are skipped by a ``lax.switch`` inside the scan, so they are
 neither computed nor masked; the mask (by *index*, like ``attention.attend``) is
-applied to the diagonal tiles only (the others are entirely visible). Lengths that are not multiples of the block are padded at the end: a
-padded key has an index larger than every real query, so the causal mask removes
-it, and padded query rows are sliced off.
+applied to the diagonal tiles only (the others are entirely visible). Lengths that
+are not multiples of the block are padded at the end: a padded key has an index
+larger than every real query, so the causal mask removes it, and padded query rows
+are sliced off.
 
 Memory: one [b, h, block, block] logit tile at a time. Under ``jax.grad`` the
 key-block body is rematerialised (``jax.checkpoint``), so the backward pass
@@ -28,9 +29,8 @@ use this; ``attention.attend`` sends them to the full path.
 import jax
 import jax.numpy as jnp
 
+from models.fast_attention import NEG_INF
 from posenc.xla_ops import row_major
-
-NEG_INF = -1e30  # same finite constant as attention.NEG_INF (fully masked rows stay NaN-free)
 
 
 def _blocks(x, n, block):

@@ -14,9 +14,10 @@ Why: autodiff of softmax + einsum emits several extra passes over the
 and, in bfloat16 mode, runs the backward P V dots in float32 because the
 cotangent is float32. Here every product takes ``dtype`` inputs with float32
 accumulation, and V, dO and dO^T are copied into real head-major buffers first
-(dV is computed transposed, dO^T P, so the [sq, sk] matrix P is never transposed)
-(``posenc.xla_ops``: XLA:CPU runs a bfloat16 matmul on a transposed view in float32). The result equals
-autodiff of the plain formulation to float32 rounding (tests/test_fast_paths.py).
+(``posenc.xla_ops``: XLA:CPU runs a bfloat16 matmul on a transposed view in float32);
+dV is computed transposed, dO^T P, so the [sq, sk] matrix P is never transposed.
+The result equals autodiff of the plain formulation to float32 rounding
+(tests/test_fast_paths.py). ``causal_softmax`` is also the plain path's softmax.
 """
 import functools
 
@@ -25,10 +26,10 @@ import jax.numpy as jnp
 
 from posenc.xla_ops import bmm, heads_last, row_major, to_heads
 
-NEG_INF = -1e30  # same finite constant as attention.NEG_INF
+NEG_INF = -1e30  # finite: a fully masked row gives uniform weights, not NaN
 
 
-def _probs(logits, q_offset):
+def causal_softmax(logits, q_offset):
   """Causal softmax over the last axis; key index <= query index + q_offset."""
   sq, sk = logits.shape[-2:]
   mask = jnp.arange(sk)[None, :] <= q_offset + jnp.arange(sq)[:, None]
@@ -37,14 +38,14 @@ def _probs(logits, q_offset):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def softmax_pv(logits, v, q_offset, dtype):
-  """softmax(causal_mask(logits)) V. logits [b, h, sq, sk] f32, v [b, sk, h, d]
+  """causal_softmax(logits) V. logits [b, h, sq, sk] f32, v [b, sk, h, d]
   -> [b, sq, h, d] f32; q_offset = sk - sq for the usual trailing queries; dtype =
   the matmul input dtype (jnp.float32 or jnp.bfloat16)."""
   return _fwd(logits, v, q_offset, dtype)[0]
 
 
 def _fwd(logits, v, q_offset, dtype):
-  p = _probs(logits, q_offset)
+  p = causal_softmax(logits, q_offset)
   vh = to_heads(v, dtype)
   out = bmm(p, vh, 3, 2, dtype).transpose(0, 2, 1, 3)
   return out, (p, vh, out)

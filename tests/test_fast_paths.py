@@ -12,7 +12,7 @@ from flax import nnx
 
 from configs.common import resolve
 from models import build_model
-from models.fast_attention import _probs, softmax_pv
+from models.fast_attention import causal_softmax, softmax_pv
 from models.layers import RMSNorm, mixed_dot, swiglu
 from training.steps import split_model
 
@@ -23,7 +23,7 @@ def _rel(a, b):
 
 
 def _plain_softmax_pv(logits, v, offset):
-  return jnp.einsum("bhqk,bkhd->bqhd", _probs(logits, offset), v)
+  return jnp.einsum("bhqk,bkhd->bqhd", causal_softmax(logits, offset), v)
 
 
 @pytest.mark.parametrize("sq,sk", [(16, 16), (5, 12), (1, 7)])
