@@ -6,7 +6,10 @@ paired with i + rotary_dim/2, not with its neighbour. Angles are computed in
 float32 from integer positions on the fly (no position tables), so any position
 works. Frequencies and context-extension scaling come from
 ``posenc.rope_scaling.rope_frequencies``, which takes Hugging Face
-``rope_scaling`` dicts (``config.posenc.rope.scaling``).
+``rope_scaling`` dicts (``config.posenc.rope.scaling``), then
+``adjust_frequencies`` (Resonance rounding, p-RoPE). Context-extension methods that
+change which positions a (query, key) pair is rotated at (ReRoPE, Self-Extend, ...) set
+``scores_rule`` and are evaluated per block by ``extensions.piecewise.scores``.
 """
 import json
 
@@ -16,9 +19,9 @@ from ml_collections import config_dict
 
 from posenc.base import PositionalEncoding, qk_dot, register
 from posenc.xla_ops import materialize
-from posenc.rope_scaling import rope_frequencies
+from posenc.rope_scaling import adjust_frequencies, rope_frequencies
 
-__all__ = ["apply_rope", "rope_frequencies", "rerope_scores", "RoPE", "scaling_dict"]
+__all__ = ["apply_rope", "rope_frequencies", "RoPE", "scaling_dict"]
 
 
 def rotate_half(x):
@@ -87,7 +90,9 @@ class RoPE(PositionalEncoding):
         scaling_json="",  # or paste a model card's rope_scaling dict as JSON (overrides scaling)
         original_len=0,  # length the model was trained at; 0 = config.train_len
         eval_len=0,  # sequence length for dynamic/longrope frequencies; 0 = original_len
-        rerope_window=0,  # >0: ReRoPE (Su 2023) with relative positions capped at this window
+        resonance=False,  # Resonance RoPE: round every wavelength to an integer (after scaling)
+        p_fraction=1.0,  # p-RoPE: only this highest fraction of the frequencies rotates
+        scores_rule="",  # JSON {"name": ..., params} of a piecewise method (extensions/), or ""
     ))
 
   @classmethod
@@ -97,40 +102,29 @@ class RoPE(PositionalEncoding):
     rope_frequencies(config.model.head_dim or config.model.d_model // config.model.num_heads,
                      own.base, scaling_dict(own), own.eval_len or own.original_len,
                      own.original_len)  # raises ValueError on an invalid scaling dict
+    adjust_frequencies([1.0], own.resonance, own.p_fraction)  # raises on a bad p_fraction
 
   def __init__(self, config, model_config, *, rngs):
     super().__init__(config, model_config, rngs=rngs)
     inv_freq, self.attention_factor = rope_frequencies(
         model_config.head_dim, config.base, scaling_dict(config),
         config.eval_len or config.original_len or None, config.original_len or None)
+    inv_freq = adjust_frequencies(inv_freq, config.get("resonance", False),
+                                  config.get("p_fraction", 1.0))
     self.inv_freq = tuple(inv_freq.tolist())  # static constants, not trainable state
+    self.scores_rule = config.get("scores_rule", "")
+
+  def _rotate(self, x, positions):
+    return apply_rope(x, positions, self.inv_freq, self.attention_factor)
 
   def rotate(self, q, k, q_pos, k_pos):
-    if self.config.rerope_window:  # ReRoPE needs unrotated q/k: it rotates per block in scores
+    if self.scores_rule:  # piecewise methods rotate per block and part, in scores
       return q, k
-    return (apply_rope(q, q_pos, self.inv_freq, self.attention_factor),
-            apply_rope(k, k_pos, self.inv_freq, self.attention_factor))
+    return self._rotate(q, q_pos), self._rotate(k, k_pos)
 
   def scores(self, q, k, q_pos, k_pos):
-    if not self.config.rerope_window:
+    if not self.scores_rule:
       return qk_dot(q, k)
-    return rerope_scores(q, k, q_pos, k_pos, self.config.rerope_window, self.inv_freq,
-                         self.attention_factor)
+    from extensions import piecewise  # pylint: disable=g-import-not-at-top (extensions imports posenc)
+    return piecewise.scores(self.scores_rule, q, k, q_pos, k_pos, self._rotate)
 
-
-def rerope_scores(q, k, q_pos, k_pos, window, inv_freq, attention_factor=1.0):
-  """ReRoPE (Su 2023, kexue.fm/archives/9708; reference bojone/rerope ``rerope_patch.py``).
-
-  Relative positions are capped at ``window``: pairs with q_pos - k_pos < window get
-  ordinary RoPE logits R(q_pos) q . R(k_pos) k; farther pairs all get the logit of
-  relative position ``window``, computed as R(window) q . k (rotating the query at
-  the window against unrotated keys). Two logit sets per block, then a select; a
-  training-free extension that never shows the model a distance it did not train on.
-  """
-  rot = lambda x, p: apply_rope(x, p, inv_freq, attention_factor)
-  near = qk_dot(rot(q, q_pos), rot(k, k_pos))
-  far_q = rot(q, jnp.full_like(q_pos, window))
-  far_k = rot(k, jnp.zeros_like(k_pos))  # applies attention_factor to k as in the near branch
-  far = qk_dot(far_q, far_k)
-  rel = q_pos[:, None, :, None] - k_pos[:, None, None, :]
-  return jnp.where(rel < window, near, far)

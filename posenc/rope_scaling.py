@@ -252,3 +252,21 @@ def rope_frequencies(head_dim, base=10000.0, scaling=None, seq_len=None, max_pos
     raise ValueError(f"base must be > 1, got {base}")
   inv, attention = _COMPUTE[cfg["rope_type"]](cfg, dim, base, seq_len, max_position_embeddings)
   return np.asarray(inv, dtype=np.float32), float(attention)
+
+
+def adjust_frequencies(inv_freq, resonance=False, p_fraction=1.0):
+  """Frequency options applied after any scaling (``extensions/frequency_rounding.py``).
+
+  resonance: Resonance RoPE (Wang et al. 2024, arXiv 2403.00071, eq. 4), every wavelength
+  rounded to an integer: theta_i' = 2 pi / round(2 pi / theta_i).
+  p_fraction: p-RoPE (Barbero et al. 2025, "Round and Round We Go!", sec. 6), the first
+  round(p * r/2) frequencies (the highest) keep rotating, the rest become 0 (identity).
+  """
+  inv = np.asarray(inv_freq, dtype=np.float64)
+  if not 0.0 <= p_fraction <= 1.0:
+    raise ValueError(f"p_fraction must be in [0, 1], got {p_fraction}")
+  if resonance:
+    inv = 2 * math.pi / np.round(2 * math.pi / inv)
+  keep = int(round(p_fraction * inv.shape[-1]))
+  inv = np.where(np.arange(inv.shape[-1]) < keep, inv, 0.0)
+  return inv.astype(np.float32)

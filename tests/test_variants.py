@@ -12,7 +12,8 @@ from evaluation.variants import NotApplicable, Variant, apply_variant, parse_var
 from models import build_model
 from models.attention import logn_query_scale
 from posenc.base import qk_dot
-from posenc.rope import apply_rope, rerope_scores, rope_frequencies
+from extensions import piecewise
+from posenc.rope import apply_rope, rope_frequencies
 
 
 def _qk(s=24, seed=0):
@@ -25,7 +26,8 @@ def test_rerope_equals_rope_within_the_window_and_caps_beyond():
   inv_freq, _ = rope_frequencies(16)
   pos = jnp.arange(24)[None]
   rope = qk_dot(apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq))
-  rerope = rerope_scores(q, k, pos, pos, 8, inv_freq)
+  rot = lambda x, p: apply_rope(x, p, inv_freq)
+  rerope = piecewise.scores('{"name": "rerope", "window": 8}', q, k, pos, pos, rot)
   rel = np.subtract.outer(np.arange(24), np.arange(24))
   near = rel < 8
   np.testing.assert_allclose(np.asarray(rerope)[:, :, near], np.asarray(rope)[:, :, near], atol=1e-5)
@@ -51,7 +53,7 @@ def test_parse_variants_with_params_and_auto():
   assert v[2].param_dict() == {"factor": 8, "beta_fast": 16}
   assert v[2].label == "yarn:factor=8,beta_fast=16"
   assert v[3].param_dict() == {"factor": "auto"}
-  with pytest.raises(ValueError, match="unknown variant 'yarm'; valid choices: none, linear"):
+  with pytest.raises(ValueError, match="unknown variant 'yarm'; valid choices: dual_chunk, dynamic"):
     parse_variants("yarm")
 
 

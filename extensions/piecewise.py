@@ -1,0 +1,93 @@
+"""Piecewise RoPE logits: the one hook extension shared by ReRoPE, Self-Extend, Dual Chunk
+Attention, STRING, LM-Infinite and StreamingLLM.
+
+Each of these methods gives a (query, key) pair the RoPE logit of *other* positions than
+(q_pos, k_pos): a few "parts", each a pair of position maps (query map, key map) applied
+before rotating, and a per-pair choice of part (or "not attended", for masks other than
+causal). So one block of logits is
+
+  S[i, j] = R(f_c(q_i)) q_i . R(g_c(k_j)) k_j   with c = select(q_pos_i, k_pos_j)
+  S[i, j] = NEG_INF                             where select = -1
+
+Maps act on one position at a time and ``select`` on a pair, so a (query block, key block)
+tile needs only its own positions: the methods run blockwise (no L x L matrix) and equal
+the full computation. The RoPE encoding calls ``scores`` when its config has a
+``scores_rule`` (JSON ``{"name": ..., params}``, written by ``PiecewiseRoPE.configure``)
+and then leaves q and k unrotated in ``rotate``.
+"""
+import functools
+import json
+
+import jax.numpy as jnp
+
+from extensions import Extension, get
+from models.fast_attention import NEG_INF
+from posenc.base import qk_dot
+
+
+def same(p):
+  """The identity position map (ordinary RoPE for that side)."""
+  return p
+
+
+def const(value):
+  """A position map sending every position to ``value``."""
+  return lambda p: jnp.full_like(p, value)
+
+
+class PiecewiseRoPE(Extension):
+  """A method given by ``parts`` (position maps) and ``select`` (which part per pair)."""
+
+  def configure(self, config, params, eval_len):
+    rope = config.posenc[config.posenc.name]
+    if rope.get("scores_rule"):
+      raise ValueError(f"variant {self.name!r} cannot be combined with "
+                       f"{json.loads(rope.scores_rule)['name']!r}: both choose the logits")
+    rope.scores_rule = json.dumps({"name": self.name, **params})
+
+  def parts(self, params):
+    """[(query map, key map)]: part c rotates q at f_c(q_pos) and k at g_c(k_pos)."""
+    raise NotImplementedError
+
+  def select(self, params, q_pos, k_pos):
+    """Part index per pair (int array broadcast from q_pos [b,1,sq,1], k_pos [b,1,1,sk]);
+    -1 = not attended."""
+    raise NotImplementedError
+
+
+@functools.lru_cache(maxsize=None)
+def load_rule(rule_json):
+  """(extension, params) of a ``scores_rule`` JSON string."""
+  spec = json.loads(rule_json)
+  ext = get(spec.pop("name"))
+  if not isinstance(ext, PiecewiseRoPE):
+    raise ValueError(f"scores_rule names {ext.name!r}, which is not a piecewise RoPE method")
+  return ext, spec
+
+
+def scores(rule_json, q, k, q_pos, k_pos, rotate):
+  """Logits [b, h, sq, sk] (float32) of one block under the rule; ``rotate(x, pos)`` is
+  the run's RoPE (frequencies, attention factor). q, k [b, s, h, d] unrotated."""
+  ext, params = load_rule(rule_json)
+  part = ext.select(params, q_pos[:, None, :, None], k_pos[:, None, None, :])
+  rotated = {}  # parts sharing a map share its rotation
+
+  def rot(x, side, fn, pos):
+    if (side, fn) not in rotated:
+      rotated[side, fn] = rotate(x, fn(pos))
+    return rotated[side, fn]
+
+  out = jnp.float32(NEG_INF)
+  for c, (qmap, kmap) in enumerate(ext.parts(params)):
+    logits = qk_dot(rot(q, "q", qmap, q_pos), rot(k, "k", kmap, k_pos))
+    out = jnp.where(part == c, logits, out)
+  return out
+
+
+def positive_int(params, key, default, minimum=1):
+  """params[key] (or ``default``) as an int >= minimum; ValueError naming the key."""
+  value = params.get(key, default)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+      or value < minimum:
+    raise ValueError(f"variant parameter {key}={value!r} must be an integer >= {minimum}")
+  return int(value)
