@@ -7,6 +7,7 @@ length, e.g. a learned table) or "skipped: <reason>" (the variant does not apply
 the run's encoding), so figures and summary can be re-rendered from the file alone.
 """
 import glob
+import json
 import os
 import sys
 import time
@@ -84,18 +85,19 @@ def _compute(run, variant, length, opts, stride):
     config = apply_variant(run.config, variant, length)
   except NotApplicable as e:
     return {"status": f"skipped: {e}"}
+  resolved = {"variant_resolved": json.loads(config.variant_resolved)}  # defaults, auto filled
   if opts.mode == "sliding" and not run.task.is_text:
     return {"status": f"skipped: sliding mode needs a text task, {run.config.data.name!r} is not"}
   model = runner.variant_model(run.model, config)
   try:
     model.posenc.check_positions(length - 1)
   except ValueError as e:
-    return {"status": f"unsupported: {e}"}
+    return {"status": f"unsupported: {e}", **resolved}
   fields = runner.evaluate(
       model, run.task, length=length, mode=opts.mode, stride=stride, split=opts.split,
       batch_size=batch_size_for(opts.batch_size, length), max_tokens=opts.max_tokens or None,
       stats_windows=opts.stats_windows)
-  return {"status": "ok", **fields}
+  return {"status": "ok", **resolved, **fields}
 
 
 def _describe(row):
