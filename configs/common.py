@@ -73,5 +73,9 @@ def validate(config):
   if config.model.head_dim == 0 and config.model.d_model % config.model.num_heads:
     raise ValueError(f"model.d_model={config.model.d_model} is not divisible by "
                      f"model.num_heads={config.model.num_heads}; set model.head_dim explicitly")
+  kv = config.model.num_kv_heads
+  if kv < 0 or (kv and config.model.num_heads % kv):
+    raise ValueError(f"model.num_kv_heads={kv} must divide model.num_heads="
+                     f"{config.model.num_heads} (0 = num_heads)")
   if not 0.0 <= config.model.dropout < 1.0:
     raise ValueError(f"model.dropout must be in [0, 1), got {config.model.dropout}")

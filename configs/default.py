@@ -48,10 +48,12 @@ def get_config(arg=None):
   c.model.num_layers = num_layers  # transformer blocks
   c.model.d_model = d_model  # residual width
   c.model.num_heads = num_heads  # attention heads
+  c.model.num_kv_heads = 0  # key/value heads (grouped-query attention); 0 = num_heads
   c.model.head_dim = 0  # per-head width; 0 = d_model // num_heads
   c.model.mlp_dim = 0  # MLP hidden width; 0 = 8/3 d_model (swiglu) or 4 d_model (gelu)
   c.model.mlp = "swiglu"  # swiglu | gelu
   c.model.norm = "rmsnorm"  # rmsnorm | layernorm (pre-norm either way)
+  c.model.norm_eps = 1e-6  # epsilon of the norms (Llama checkpoints: 1e-5 or 1e-6)
   c.model.dropout = 0.0  # dropout on embeddings and residual branches
   c.model.dtype = "float32"  # float32 | bfloat16 (bf16 matmul inputs, f32 accumulation)
   c.model.tie_embeddings = True  # output head shares the token embedding

@@ -72,12 +72,17 @@ def full_attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False):
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention with a fused QKV projection."""
+  """Multi-head self-attention with a fused QKV projection; grouped-query attention
+  (Ainslie et al. 2023, GQA) when ``num_kv_heads`` < ``num_heads``: the projection's
+  columns are [q (h heads) | k (kv heads) | v (kv heads)], and query head j reads
+  key/value head j // (h / kv) (Hugging Face ``repeat_kv``)."""
 
   def __init__(self, cfg, *, rngs):
     self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+    self.num_kv_heads = cfg.num_kv_heads or cfg.num_heads
     inner = cfg.num_heads * cfg.head_dim
-    self.qkv = Dense(cfg.d_model, 3 * inner, dtype=cfg.dtype, rngs=rngs)
+    self.qkv = Dense(cfg.d_model, inner + 2 * self.num_kv_heads * cfg.head_dim, dtype=cfg.dtype,
+                     rngs=rngs)
     self.out = Dense(inner, cfg.d_model, std=0.02 / math.sqrt(2 * cfg.num_layers),
                      dtype=cfg.dtype, rngs=rngs)
     self.dtype = compute_dtype(cfg.dtype)
@@ -86,8 +91,11 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, enc, *, with_stats=False):
     b, s, _ = x.shape
-    q, k, v = jnp.split(self.qkv(x).reshape(b, s, 3 * self.num_heads, self.head_dim), 3, axis=2)
+    h, kv = self.num_heads, self.num_kv_heads
+    q, k, v = jnp.split(self.qkv(x).reshape(b, s, h + 2 * kv, self.head_dim), [h, h + kv], axis=2)
     q, k = enc.rotate(q, k, positions, positions)
+    if kv != h:  # rotate the kv heads first (fewer), then share each among h / kv queries
+      k, v = (jnp.repeat(t, h // kv, axis=2) for t in (k, v))
     q = q * (1.0 / math.sqrt(self.head_dim))
     if self.logn_base_len:
       q = q * logn_query_scale(positions, self.logn_base_len)[:, :, None, None]

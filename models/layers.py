@@ -106,12 +106,12 @@ class RMSNorm(nnx.Module):
     return rms_norm(x.astype(jnp.float32), self.scale[...], self.epsilon)
 
 
-def make_norm(kind, dim, *, rngs):
+def make_norm(kind, dim, *, eps=1e-6, rngs):
   """RMSNorm (Zhang & Sennrich 2019) or LayerNorm (Ba et al. 2016), float32."""
   if kind == "rmsnorm":
-    return RMSNorm(dim, epsilon=1e-6, rngs=rngs)
+    return RMSNorm(dim, epsilon=eps, rngs=rngs)
   if kind == "layernorm":
-    return nnx.LayerNorm(dim, epsilon=1e-6, rngs=rngs)
+    return nnx.LayerNorm(dim, epsilon=eps, rngs=rngs)
   raise ValueError(f"unknown norm {kind!r}; valid choices: rmsnorm, layernorm")
 
 

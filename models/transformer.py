@@ -18,9 +18,9 @@ class Block(nnx.Module):
   """x + Attn(Norm(x)), then x + MLP(Norm(x))."""
 
   def __init__(self, cfg, *, rngs):
-    self.attn_norm = make_norm(cfg.norm, cfg.d_model, rngs=rngs)
+    self.attn_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
-    self.mlp_norm = make_norm(cfg.norm, cfg.d_model, rngs=rngs)
+    self.mlp_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
     self.dropout_rate = cfg.dropout
 
@@ -40,7 +40,8 @@ class DecoderLM(nnx.Module):
         jax.nn.initializers.normal(0.02)(rngs.params(), (model_cfg.vocab_size, model_cfg.d_model)))
     self.posenc = posenc.build(posenc_cfg, model_cfg, rngs=rngs)
     self.blocks = nnx.List([Block(model_cfg, rngs=rngs) for _ in range(model_cfg.num_layers)])
-    self.final_norm = make_norm(model_cfg.norm, model_cfg.d_model, rngs=rngs)
+    self.final_norm = make_norm(model_cfg.norm, model_cfg.d_model, eps=model_cfg.norm_eps,
+                                rngs=rngs)
     self.head = None if model_cfg.tie_embeddings else Dense(
         model_cfg.d_model, model_cfg.vocab_size, dtype=model_cfg.dtype, rngs=rngs)
     self.dtype = model_cfg.dtype
