@@ -9,6 +9,15 @@ Starts from the source run's config (config.json) and its latest parameters;
 ``variant`` is any evaluation variant spec (``linear``, ``yarn:beta_fast=16``,
 ``none`` for plain fine-tuning); ``factor`` defaults to new/old train_len. The
 workdir's init_from.json records the source run and the variant.
+
+DroPE (Sakana AI 2025, "Extending the Context of Pretrained LLMs by Dropping Their
+Positional Embeddings"; its reference code is not in the offline index, so the recipe
+follows the issue's description): ``drope=1`` starts from a RoPE run, removes
+the encoding (posenc ``nope``; no parameter is positional, so all carry over) and
+recalibrates briefly, at the source's length when train_len gives it:
+
+  python train.py --config=configs/finetune.py:init_from=runs/rope,train_len=128,variant=none,drope=1 \
+      --workdir=runs/rope-drope
 """
 import os
 
@@ -16,7 +25,8 @@ from configs.common import parse_args
 from evaluation.variants import apply_variant, parse_variants
 from training.checkpoint import read_config
 
-DEFAULTS = {"init_from": "", "train_len": 512, "variant": "linear", "steps": 200, "lr": 3e-4}
+DEFAULTS = {"init_from": "", "train_len": 512, "variant": "linear", "steps": 200, "lr": 3e-4,
+            "drope": 0}
 
 
 def get_config(arg=None):
@@ -34,6 +44,8 @@ def get_config(arg=None):
     rope.original_len = rope.original_len or source_len  # keep the pre-training length
     rope.eval_len = 0
   config.init_from = os.path.abspath(args["init_from"])
+  if args["drope"]:
+    _drop_positional_encoding(config, variants[0])
   config.init_variant = variants[0].label  # recorded in init_from.json
   config.train_len = args["train_len"]
   config.num_train_steps = args["steps"]
@@ -42,3 +54,12 @@ def get_config(arg=None):
   config.optim.warmup_steps = min(20, args["steps"] // 10)
   config.eval_every = config.checkpoint_every = max(1, args["steps"] // 4)
   return config
+
+
+def _drop_positional_encoding(config, variant):
+  """DroPE: the fine-tuned model is the source without its (RoPE) encoding."""
+  if config.posenc.name != "rope":
+    raise ValueError(f"drope=1 drops a RoPE encoding; the source run uses {config.posenc.name!r}")
+  if variant.name != "none":
+    raise ValueError(f"drope=1 takes variant=none (no RoPE is left to scale), got {variant.label!r}")
+  config.posenc.name = "nope"

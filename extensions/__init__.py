@@ -52,6 +52,7 @@ class Extension:
 
   keys: ClassVar[tuple] = ()  # parameter names this method accepts
   needs_rope: ClassVar[bool] = True  # skipped (NotApplicable) on non-RoPE runs
+  exclusive: ClassVar[str] = ""  # a variant composes at most one method of each such kind
 
   def __init__(self, name):
     self.name = name
@@ -170,6 +171,10 @@ def parse_variants(spec):
 def _split_params(variant):
   """[(extension, its params)] for each part of ``variant``; every key to exactly one part."""
   exts = [get(n) for n in variant.parts]
+  kinds = [e.exclusive for e in exts if e.exclusive]
+  for kind in sorted(set(k for k in kinds if kinds.count(k) > 1)):
+    raise ValueError(f"variant {variant.name!r} composes more than one {kind}; at most one "
+                     f"of them per variant")
   if len(set(variant.parts)) != len(exts):
     raise ValueError(f"variant {variant.name!r} names a method twice")
   out = [(e, {}) for e in exts]

@@ -21,6 +21,7 @@ class RopeScaling(Extension):
   """One Hugging Face rope_type (the variant's name)."""
 
   rope_type = None  # None: the variant's name
+  exclusive = "frequency scaling (rope_type)"
 
   def __init__(self, name):
     super().__init__(name)

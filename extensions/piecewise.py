@@ -38,12 +38,10 @@ def const(value):
 class PiecewiseRoPE(Extension):
   """A method given by ``parts`` (position maps) and ``select`` (which part per pair)."""
 
+  exclusive = "piecewise method (each chooses the logits)"
+
   def configure(self, config, params, eval_len):
-    rope = config.posenc[config.posenc.name]
-    if rope.get("scores_rule"):
-      raise ValueError(f"variant {self.name!r} cannot be combined with "
-                       f"{json.loads(rope.scores_rule)['name']!r}: both choose the logits")
-    rope.scores_rule = json.dumps({"name": self.name, **params})
+    config.posenc[config.posenc.name].scores_rule = json.dumps({"name": self.name, **params})
 
   def parts(self, params):
     """[(query map, key map)]: part c rotates q at f_c(q_pos) and k at g_c(k_pos)."""
@@ -91,3 +89,15 @@ def positive_int(params, key, default, minimum=1):
       or value < minimum:
     raise ValueError(f"variant parameter {key}={value!r} must be an integer >= {minimum}")
   return int(value)
+
+
+def relative_positions(rule_json, q_pos, k_pos):
+  """The relative position f_c(q_i) - g_c(k_j) each pair is scored at ([b, 1, sq, sk]),
+  and whether it is attended: the defining matrix of a method (tests, docs)."""
+  ext, params = load_rule(rule_json)
+  part = ext.select(params, q_pos[:, None, :, None], k_pos[:, None, None, :])
+  rel = jnp.zeros(part.shape, jnp.int32)
+  for c, (qmap, kmap) in enumerate(ext.parts(params)):
+    pair = qmap(q_pos)[:, None, :, None] - kmap(k_pos)[:, None, None, :]
+    rel = jnp.where(part == c, pair, rel)
+  return rel, part >= 0

@@ -13,6 +13,18 @@ encoding, since every encoding reads positions from the batch.
       ``jnp.sort``). The reference draws one subset per batch; here each row draws its
       own (``per_row``). Draws are pure functions of (seed, step): resuming a run
       reproduces them.
+  pose - Zhu et al. 2024, "PoSE: Efficient Context Window Extension of LLMs via
+      Positional Skip-wise Training" (arXiv 2309.10400, sec. 3.2): the train_len window is
+      cut into ``pose_chunks`` chunks whose position ids get monotone random skips, so a
+      short window covers the relative distances of a target length ``max_len``: chunk 0
+      starts at 0, chunk c is shifted by u_c with 0 <= u_1 <= ... <= u_{N-1} <= max_len -
+      train_len, so ids stay increasing and below max_len. As the reference
+      (dwzhu-pku/PoSE ``src/train_pose.py``, ``train_preprocess_function_pose``: two
+      chunks, the first of length U[1, (L+1)//2], the skip U[0, L_t - L]) for 2 chunks;
+      for more, cut points and skips are sorted uniform draws. The reference also takes
+      the second chunk's *text* from further along the document; here the text stays
+      contiguous and only the ids skip. Fine-tune at the short length toward a target:
+      ``--config.positions.kind=pose --config.positions.max_len=2048``.
 
 ``config.positions.eval`` (what ``eval_positions`` gives an evaluation at length L):
   contiguous - 0..L-1 (default): the usual evaluation, comparable across runs.
@@ -24,15 +36,16 @@ The in-training validation of ``train.py`` uses the task's contiguous positions.
 import ml_collections
 import numpy as np
 
-KINDS = ("contiguous", "randomized")
-EVAL_KINDS = ("contiguous", "randomized")
+KINDS = ("contiguous", "randomized", "pose")
+EVAL_KINDS = ("contiguous", "randomized", "pose")
 _TRAIN_TAG, _EVAL_TAG = 0x706F73, 0x65766C  # separate random streams from the data's
 
 
 def default_positions_config():
   return ml_collections.ConfigDict(dict(
-      kind="contiguous",  # how training position ids are drawn: contiguous | randomized
-      max_len=2048,  # randomized: positions drawn from [0, max_len); must be >= train_len
+      kind="contiguous",  # how training position ids are drawn: contiguous | randomized | pose
+      max_len=2048,  # randomized / pose: position ids stay in [0, max_len); must be >= train_len
+      pose_chunks=2,  # pose: chunks per window (the paper's N; 2 as in its experiments)
       per_row=True,  # randomized: a fresh subset per row (False = one per batch, as reference)
       eval="contiguous",  # positions at evaluation: contiguous (0..L-1) | randomized
   ))
@@ -45,15 +58,18 @@ def validate(cfg, train_len):
   if cfg.eval not in EVAL_KINDS:
     raise ValueError(f"unknown positions.eval {cfg.eval!r}; valid choices: "
                      f"{', '.join(EVAL_KINDS)}")
-  if (cfg.kind == "randomized" or cfg.eval == "randomized") and cfg.max_len < train_len:
-    raise ValueError(f"positions.max_len={cfg.max_len} is smaller than train_len={train_len}; "
-                     f"randomized positions draw train_len distinct ids from [0, max_len), "
-                     f"so set positions.max_len >= {train_len}")
+  if cfg.kind != "contiguous" or cfg.eval == "randomized":
+    if cfg.max_len < train_len:
+      raise ValueError(f"positions.max_len={cfg.max_len} is smaller than train_len={train_len}; "
+                       f"{cfg.kind} positions put train_len distinct ids in [0, max_len), "
+                       f"so set positions.max_len >= {train_len}")
+  if cfg.kind == "pose" and not 1 <= cfg.get("pose_chunks", 2) <= train_len:
+    raise ValueError(f"positions.pose_chunks={cfg.pose_chunks} must be in [1, train_len]")
 
 
 def largest_position(cfg, train_len):
   """The largest position id training can produce under cfg."""
-  return cfg.max_len - 1 if cfg.kind == "randomized" else train_len - 1
+  return train_len - 1 if cfg.kind == "contiguous" else cfg.max_len - 1
 
 
 def check_encoding(cfg, train_len, encoding):
@@ -80,11 +96,31 @@ def random_positions(rng, rows, length, max_len, per_row=True):
   return np.broadcast_to(out, (rows, length)).copy()
 
 
+def pose_positions(rng, rows, length, max_len, chunks=2):
+  """PoSE position ids int32 [rows, length]: ``chunks`` chunks of 0..length-1, chunk c
+  shifted by a skip u_c (u_0 = 0, non-decreasing, u_c <= max_len - length)."""
+  if length > max_len:
+    raise ValueError(f"PoSE window {length} exceeds the target length {max_len}; "
+                     f"raise positions.max_len to >= {length}")
+  out = np.empty((rows, length), np.int32)
+  for r in range(rows):
+    if chunks == 2:  # the reference: first chunk U[1, (L+1)//2] long
+      cuts = [int(rng.integers(1, (length + 1) // 2 + 1))]
+    else:
+      cuts = sorted(rng.choice(np.arange(1, length), chunks - 1, replace=False).tolist())
+    skips = np.sort(rng.integers(0, max_len - length + 1, len(cuts)))
+    chunk = np.searchsorted(cuts, np.arange(length), side="right")  # chunk index per token
+    out[r] = np.arange(length) + np.concatenate([[0], skips])[chunk]  # eq.: i + u_c
+  return out
+
+
 def train_positions(cfg, batch_size, length, seed, step):
   """Training position ids [batch_size, length] for ``step`` (pure in (seed, step))."""
   if cfg.kind == "contiguous":
     return np.broadcast_to(np.arange(length, dtype=np.int32), (batch_size, length)).copy()
   rng = np.random.default_rng([int(seed), int(step), _TRAIN_TAG])
+  if cfg.kind == "pose":
+    return pose_positions(rng, batch_size, length, cfg.max_len, cfg.get("pose_chunks", 2))
   return random_positions(rng, batch_size, length, cfg.max_len, cfg.per_row)
 
 
