@@ -19,6 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import input_pipeline
+import pretrained
 from input_pipeline import positions
 from configs.common import resolve
 from models import build_model
@@ -53,7 +54,7 @@ def init_state(config, tx, workdir):
     _, source, source_step = checkpoint.load_run(config.init_from, with_step=True)
     _, params = split_model(source)
     with open(os.path.join(workdir, "init_from.json"), "w") as f:
-      json.dump({"init_from": os.path.abspath(config.init_from),
+      json.dump({"init_from": pretrained.run_id(config.init_from),
                  "variant": config.get("init_variant", "none"),
                  "source_step": int(source_step)}, f, indent=2)
   return graphdef, {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}

@@ -32,6 +32,7 @@ class Accumulator:
   def __init__(self, length):
     self.length = length
     self.nll_sum, self.tokens, self.windows = 0.0, 0.0, 0
+    self.bytes = 0.0  # UTF-8 bytes of the scored targets (bits per byte)
     self.pos_sum, self.pos_count = np.zeros(length), np.zeros(length)
     self.opt_sum = 0.0
     self.ans_correct, self.ans_tokens = 0.0, 0.0
@@ -42,6 +43,8 @@ class Accumulator:
     nll = np.asarray(out["nll"], np.float64) * mask
     self.nll_sum += nll.sum()
     self.tokens += mask.sum()
+    # tokenized text: batches carry each target's byte count; byte-level: one byte each
+    self.bytes += (mask * batch["target_bytes"]).sum() if "target_bytes" in batch else mask.sum()
     self.windows += int((mask.sum(1) > 0).sum())
     self.pos_sum += nll.sum(0)
     self.pos_count += mask.sum(0)
@@ -74,8 +77,9 @@ class Accumulator:
            "ppl": float(np.exp(min(nll, 700.0))),
            "position_buckets": [list(b) for b in buckets],
            "position_nll": _bucketed(self.pos_sum, self.pos_count, buckets)}
-    if is_text:
-      out["bpb"] = nll / math.log(2)
+    if is_text:  # bits per byte = total nats / (ln 2 * bytes): comparable across tokenizers
+      out["bytes"] = int(self.bytes)
+      out["bpb"] = self.nll_sum / (math.log(2) * self.bytes) if self.bytes else float("nan")
       return out
     out["optimal_nll"] = self.opt_sum / self.tokens if self.tokens else float("nan")
     out["excess_nll"] = nll - out["optimal_nll"]

@@ -53,11 +53,15 @@ def make_stats_fn(model):
   return jax.jit(f), state
 
 
+STATS_MAX_BYTES = 1 << 30  # attention statistics only where one layer's probabilities fit
+
+
 def attention_stats(model, batch, num_windows):
   """Per-layer mean attention entropy (nats) and attended distance on the first windows."""
   rows = int(min(num_windows, (np.asarray(batch["loss_mask"]).sum(1) > 0).sum()))
-  if rows == 0:
-    return {}
+  _, length = batch["inputs"].shape
+  if rows == 0 or model.blocks[0].attn.num_heads * length ** 2 * 4 > STATS_MAX_BYTES:
+    return {}  # statistics need the full [h, L, L] probabilities (a 16k SmolLM2 window: 9 GB)
   fn, state = make_stats_fn(model)
   ent, dist = jax.device_get(fn(state, batch["inputs"][:rows], batch["positions"][:rows]))
   return {"attn_entropy": [float(x) for x in ent], "attn_distance": [float(x) for x in dist],
@@ -80,6 +84,8 @@ def evaluate(model, task, *, length, mode="nonoverlapping", stride=0, split="val
       compile_s = time.perf_counter() - t0
       first = batch
     t0 = time.perf_counter()
+    if getattr(task, "token_bytes", None) is not None:  # tokenized text: bits per byte
+      batch = {**batch, "target_bytes": task.token_bytes[batch["targets"]]}
     acc.add(batch, jax.device_get(compiled(*args)))
     run_s += time.perf_counter() - t0
   row = acc.row(task.is_text)

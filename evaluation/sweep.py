@@ -29,9 +29,10 @@ def expand_runs(spec):
   out = []
   for item in filter(None, (s.strip() for s in items)):
     matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
-    matches = [m for m in matches if os.path.exists(checkpoint.config_path(m))]
+    matches = [m for m in matches if checkpoint.is_run(m)]
     if not matches:
-      raise ValueError(f"--runs entry {item!r} matches no run directory (a dir with config.json)")
+      raise ValueError(f"--runs entry {item!r} matches no run directory (a dir with config.json) "
+                       "nor a pretrained checkpoint (pretrained:NAME, a .gguf file, an HF dir)")
     out.extend(m for m in matches if m not in out)
   return out
 
@@ -54,7 +55,7 @@ class _Run:
   def __init__(self, run_dir):
     self.dir, self.config = run_dir, checkpoint.read_config(run_dir)
     self._model = self._task = None
-    self.step = checkpoint.manager(run_dir).latest_step()
+    self.step = checkpoint.latest_step(run_dir)
 
   @property
   def model(self):

@@ -10,6 +10,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.text_dir = ""            # name=text_dir: directory of .txt/.txt.gz files (split rule: text.py)
   c.tfds_name = "pg19"       # name=tfds: TFDS dataset name (prepared as array_record in data_dir)
   c.text_key = "book_text"   # name=tfds: the text feature to read
+  c.tokenizer = ""           # '' = bytes (vocab 256); a checkpoint spec (pretrained:NAME, .gguf
+                             # file, HF dir): its BPE tokenizer (input_pipeline/tokenizer.py)
   c.num_eval_sequences = 64  # synthetic tasks: number of fixed eval sequences per split
 
   c.markov = ml_collections.ConfigDict()

@@ -1,5 +1,6 @@
 """Byte-level text tasks: books (shipped corpus via TFDS), a directory of .txt files, or any
-TFDS dataset by name. Tokenizer: UTF-8 bytes, vocab 256 (token = byte value).
+TFDS dataset by name. Tokenizer: UTF-8 bytes, vocab 256 (token = byte value), or with
+``data.tokenizer`` a pretrained checkpoint's BPE (``input_pipeline.tokenizer``).
 
 text_dir split rule: if the directory has a MANIFEST.tsv with `file` and `split` columns, it
 decides; otherwise a file goes to split by h = int(sha256(relative path)[:8], 16) % 10:
@@ -17,6 +18,7 @@ import numpy as np
 from input_pipeline import base
 from input_pipeline import books_tfds
 from input_pipeline import tfds_source
+from input_pipeline import tokenizer
 
 
 encode, decode = base.encode, base.decode
@@ -86,16 +88,26 @@ class TextTask(base.Task):
   vocab_size = 256
   is_text = True
 
-  def __init__(self, name, seed, docs_fn):
+  def __init__(self, name, seed, docs_fn, tokenizer=None):
     super().__init__(seed)
     self.name = name
     self._docs_fn = docs_fn  # split -> tuple of uint8 arrays (cached by the loader)
     self._flat = None
+    self.tokenizer, self._tokenized = tokenizer, {}
+    if tokenizer is not None:  # BPE tokens: vocab and each token's bytes (bits per byte)
+      self.vocab_size, self.token_bytes = tokenizer.vocab_size, tokenizer.token_bytes
+    else:
+      self.token_bytes = None  # one byte per token
 
   def eval_docs(self, split):
     """All documents of `split` as a list of uint8 token arrays."""
     base.check_split(split)
-    return list(self._docs_fn(split))
+    if self.tokenizer is None:
+      return list(self._docs_fn(split))
+    if split not in self._tokenized:  # BPE over each whole document (UTF-8 checked on read)
+      self._tokenized[split] = [self.tokenizer.encode(bytes(doc).decode("utf-8"))
+                                for doc in self._docs_fn(split)]
+    return list(self._tokenized[split])
 
   def _train_flat(self):
     if self._flat is None:  # concatenated train docs, for one fancy-index gather per batch
@@ -130,7 +142,8 @@ def make_text_task(cfg, seed):
   else:
     data_dir = books_tfds.resolve_data_dir(cfg.get("data_dir") or None)
     fn = functools.partial(tfds_source.tfds_docs, cfg["tfds_name"], cfg["text_key"], data_dir)
-  return TextTask(name, seed, fn)
+  tok = tokenizer.load(cfg["tokenizer"]) if cfg.get("tokenizer") else None
+  return TextTask(name, seed, fn, tok)
 
 
 def _books_split(data_dir, books_dir, split):

@@ -14,6 +14,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
+import pretrained
 from models import build_model
 from training.optim import make_optimizer
 from training.steps import split_model
@@ -28,8 +29,21 @@ def config_path(workdir):
   return os.path.join(workdir, "config.json")
 
 
+def is_run(path):
+  """A lenx run directory (has config.json) or a pretrained checkpoint spec."""
+  return pretrained.is_checkpoint(path) or os.path.exists(config_path(path))
+
+
+def latest_step(workdir):
+  """Latest checkpoint step of a run (0 for a pretrained checkpoint, None if none yet)."""
+  return 0 if pretrained.is_checkpoint(workdir) else manager(workdir).latest_step()
+
+
 def read_config(workdir):
-  """The resolved config saved in a run directory (clear error if absent)."""
+  """The resolved config saved in a run directory, or a pretrained checkpoint's
+  (``pretrained.read_config``); clear error if neither."""
+  if pretrained.is_checkpoint(workdir):
+    return pretrained.read_config(workdir)
   path = config_path(workdir)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{workdir!r} is not a lenx run directory: no config.json there")
@@ -102,7 +116,10 @@ def restore(mngr, abstract_state, step=None):
 
 
 def load_run(workdir, step=None, *, with_step=False):
-  """(config, model[, step]) from a run directory, parameters from its checkpoint."""
+  """(config, model[, step]) from a run directory, parameters from its checkpoint (or from
+  a pretrained checkpoint, step 0)."""
+  if pretrained.is_checkpoint(workdir):
+    return pretrained.load(workdir) + ((0,) if with_step else ())
   config = read_config(workdir)
   mngr = manager(workdir)
   if mngr.latest_step() is None:
