@@ -18,11 +18,20 @@ recalibrates briefly, at the source's length when train_len gives it:
 
   python train.py --config=configs/finetune.py:init_from=runs/rope,train_len=128,variant=none,drope=1 \
       --workdir=runs/rope-drope
+
+``init_from`` may also be a pretrained checkpoint (``pretrained:smollm2-135m``, a .gguf
+file, a Hugging Face directory): the fine-tune then starts from its weights and tokenizer,
+its context length as the original length (tokens per step = that length unless
+--config.batch_size says otherwise):
+
+  python train.py \
+      --config=configs/finetune.py:init_from=pretrained:smollm2-135m,train_len=16384,variant=yarn \
+      --workdir=runs/smollm2-yarn16k --config.num_train_steps=20
 """
-import os
 
 from configs.common import parse_args
 from evaluation.variants import apply_variant, parse_variants
+from pretrained import run_id
 from training.checkpoint import read_config
 
 DEFAULTS = {"init_from": "", "train_len": 512, "variant": "linear", "steps": 200, "lr": 3e-4,
@@ -32,7 +41,7 @@ DEFAULTS = {"init_from": "", "train_len": 512, "variant": "linear", "steps": 200
 def get_config(arg=None):
   args = parse_args(arg.replace(";", ",") if arg else arg, DEFAULTS)
   if not args["init_from"]:
-    raise ValueError("configs/finetune.py needs init_from=<run workdir>")
+    raise ValueError("configs/finetune.py needs init_from=<run workdir or pretrained checkpoint>")
   source = read_config(args["init_from"])
   variants = parse_variants(args["variant"])
   if len(variants) != 1:
@@ -43,7 +52,7 @@ def get_config(arg=None):
   if rope is not None and "original_len" in rope:
     rope.original_len = rope.original_len or source_len  # keep the pre-training length
     rope.eval_len = 0
-  config.init_from = os.path.abspath(args["init_from"])
+  config.init_from = run_id(args["init_from"])  # absolute path, or pretrained:NAME as given
   if args["drope"]:
     _drop_positional_encoding(config, variants[0])
   config.init_variant = variants[0].label  # recorded in init_from.json
