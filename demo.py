@@ -2,12 +2,17 @@
 evaluate them from 64 to 4096 tokens and write results/demo/ (configs/sweep_demo.py).
 
   python demo.py            # ~30 min on a 2-core CPU; reuses finished runs in runs/demo/
-  python demo.py --smoke    # micro version (seconds): 2 runs x 2 lengths x 2 variants
+  python demo.py --full     # every registered family, same recipe (runs/demo_full/)
+  python demo.py --smoke    # micro version (seconds): 2 runs x 2 seeds x 2 lengths x 2 variants
 
+Every run group is trained once per seed (``<runs_dir>/<group>-s<seed>``, config.seed and
+config.name recorded in its config.json and in every results row).
 A run is reused when its latest checkpoint step equals num_train_steps; an interrupted
 run resumes. An encoding or option that is not registered in this checkout is skipped
 with a message, so the demo works for the others.
 """
+import copy
+import functools
 import os
 import sys
 import time
@@ -17,7 +22,7 @@ from absl import app, flags, logging
 
 import posenc
 
-from configs import sweep_demo
+from configs import finetune, sweep_demo
 from configs.common import resolve
 from configs.default import get_config
 from evaluation import sweep
@@ -25,6 +30,7 @@ from training import checkpoint
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("smoke", False, "Micro version: 2 tiny runs, 2 lengths, 2 variants.")
+flags.DEFINE_bool("full", False, "Full study: every registered family (runs/demo_full).")
 flags.DEFINE_string("only", "", "Comma list of demo run names to use (default: all).")
 flags.DEFINE_string("runs_dir", "", "Override train.runs_dir.")
 flags.DEFINE_string("out", "", "Override the output directory.")
@@ -44,7 +50,11 @@ def _set(config, dotted, text):
   node[leaf] = text.lower() in ("1", "true") if isinstance(old, bool) else type(old)(text)
 
 
-def run_config(demo, spec):
+def seeds_of(demo):
+  return [int(x) for x in str(demo.train.seeds).split(",") if x.strip()]
+
+
+def run_config(demo, spec, seed=0, name=""):
   """The training config of one demo run (ValueError if this checkout cannot build it)."""
   t = demo.train
   config = get_config(f"{spec.args},train_len={t.train_len}")
@@ -52,12 +62,21 @@ def run_config(demo, spec):
       t.num_layers, t.d_model, t.num_heads)
   config.batch_size, config.num_train_steps = t.batch_size, t.num_train_steps
   config.optim.warmup_steps, config.eval_tokens = t.warmup_steps, t.eval_tokens
+  config.optim.learning_rate = t.learning_rate
   config.eval_every = config.checkpoint_every = t.num_train_steps
   config.log_every = max(1, min(20, t.num_train_steps))
+  config.seed, config.name = seed, name
   for item in filter(None, spec.overrides.split(";")):
     key, _, value = item.partition("=")
     _set(config, key.strip(), value.strip())
   resolve(config)  # validates: unknown encodings / position kinds raise here
+  return config
+
+
+def finetune_config(spec, source_dir, name):
+  """configs/finetune.py on the trained source run (same seed); recorded under ``name``."""
+  config = finetune.get_config(f"init_from={source_dir},{spec.args}")
+  config.name = name
   return config
 
 
@@ -67,55 +86,89 @@ def done_steps(workdir):
   return checkpoint.manager(workdir).latest_step() or 0
 
 
+class Job:
+  """One training run of the plan: a (group, seed) pair, or the fine-tune of one."""
+
+  def __init__(self, name, seed, workdir, steps, tokens_per_step, make_config, source=None):
+    self.name, self.seed, self.workdir, self.steps = name, seed, workdir, steps
+    self.tokens_per_step, self.make_config, self.source = tokens_per_step, make_config, source
+
+  def left(self):
+    return max(0, self.steps - done_steps(self.workdir))
+
+
 def plan(demo, only=()):
-  """[(name, workdir, config or None, note)] and prints the timing plan."""
-  t, out = demo.train, []
-  for name, spec in demo.train.runs.items():
-    if only and name not in only:
+  """(jobs, notes) in training order, and prints the timing plan."""
+  t, jobs, notes = demo.train, [], []
+  wanted = lambda name: not only or name in only
+  for name, spec in t.runs.items():
+    if not wanted(name):
       continue
-    workdir = os.path.join(t.runs_dir, name)
     try:
-      config = run_config(demo, spec)
+      run_config(demo, spec)
     except ValueError as e:
-      out.append((name, workdir, None, f"skipped: {e}"))
+      notes.append(f"  {name:18s} skipped: {e}")
       continue
-    left = t.num_train_steps - done_steps(workdir)
-    secs = left * t.batch_size * t.train_len / t.tokens_per_s
-    out.append((name, workdir, config, "finished, reused" if left <= 0 else
-                f"train {left} steps, ~{secs:.0f} s"))
-  todo = [o for o in out if o[2] is not None]
-  train_s = sum(max(0, t.num_train_steps - done_steps(w)) for _, w, _, _ in todo) * (
-      t.batch_size * t.train_len / t.tokens_per_s)
+    for seed in seeds_of(demo):
+      jobs.append(Job(name, seed, os.path.join(t.runs_dir, f"{name}-s{seed}"), t.num_train_steps,
+                      t.batch_size * t.train_len,
+                      functools.partial(run_config, demo, spec, seed, name)))
+  by_key = {(j.name, j.seed): j for j in jobs}
+  for name, spec in t.get("finetunes", {}).items():
+    args = dict(kv.split("=", 1) for kv in spec.args.split(","))
+    for seed in seeds_of(demo):
+      src = by_key.get((spec.source, seed))
+      if src is None or not wanted(name):
+        continue
+      jobs.append(Job(name, seed, os.path.join(t.runs_dir, f"{name}-s{seed}"), int(args["steps"]),
+                      t.batch_size * t.train_len,  # finetune.py keeps the tokens per step
+                      functools.partial(finetune_config, spec, src.workdir, name), src))
+  _print_plan(demo, jobs, notes)
+  return jobs
+
+
+def _print_plan(demo, jobs, notes):
+  t = demo.train
+  secs = lambda j: j.left() * j.tokens_per_step / t.tokens_per_s
+  print(f"demo plan ({len(jobs)} runs: {len(t.runs)} groups x seeds {t.seeds} + fine-tunes; "
+        f"{t.num_layers} layers, d_model {t.d_model}, {t.num_train_steps} steps x "
+        f"{t.batch_size} x {t.train_len} tokens, lr {t.learning_rate}):")
+  for j in jobs:
+    left = j.left()
+    print(f"  {os.path.basename(j.workdir):22s} "
+          + ("finished, reused" if not left else f"train {left} steps, ~{secs(j):.0f} s"))
+  print("\n".join(notes))
   n_variants = len(demo.variants.split(","))
-  rows = sum(n_variants if posenc.get(c.posenc.name).uses_rope else 1 for _, _, c, _ in todo) * len(
-      demo.lengths.split(","))
-  print(f"demo plan ({len(todo)} runs, {t.num_layers} layers, d_model {t.d_model}, "
-        f"{t.num_train_steps} steps x {t.batch_size} x {t.train_len} tokens):")
-  for name, _, _, note in out:
-    print(f"  {name:18s} {note}")
-  print(f"  estimate: training ~{train_s / 60:.1f} min (at {t.tokens_per_s:,.0f} tokens/s), "
-        f"evaluation ~{rows * EVAL_S_PER_ROW / 60:.1f} min ({rows} rows)", flush=True)
-  return out
+  groups = {(j.name, j.source is None) for j in jobs}
+  rope = {name for name, spec in t.runs.items() if "posenc=rope" in spec.args}
+  rows = len(seeds_of(demo)) * len(demo.lengths.split(",")) * sum(
+      n_variants if (name in rope and primary) else 1 for name, primary in groups)
+  print(f"  estimate: training ~{sum(map(secs, jobs)) / 60:.1f} min (at {t.tokens_per_s:,.0f} "
+        f"tokens/s), evaluation ~{rows * EVAL_S_PER_ROW / 60:.1f} min ({rows} rows)", flush=True)
 
 
 def run_demo(demo, only=()):
   """Trains what is missing, evaluates; returns the sweep rows."""
   import train  # imported here: its absl flags are defined at import
   t0 = time.perf_counter()
-  ready = []
-  for name, workdir, config, _ in plan(demo, only):
-    if config is None:
-      continue
-    if done_steps(workdir) < config.num_train_steps:
-      t1 = time.perf_counter()
-      train.train_and_evaluate(config, workdir)
-      print(f"{name}: trained in {time.perf_counter() - t1:.0f} s", flush=True)
-    ready.append(workdir)
-  if not ready:
+  jobs = plan(demo, only)
+  if not jobs:
     raise ValueError("no demo run could be built in this checkout")
+  for job in jobs:
+    if job.left():
+      t1 = time.perf_counter()
+      train.train_and_evaluate(job.make_config(), job.workdir)
+      print(f"{os.path.basename(job.workdir)}: trained in {time.perf_counter() - t1:.0f} s",
+            flush=True)
   t_train = time.perf_counter() - t0
-  demo.runs = ",".join(ready)
+  # Extension variants apply to the pre-trained runs; a fine-tune is evaluated as trained.
+  demo.runs = ",".join(j.workdir for j in jobs if j.source is None)
   rows = sweep.run_sweep(demo)
+  tuned = [j.workdir for j in jobs if j.source is not None]
+  if tuned:
+    ft = copy.deepcopy(demo)
+    ft.runs, ft.variants = ",".join(tuned), "none"
+    rows = sweep.run_sweep(ft)
   total = time.perf_counter() - t0
   print(f"demo wall time {total / 60:.1f} min (training {t_train / 60:.1f}, "
         f"evaluation {(total - t_train) / 60:.1f}); results in {demo.out}/")
@@ -126,7 +179,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/lenx/jax"))
-  demo = sweep_demo.get_config("smoke" if FLAGS.smoke else None)
+  demo = sweep_demo.get_config("smoke" if FLAGS.smoke else "full" if FLAGS.full else None)
   if FLAGS.runs_dir:
     demo.train.runs_dir = FLAGS.runs_dir
   if FLAGS.out:

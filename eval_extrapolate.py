@@ -36,21 +36,26 @@ flags.DEFINE_enum("mode", None, ["nonoverlapping", "sliding"], "Window mode.")
 flags.DEFINE_integer("stride", None, "Sliding-window stride S (0 = length // 2).")
 flags.DEFINE_enum("split", None, ["validation", "test"], "Evaluation split.")
 flags.DEFINE_integer("max_tokens", None, "Scored tokens per length at most (0 = all).")
+flags.DEFINE_enum("sample", None, ["spread", "first"], "Which text max_tokens scores (text "
+                  "runs): spread = max_tokens // max(lengths) segments spread over the split, "
+                  "the same targets at every length, each segment a unit of the standard "
+                  "error; first = the split's first max_tokens tokens, windows as units.")
 flags.DEFINE_integer("batch_size", None, f"Windows per batch (0 = {sweep.DEFAULT_BATCH_TOKENS} "
                      "tokens / length, 1..64).")
 flags.DEFINE_integer("stats_windows", None, "Windows for attention statistics (0 = off).")
 flags.DEFINE_string("out", None, "Output directory.")
 flags.DEFINE_bool("replot", False, "Only re-render summary.md and figures from results.jsonl.")
 
-OPTIONS = ("runs", "lengths", "variants", "mode", "stride", "split", "max_tokens", "batch_size",
-           "stats_windows", "out")
+OPTIONS = ("runs", "lengths", "variants", "mode", "stride", "split", "max_tokens", "sample",
+           "batch_size", "stats_windows", "out")
 
 
 def default_options():
   """The sweep options and their defaults (a --config file overrides any of them)."""
   return ml_collections.ConfigDict(dict(
       runs="", lengths="128,256,512,1024,2048,4096", variants="none", mode="nonoverlapping",
-      stride=0, split="validation", max_tokens=131072, batch_size=0, stats_windows=1, out=""))
+      stride=0, split="validation", max_tokens=131072, sample="spread", batch_size=0,
+      stats_windows=1, out=""))
 
 
 def options_from_flags():

@@ -27,6 +27,7 @@ def get_config(arg=None):
 
   c = ml_collections.ConfigDict()
   c.seed = 0  # seeds parameters, data order and dropout
+  c.name = ""  # run group: runs differing only in seed share it; results average over it
   c.train_len = args["train_len"]  # tokens per training window (the length we extrapolate from)
   c.batch_size = 32  # windows per step
   c.num_train_steps = 2000  # optimizer steps

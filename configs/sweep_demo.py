@@ -1,36 +1,53 @@
-"""The demo sweep: small byte-level models on the shipped books at train_len 128, one per
-encoding family, evaluated from 64 to 4096 tokens (32x) with the RoPE variants.
+"""The demo study: small byte-level models on the shipped books at train_len 128, one run
+group per encoding family, each trained with several seeds under ONE shared recipe, then
+evaluated from 64 to 4096 tokens (32x) with the RoPE extension variants and a Position
+Interpolation fine-tune.
 
-  python demo.py                                              # train (or reuse) + evaluate
+  python demo.py                                   # quick study (~30 min, 2-core CPU)
+  python demo.py --full                            # every registered family (hours on CPU)
   python eval_extrapolate.py --config=configs/sweep_demo.py   # evaluate existing runs only
-  python eval_extrapolate.py --config=configs/sweep_demo.py:smoke --out=/tmp/x
 
-Argument "smoke": the micro version the end-to-end test runs (2 runs x 2 lengths x 2
-variants, 3 training steps, tiny model; one run is synthetic so every figure is drawn).
+Arguments: none = the quick demo; "full" = every family; "smoke" = the micro version the
+tests run (2 runs x 2 seeds x 2 lengths x 2 variants + a fine-tune, 3 training steps).
 
 Top-level fields are the eval_extrapolate options; ``train`` is read by demo.py only:
-``train.runs`` maps a run name (its directory under ``train.runs_dir``) to the config
-argument string of configs/default.py plus ``overrides`` ("a.b=v;c=w", applied with the
-type of the default).
+``train.runs`` maps a run group (its seeds live in ``<runs_dir>/<group>-s<seed>``) to the
+config argument string of configs/default.py plus ``overrides`` ("a.b=v;c=w", applied
+with the type of the default). ``train.finetunes`` maps a group to (source group,
+configs/finetune.py arguments): one fine-tune per seed of the source.
+
+The recipe (results/demo/README.md has the measurements behind each value): every family
+shares model size, data, steps, batch, learning-rate schedule and initialisation; the only
+per-family settings are those of the family's own paper (none in the quick demo).
 """
 import ml_collections
 
-# Encoding families of the demo; a name not registered yet is skipped by demo.py.
-DEMO_RUNS = {
+import posenc
+
+QUICK_RUNS = {
     "nope": ("posenc=nope", ""),
     "sinusoidal": ("posenc=sinusoidal", ""),
     "learned": ("posenc=learned", ""),
     "rope": ("posenc=rope", ""),
     "alibi": ("posenc=alibi", ""),
     "t5_bias": ("posenc=t5_bias", ""),
-    "kerple_log": ("posenc=kerple_log", ""),
-    "fire": ("posenc=fire", ""),
+}
+EXTRA_FULL_RUNS = {  # the full study adds every other registered family
     "rope_randomized": ("posenc=rope", "positions.kind=randomized;positions.max_len=4096"),
 }
+FINETUNES = {"rope-pi512": ("rope", "train_len=512,variant=linear")}
 SMOKE_RUNS = {
     "rope": ("posenc=rope", ""),
     "alibi_passkey": ("posenc=alibi,data=passkey", "data.num_eval_sequences=8"),
 }
+
+
+def full_runs():
+  """Every registered encoding (one group each) plus the extra runs."""
+  runs = {name: (f"posenc={name}", "") for name in posenc.names()}
+  runs.update(QUICK_RUNS)
+  runs.update(EXTRA_FULL_RUNS)
+  return runs
 
 
 def _runs(spec):
@@ -38,30 +55,43 @@ def _runs(spec):
       {name: dict(args=args, overrides=overrides) for name, (args, overrides) in spec.items()})
 
 
+def _finetunes(spec, steps):
+  return ml_collections.ConfigDict(
+      {name: dict(source=src, args=f"{args},steps={steps}") for name, (src, args) in spec.items()})
+
+
 def get_config(arg=None):
-  smoke = arg == "smoke"
-  if arg not in (None, "", "smoke"):
-    raise ValueError(f"unknown sweep_demo argument {arg!r}; valid choices: smoke")
+  kind = arg or "quick"
+  if kind not in ("quick", "full", "smoke"):
+    raise ValueError(f"unknown sweep_demo argument {arg!r}; valid choices: full, smoke")
+  smoke = kind == "smoke"
+  root = {"quick": "demo", "full": "demo_full", "smoke": "/tmp/lenx_demo_smoke"}[kind]
   c = ml_collections.ConfigDict()
-  c.runs = "/tmp/lenx_demo_smoke/runs/*" if smoke else "runs/demo/*"
+  c.runs = f"{root}/runs/*" if smoke else f"runs/{root}/*"
   c.lengths = "16,32" if smoke else "64,128,256,512,1024,2048,4096"
   c.variants = "none,linear" if smoke else "none,linear,ntk,dynamic,yarn,llama3"
   c.mode = "nonoverlapping"
   c.stride = 0
   c.split = "test"
-  c.max_tokens = 1024 if smoke else 16384  # scored tokens per length (whole windows)
+  c.max_tokens = 1024 if smoke else 131072  # scored tokens per length
+  c.sample = "spread"  # max_tokens // 4096 segments spread over the test books, same at every length
   c.batch_size = 0  # 0: 32768 tokens per batch
   c.stats_windows = 1  # windows for the attention entropy / distance diagnostics
-  c.out = "/tmp/lenx_demo_smoke/results" if smoke else "results/demo"
+  c.out = f"{root}/results" if smoke else f"results/{root}"
 
   c.train = ml_collections.ConfigDict()
-  c.train.runs_dir = "/tmp/lenx_demo_smoke/runs" if smoke else "runs/demo"
-  c.train.runs = _runs(SMOKE_RUNS if smoke else DEMO_RUNS)
-  c.train.train_len = 16 if smoke else 128
-  c.train.num_layers, c.train.d_model, c.train.num_heads = (1, 32, 2) if smoke else (2, 128, 4)
-  c.train.batch_size = 4 if smoke else 32
-  c.train.num_train_steps = 3 if smoke else 350
-  c.train.warmup_steps = 1 if smoke else 50
-  c.train.eval_tokens = 256 if smoke else 16384  # validation at the end of training only
-  c.train.tokens_per_s = 14000.0  # measured training throughput of the demo model (2-core CPU)
+  t = c.train
+  t.runs_dir = f"{root}/runs" if smoke else f"runs/{root}"
+  t.runs = _runs(SMOKE_RUNS if smoke else (full_runs() if kind == "full" else QUICK_RUNS))
+  t.seeds = "0,1" if smoke else "0,1,2"  # every run group is trained once per seed
+  t.train_len = 16 if smoke else 128
+  t.num_layers, t.d_model, t.num_heads = (1, 32, 2) if smoke else (2, 128, 4)
+  t.batch_size = 4 if smoke else 32
+  t.num_train_steps = 3 if smoke else 350
+  t.warmup_steps = 1 if smoke else 50
+  t.learning_rate = 3e-3
+  t.eval_tokens = 256 if smoke else 16384  # validation at the end of training only
+  t.finetunes = _finetunes({"rope-pi32": ("rope", "train_len=32,variant=linear")} if smoke
+                           else FINETUNES, 2 if smoke else 200)
+  t.tokens_per_s = 14000.0  # measured training throughput of the demo model (2-core CPU)
   return c

@@ -3,7 +3,16 @@
 Every token is weighted equally: sums over scored tokens are divided once, at the
 end, by the number of scored tokens (never a mean of per-window means, which
 over-weights short windows at document ends).
+
+The standard error of that mean treats *clusters* of tokens as the independent units
+(tokens of one window, or of one evaluation segment, are correlated: same passage, same
+topic), via the ratio estimator's cluster-robust variance (Cochran 1977, sec. 6.4):
+
+  SE(nll) = sqrt(K / (K - 1) * sum_c (S_c - nll * N_c)^2) / sum_c N_c
+
+with S_c the summed NLL and N_c the scored tokens of cluster c, K clusters.
 """
+import collections
 import math
 
 import numpy as np
@@ -26,11 +35,29 @@ def _bucketed(sums, counts, buckets):
   return out
 
 
+CLUSTER_UNITS = ("window", "segment")  # segment: the batch's doc_id (spread_segments)
+Z95 = 1.959964  # two-sided 95 % normal quantile
+
+
+def cluster_se(sums, counts):
+  """Standard error of sum(sums) / sum(counts) with clusters as units (module docstring)."""
+  sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
+  k = len(sums)
+  if k < 2 or counts.sum() == 0:
+    return float("nan")
+  mean = sums.sum() / counts.sum()
+  return float(np.sqrt(k / (k - 1) * np.sum((sums - mean * counts) ** 2)) / counts.sum())
+
+
 class Accumulator:
   """Sums over batches of {nll [B,L], correct [B,L] (synthetic)} and the batch dicts."""
 
-  def __init__(self, length):
-    self.length = length
+  def __init__(self, length, cluster="window"):
+    if cluster not in CLUSTER_UNITS:
+      raise ValueError(f"unknown cluster unit {cluster!r}; valid choices: {', '.join(CLUSTER_UNITS)}")
+    self.length, self.cluster = length, cluster
+    self.clusters = collections.defaultdict(lambda: [0.0, 0.0])  # id -> [nll sum, tokens]
+    self.rows_seen = 0
     self.nll_sum, self.tokens, self.windows = 0.0, 0.0, 0
     self.bytes = 0.0  # UTF-8 bytes of the scored targets (bits per byte)
     self.pos_sum, self.pos_count = np.zeros(length), np.zeros(length)
@@ -46,12 +73,31 @@ class Accumulator:
     # tokenized text: batches carry each target's byte count; byte-level: one byte each
     self.bytes += (mask * batch["target_bytes"]).sum() if "target_bytes" in batch else mask.sum()
     self.windows += int((mask.sum(1) > 0).sum())
+    self._add_clusters(batch, nll.sum(1), mask.sum(1))
     self.pos_sum += nll.sum(0)
     self.pos_count += mask.sum(0)
     if "optimal_nll" in batch:
       self.opt_sum += (np.asarray(batch["optimal_nll"], np.float64) * mask).sum()
     if "answer_mask" in batch and "correct" in out:
       self._add_answers(batch, np.asarray(out["correct"], np.float64))
+
+  def _add_clusters(self, batch, row_nll, row_tokens):
+    ids = (np.asarray(batch["doc_id"]) if self.cluster == "segment"
+           else self.rows_seen + np.arange(len(row_nll)))
+    self.rows_seen += len(row_nll)
+    for c, s, n in zip(ids, row_nll, row_tokens):
+      if n > 0:
+        cell = self.clusters[int(c)]
+        cell[0] += s
+        cell[1] += n
+
+  def uncertainty(self, nll):
+    """nll_se, its unit and cluster count, and the 95 % perplexity interval it implies."""
+    sums, counts = zip(*self.clusters.values()) if self.clusters else ((), ())
+    se = cluster_se(sums, counts)
+    return {"nll_se": se, "se_unit": self.cluster, "se_clusters": len(self.clusters),
+            "ppl_ci95": [float(np.exp(min(nll - Z95 * se, 700.0))),
+                         float(np.exp(min(nll + Z95 * se, 700.0)))]}
 
   def _add_answers(self, batch, correct):
     answer = np.asarray(batch["answer_mask"], np.float64)
@@ -76,7 +122,8 @@ class Accumulator:
     out = {"tokens": int(self.tokens), "windows": self.windows, "nll": nll,
            "ppl": float(np.exp(min(nll, 700.0))),
            "position_buckets": [list(b) for b in buckets],
-           "position_nll": _bucketed(self.pos_sum, self.pos_count, buckets)}
+           "position_nll": _bucketed(self.pos_sum, self.pos_count, buckets),
+           **self.uncertainty(nll)}
     if is_text:  # bits per byte = total nats / (ln 2 * bytes): comparable across tokenizers
       out["bytes"] = int(self.bytes)
       out["bpb"] = self.nll_sum / (math.log(2) * self.bytes) if self.bytes else float("nan")

@@ -1,9 +1,11 @@
 """Figures of a sweep, drawn from results rows only (matplotlib, Agg backend).
 
-Lines: colour = run, line style = variant, so a run's variants read as a family.
-Perplexity axes are log-scaled and clipped at CLIP x the median value at the
-training length: a blown-up line leaves the top of the plot (clipped points are
-drawn as triangles on the edge) instead of flattening every other line.
+One line per run group (its seeds averaged; ``evaluation.aggregate``). The perplexity
+figure is small multiples: encoding families in one panel, each RoPE run's variants in
+another, every line its own colour-blind-safe colour, a band of +-1 sd over seeds, plain
+tick labels. Perplexity axes are log-scaled and clipped at CLIP x the median value at the
+training length: a blown-up line leaves the top of the plot (clipped points are drawn as
+triangles on the edge) instead of flattening every other line.
 """
 import collections
 import os
@@ -14,80 +16,137 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from evaluation.results import at_train_len, line_label, ok_rows  # noqa: E402
+import matplotlib.ticker as mticker  # noqa: E402
+
+from evaluation import aggregate  # noqa: E402
+from evaluation.results import ok_rows  # noqa: E402
 
 CLIP = 10.0
 STYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)))
+# Colour-blind-safe: Okabe & Ito (2008) without its yellow, then Paul Tol's "muted" set.
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000",
+           "#332288", "#117733", "#882255", "#999933", "#44AA99", "#AA4499", "#DDCC77")
+NICE = (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 10)  # mantissas for plain log-axis ticks
 
 
 def _lines(rows):
-  """{label: {length: row}}; the setting (mode, split, max_tokens) is named if several."""
-  settings = {(r["mode"], r["split"], r["max_tokens"]) for r in ok_rows(rows)}
+  """{label: {length: seed-mean row}} for the diagnostic figures (one line per run group)."""
   out = collections.OrderedDict()
-  for r in ok_rows(rows):
-    label = line_label(r)
-    if len(settings) > 1:
-      label += f" [{r['mode']}, {r['split']}, {r['max_tokens']}]"
-    out.setdefault(label, {})[r["length"]] = r
+  for label, by_len in aggregate.lines(rows).items():
+    means = {n: aggregate.mean_row(rs) for n, rs in by_len.items()}
+    means = {n: r for n, r in means.items() if r is not None}
+    if means:
+      out[label] = means
   return out
 
 
 def _style(lines):
-  runs = list(dict.fromkeys(next(iter(v.values()))["run"] for v in lines.values()))
-  variants = list(dict.fromkeys(next(iter(v.values()))["variant"] for v in lines.values()))
-  cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
-  out = {}
-  for label, by_len in lines.items():
-    r = next(iter(by_len.values()))
-    out[label] = dict(color=cmap(runs.index(r["run"]) % cmap.N),
-                      linestyle=STYLES[variants.index(r["variant"]) % len(STYLES)])
-  return out
+  """Colour per run group (variants of one group share it), dash per variant."""
+  groups = list(dict.fromkeys(_group(v) for v in lines.values()))
+  variants = list(dict.fromkeys(_first(v)["variant"] for v in lines.values()))
+  return {label: dict(color=PALETTE[groups.index(_group(by_len)) % len(PALETTE)],
+                      linestyle=STYLES[variants.index(_first(by_len)["variant"]) % len(STYLES)])
+          for label, by_len in lines.items()}
+
+
+def _first(by_len):
+  v = next(iter(by_len.values()))
+  return v[0] if isinstance(v, list) else v
+
+
+def _group(by_len):
+  r = _first(by_len)
+  return r.get("group") or r["run"]
 
 
 def _log2_axis(ax, lengths, train_lens):
   ax.set_xscale("log", base=2)
   ax.set_xticks(lengths, [str(n) for n in lengths])
+  ax.minorticks_off()
   for t in sorted(train_lens):
     ax.axvline(t, color="gray", linestyle="--", linewidth=1)
   ax.set_xlabel("evaluation length (tokens); dashed: training length")
 
 
-def _clipped(ax, xs, ys, top, **style):
-  ys = np.asarray(ys, float)
-  ax.plot(xs, np.minimum(ys, top), marker="o", markersize=3, **style)
-  over = ys > top
+def _plain_log_y(ax, lo, hi):
+  """Log y axis labelled 5, 10, 20 ... (no '4 x 10^1'): nice ticks inside [lo, hi]."""
+  ax.set_yscale("log")
+  ax.set_ylim(lo, hi)
+  ticks = [m * 10.0 ** e for e in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+           for m in NICE if lo <= m * 10.0 ** e <= hi]
+  while len(ticks) > 9:
+    ticks = ticks[::2]
+  ax.yaxis.set_major_locator(mticker.FixedLocator(ticks))
+  ax.yaxis.set_major_formatter(mticker.FixedFormatter([f"{t:g}" for t in ticks]))
+  ax.yaxis.set_minor_locator(mticker.NullLocator())
+
+
+def _band_line(ax, xs, cells, top, label, style):
+  """Seed mean (clipped at ``top``; clipped points drawn as triangles) and its +-1 sd band."""
+  mean = np.array([c.mean for c in cells])
+  sd = np.array([c.sd for c in cells])
+  seeds = max(c.seeds for c in cells)
+  tag = f" ({seeds} seeds)" if seeds > 1 else ""
+  ax.plot(xs, np.minimum(mean, top), marker="o", markersize=3, label=label + tag, **style)
+  if seeds > 1:
+    ax.fill_between(xs, np.minimum(mean - sd, top), np.minimum(mean + sd, top),
+                    color=style["color"], alpha=0.18, linewidth=0)
+  over = mean > top
   if over.any():
     ax.plot(np.asarray(xs)[over], np.full(over.sum(), top), "^", color=style["color"])
+  return list(mean - sd) + list(mean + sd)
 
 
 def _ppl_panel(ax, lines, styles, relative):
-  values, refs = [], []
-  for by_len in lines.values():
-    r0 = next(iter(by_len.values()))
-    ref = at_train_len(by_len, r0["train_len"])
-    refs.append(ref["ppl"] if ref else min(r["ppl"] for r in by_len.values()))
-  top = CLIP if relative else CLIP * float(np.median(refs))
-  for (label, by_len), ref in zip(lines.items(), refs):
-    xs = sorted(by_len)
-    ys = [by_len[n]["ppl"] / (ref if relative else 1.0) for n in xs]
-    values += ys
-    _clipped(ax, xs, ys, top, label=label, **styles[label])
-  ax.set_yscale("log")
-  ax.set_ylim(0.9 * min(values), min(max(values) * 1.1, top * 1.1))
-  ax.set_ylabel("ppl / ppl at train_len" if relative else "perplexity")
-  ax.set_title(("relative to each line's own value at train_len" if relative
-                else "perplexity") + f" (clipped at {top:.3g})")
+  """Mean perplexity (or ratio to each seed's own train_len value) with seed bands."""
+  series = []
+  for label, by_len in lines.items():
+    refs = aggregate.train_len_refs(by_len) if relative else None
+    pts = [(n, aggregate.cell(by_len[n], refs)) for n in sorted(by_len)]
+    pts = [(n, c) for n, c in pts if c is not None]
+    if pts:
+      series.append((label, pts))
+  ref_vals = [min(c.mean for _, c in pts) for _, pts in series]
+  top = CLIP if relative else CLIP * float(np.median(ref_vals))
+  values = []
+  for label, pts in series:
+    values += _band_line(ax, [n for n, _ in pts], [c for _, c in pts], top, label, styles[label])
+  values = [v for v in values if np.isfinite(v) and v > 0]
+  _plain_log_y(ax, 0.95 * min(values), min(max(values) * 1.05, top * 1.1))
+  ax.set_ylabel("ppl / same seed's ppl at train_len" if relative else "perplexity (bytes)")
+
+
+def _panels(rows):
+  """[(title, rows)]: the encoding families (no variant), then each group with variants."""
+  done = ok_rows(rows)
+  with_variants = list(dict.fromkeys(r.get("group") or r["run"] for r in done
+                                     if r["variant"] != "none"))
+  panels = [("encoding families", [r for r in done if r["variant"] == "none"])]
+  for g in with_variants:
+    panels.append((f"{g}: extension variants (zero-shot)",
+                   [r for r in done if (r.get("group") or r["run"]) == g]))
+  return [(t, rs) for t, rs in panels if rs]
 
 
 def ppl_figure(rows, path):
-  lines = _lines(rows)
-  styles = _style(lines)
+  """Small multiples: columns = panels (families; each run group's variants), rows =
+  absolute and relative perplexity; colour-blind-safe colours, bands = +-1 sd over seeds."""
+  panels = _panels(rows)
   lengths = sorted({r["length"] for r in ok_rows(rows)})
-  fig, axes = plt.subplots(1, 2, figsize=(15, 6))
-  for ax, relative in zip(axes, (False, True)):
-    _ppl_panel(ax, lines, styles, relative)
-    _log2_axis(ax, lengths, {r["train_len"] for r in ok_rows(rows)})
-  axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  train_lens = {r["train_len"] for r in ok_rows(rows)}
+  fig, axes = plt.subplots(2, len(panels), figsize=(7.2 * len(panels), 9.5), squeeze=False)
+  for col, (title, panel_rows) in enumerate(panels):
+    lines = aggregate.lines(panel_rows)
+    styles = {label: dict(color=PALETTE[i % len(PALETTE)], linestyle="-")
+              for i, label in enumerate(lines)}
+    for row_i, relative in enumerate((False, True)):
+      ax = axes[row_i][col]
+      _ppl_panel(ax, lines, styles, relative)
+      _log2_axis(ax, lengths, train_lens)
+      ax.set_title(title + (": relative to train_len" if relative else ""))
+      ax.grid(True, which="major", alpha=0.3)
+    axes[0][col].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                        title="line: seed mean\nband: +-1 sd over seeds", title_fontsize=8)
   _save(fig, path)
 
 

@@ -2,42 +2,63 @@
 import collections
 import os
 
-from evaluation import plots
-from evaluation.results import at_train_len, line_label, ok_rows, write_atomic
+import numpy as np
+
+from evaluation import aggregate, plots
+from evaluation.results import line_label, ok_rows, write_atomic
+
+_HOW_TO_READ = (
+    "Cells: mean +- sample sd over the seeds (training runs) of each run group. "
+    "`max eval SE`: the largest standard error of a row's mean NLL (nats, shown in % since "
+    "SE(log ppl) = SE(nll): 1 % means ppl +- ~1 %), computed over independent units: "
+    "evaluation segments spread over the split (`se_unit` = segment) or windows; each "
+    "row of results.jsonl carries its `nll_se` and the 95 % interval `ppl_ci95`.")
 
 
-def _cell(row, rel=None):
-  if row is None:
-    return ""
-  if row["status"].startswith("unsupported"):
-    return "n/a*"
-  if row["status"] != "ok":
-    return ""
-  if rel is not None:
-    return f"{row['ppl'] / rel:.2f}x" if rel else ""
-  if "excess_nll" in row:
-    acc = f", acc {row['answer_acc']:.2f}" if "answer_acc" in row else ""
-    return f"{row['excess_nll']:.3f}{acc}"
-  return f"{row['ppl']:.2f}"
+def _cell(rs, refs=None):
+  """'7.68 +- 0.05' (mean +- sd over seeds), 'n/a*' (unsupported), '' (no row)."""
+  c = aggregate.cell(rs, refs)
+  if c is None:
+    return "n/a*" if any(r["status"].startswith("unsupported") for r in rs) else ""
+  if refs is None and "excess_nll" in rs[0]:
+    acc = f", acc {np.mean([r['answer_acc'] for r in rs]):.2f}" if "answer_acc" in rs[0] else ""
+    return f"{np.mean([r['excess_nll'] for r in rs]):.3f}{acc}"
+  fmt = "{:.3f}" if refs is not None else "{:.2f}"
+  text = fmt.format(c.mean) + (" +- " + fmt.format(c.sd) if c.seeds > 1 else "")
+  return text + ("x" if refs is not None else "")
 
 
 def _table(rows, lengths, relative):
-  head = "| run + variant | train_len | " + " | ".join(str(n) for n in lengths) + " |"
-  out = [head, "|" + "---|" * (len(lengths) + 2)]
-  groups = collections.OrderedDict()
-  for r in rows:
-    groups.setdefault(line_label(r), {})[r["length"]] = r
-  for label, by_len in groups.items():
-    if all(not r["status"].startswith(("ok", "unsupported")) for r in by_len.values()):
+  head = ("| run + variant | train_len | seeds | " + " | ".join(str(n) for n in lengths)
+          + " | max eval SE |")
+  out = [head, "|" + "---|" * (len(lengths) + 4)]
+  for label, by_len in aggregate.lines(rows).items():
+    statuses = [r["status"] for rs in by_len.values() for r in rs]
+    if all(not s.startswith(("ok", "unsupported")) for s in statuses):
       continue
-    train_len = next(iter(by_len.values()))["train_len"]
-    base = None
-    if relative:
-      ref = at_train_len({n: r for n, r in by_len.items() if r["status"] == "ok"}, train_len)
-      base = ref["ppl"] if ref else 0.0
-    cells = [_cell(by_len.get(n), base) for n in lengths]
-    out.append(f"| {label} | {train_len} | " + " | ".join(cells) + " |")
+    first = next(iter(by_len.values()))[0]
+    refs = aggregate.train_len_refs(by_len) if relative else None
+    cells = [_cell(by_len.get(n, []), refs) for n in lengths]
+    seeds = len({r["run_dir"] for rs in by_len.values() for r in rs})
+    ses = [c.se for c in (aggregate.cell(rs) for rs in by_len.values()) if c is not None]
+    se = f"{100 * max(ses):.1f} %" if ses and not np.isnan(max(ses)) else ""
+    out.append(f"| {label} | {first['train_len']} | {seeds} | " + " | ".join(cells)
+               + f" | {se} |")
   return out
+
+
+def _uncertainty_notes(rows):
+  """Where the evaluation standard error reaches 1 % of the perplexity."""
+  big = [r for r in ok_rows(rows) if (r.get("nll_se") or 0.0) >= 0.01]
+  if not big:
+    return ["Every (run, length) has an evaluation standard error below 1 % of its "
+            "perplexity."] if any("nll_se" in r for r in rows) else []
+  worst = sorted(big, key=lambda r: -r["nll_se"])
+  items = ", ".join(f"{line_label(r)} (seed {r.get('seed')}) L={r['length']}: "
+                    f"{100 * r['nll_se']:.1f} %" for r in worst[:12])
+  more = f" and {len(worst) - 12} more" if len(worst) > 12 else ""
+  return [f"Evaluation standard error >= 1 % of the perplexity in {len(big)} of "
+          f"{len(ok_rows(rows))} rows: {items}{more}."]
 
 
 def summary_markdown(rows):
@@ -52,9 +73,10 @@ def summary_markdown(rows):
     what = "excess loss over the optimum (nats), answer accuracy" if synthetic else "perplexity"
     text += [f"## {mode}, split {split}, max_tokens {max_tokens or 'all'}: {what}", ""]
     text += _table(group, lengths, relative=False) + [""]
-    text += ["Perplexity relative to the same run+variant at its training length "
-             "(or the longest evaluated length below it):", ""]
+    text += ["Perplexity relative to each seed's own value at its training length (or the "
+             "longest evaluated length below it), then mean +- sd over seeds:", ""]
     text += _table(group, lengths, relative=True) + [""]
+  text += [_HOW_TO_READ, ""] + _uncertainty_notes(rows) + [""]
   unsupported = sorted({(line_label(r), r["status"]) for r in rows
                         if r["status"].startswith("unsupported")})
   if unsupported:

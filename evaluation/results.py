@@ -10,7 +10,8 @@ import math
 import os
 import sys
 
-KEY_FIELDS = ("run_dir", "variant", "length", "mode", "stride", "split", "max_tokens")
+KEY_FIELDS = ("run_dir", "variant", "length", "mode", "stride", "split", "max_tokens",
+              "segment_len")
 
 
 def row_key(row):
@@ -72,7 +73,9 @@ class ResultsFile:
 
 
 def line_label(row):
-  return row["run"] if row["variant"] == "none" else f"{row['run']} +{row['variant']}"
+  """Run group (seeds of one experiment share it; older rows: the run name) + variant."""
+  group = row.get("group") or row["run"]
+  return group if row["variant"] == "none" else f"{group} +{row['variant']}"
 
 
 def ok_rows(rows):

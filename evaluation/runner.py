@@ -69,14 +69,20 @@ def attention_stats(model, batch, num_windows):
 
 
 def evaluate(model, task, *, length, mode="nonoverlapping", stride=0, split="validation",
-             batch_size=8, max_tokens=None, stats_windows=1):
-  """Row fields for ``model`` at ``length``; ValueError "unsupported" if positions overflow."""
+             batch_size=8, max_tokens=None, stats_windows=1, segment_len=0):
+  """Row fields for ``model`` at ``length``; ValueError "unsupported" if positions overflow.
+
+  segment_len > 0 (text): the scored tokens are spread segments (``windows.eval_batches``),
+  which are also the units of the standard error; otherwise each window is a unit.
+  """
   model.posenc.check_positions(length - 1)  # learned tables: raises before any compile
   stride = windows.resolve_stride(mode, length, stride)
   fn, state = make_eval_fn(model, with_correct=not task.is_text)
-  acc, compiled, compile_s, run_s = Accumulator(length), None, 0.0, 0.0
+  cluster = "segment" if segment_len and task.is_text else "window"
+  acc, compiled, compile_s, run_s = Accumulator(length, cluster), None, 0.0, 0.0
   first = None
-  for batch in windows.eval_batches(task, mode, split, length, stride, batch_size, max_tokens):
+  for batch in windows.eval_batches(task, mode, split, length, stride, batch_size, max_tokens,
+                                    segment_len):
     args = (state, batch["inputs"], batch["targets"], batch["positions"])
     if compiled is None:
       t0 = time.perf_counter()

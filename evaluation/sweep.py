@@ -45,6 +45,24 @@ def parse_lengths(spec):
   return sorted(set(lengths))
 
 
+SAMPLES = ("spread", "first")
+
+
+def segment_len_for(opts, lengths):
+  """Evaluation segment length: the longest evaluated length ("spread"), 0 for "first"."""
+  sample = opts.get("sample", "first") if hasattr(opts, "get") else getattr(opts, "sample", "first")
+  if sample not in SAMPLES:
+    raise ValueError(f"unknown sample {sample!r}; valid choices: {', '.join(SAMPLES)}")
+  return max(lengths) if sample == "spread" and opts.max_tokens else 0
+
+
+def portable_path(path):
+  """A run dir as rows store it: relative to the working directory when inside it (so
+  results files carry no machine-specific absolute paths), else absolute."""
+  rel = os.path.relpath(os.path.realpath(path), os.path.realpath(os.getcwd()))
+  return os.path.realpath(path) if rel.startswith("..") else rel
+
+
 def batch_size_for(batch_size, length):
   return batch_size or max(1, min(64, DEFAULT_BATCH_TOKENS // length))
 
@@ -69,18 +87,19 @@ class _Run:
       self._task = input_pipeline.get_task(self.config.data, self.config.seed)
     return self._task
 
-  def base_row(self, variant, length, opts, stride):
+  def base_row(self, variant, length, opts, stride, segment_len):
     c = self.config
-    return {"run": os.path.basename(os.path.normpath(self.dir)),
-            "run_dir": os.path.realpath(self.dir), "posenc": c.posenc.name,
+    name = os.path.basename(os.path.normpath(self.dir))
+    return {"run": name, "group": c.get("name") or name, "seed": c.seed,
+            "run_dir": portable_path(self.dir), "posenc": c.posenc.name,
             "positions": c.get("positions", {}).get("kind", "contiguous"), "data": c.data.name,
             "variant": variant.label, "variant_name": variant.name,
             "variant_params": variant.param_dict(), "train_len": c.train_len,
             "length": length, "mode": opts.mode, "stride": stride, "split": opts.split,
-            "max_tokens": opts.max_tokens, "step": self.step}
+            "max_tokens": opts.max_tokens, "segment_len": segment_len, "step": self.step}
 
 
-def _compute(run, variant, length, opts, stride):
+def _compute(run, variant, length, opts, stride, segment_len):
   """Row fields (without the base) of one job."""
   try:
     config = apply_variant(run.config, variant, length)
@@ -97,7 +116,7 @@ def _compute(run, variant, length, opts, stride):
   fields = runner.evaluate(
       model, run.task, length=length, mode=opts.mode, stride=stride, split=opts.split,
       batch_size=batch_size_for(opts.batch_size, length), max_tokens=opts.max_tokens or None,
-      stats_windows=opts.stats_windows)
+      stats_windows=opts.stats_windows, segment_len=segment_len)
   return {"status": "ok", **resolved, **fields}
 
 
@@ -105,21 +124,23 @@ def _describe(row):
   if row["status"] != "ok":
     return f"{row['run']} {row['variant']} L={row['length']}: {row['status'][:90]}"
   metric = f"bpb {row['bpb']:.3f}" if "bpb" in row else f"excess {row['excess_nll']:.3f}"
-  return (f"{row['run']} {row['variant']} L={row['length']}: ppl {row['ppl']:.3f} {metric} "
+  return (f"{row['run']} {row['variant']} L={row['length']}: ppl {row['ppl']:.3f} "
+          f"(se {100 * row['nll_se']:.1f} %) {metric} "
           f"({row['tokens']} tok, compile {row['compile_s']:.1f}s, run {row['run_s']:.1f}s)")
 
 
 def run_sweep(opts, *, verbose=True):
   """Computes the missing rows, then writes summary.md and the figures; returns all rows.
 
-  opts: runs, lengths, variants, mode, stride, split, max_tokens, batch_size,
-  stats_windows, out (a ConfigDict or any object with these attributes).
+  opts: runs, lengths, variants, mode, stride, split, max_tokens, sample (default
+  "first"), batch_size, stats_windows, out (a ConfigDict or any object with these).
   """
   windows.check_mode(opts.mode, 1, 1)
   runs = [_Run(d) for d in expand_runs(opts.runs)]
   lengths, variants = parse_lengths(opts.lengths), parse_variants(opts.variants)
   os.makedirs(opts.out, exist_ok=True)
   results = ResultsFile(os.path.join(opts.out, "results.jsonl"))
+  segment_len = segment_len_for(opts, lengths)
   jobs = [(r, v, n) for r in runs for v in variants for n in lengths]
   bar = tqdm(total=len(jobs), desc="sweep", unit="row", file=sys.stderr, dynamic_ncols=True,
              disable=not verbose)
@@ -127,11 +148,11 @@ def run_sweep(opts, *, verbose=True):
   for run, variant, length in jobs:
     stride = windows.resolve_stride(opts.mode, length, opts.stride)
     windows.check_mode(opts.mode, length, stride)
-    row = run.base_row(variant, length, opts, stride)
+    row = run.base_row(variant, length, opts, stride, segment_len)
     bar.set_postfix_str(f"{row['run']} {variant.label} L={length}")
     if row_key(row) not in results:
       t0 = time.perf_counter()
-      row.update(_compute(run, variant, length, opts, stride))
+      row.update(_compute(run, variant, length, opts, stride, segment_len))
       row["seconds"] = time.perf_counter() - t0
       results.add(row)
       computed += 1

@@ -73,9 +73,23 @@ def sliding_batches(docs, length, stride, batch_size, max_tokens=None):
                             batch_size)
 
 
-def eval_batches(task, mode, split, length, stride, batch_size, max_tokens=None):
-  """The batches of one (mode, length); sliding mode needs a text task (documents)."""
+def eval_batches(task, mode, split, length, stride, batch_size, max_tokens=None, segment_len=0):
+  """The batches of one (mode, length); sliding mode needs a text task (documents).
+
+  segment_len > 0 (text only): score max_tokens // segment_len segments of segment_len
+  tokens spread evenly over the split (``base.spread_segments``; doc_id = segment index),
+  the same targets at every length <= segment_len; 0: the split's first max_tokens tokens.
+  """
   check_mode(mode, length, stride)
+  if segment_len and task.is_text:
+    if length > segment_len:
+      raise ValueError(f"length {length} exceeds the evaluation segments ({segment_len} tokens)")
+    if not max_tokens:
+      raise ValueError("segment sampling needs max_tokens (segments = max_tokens // segment_len)")
+    docs = base.spread_segments(task.eval_docs(split), segment_len, max_tokens // segment_len)
+    if mode == "nonoverlapping":
+      return base.batched_eval(docs, length, batch_size)
+    return sliding_batches(docs, length, stride, batch_size)
   if mode == "nonoverlapping":
     return task.eval_batches(split, length, batch_size, max_tokens)
   if not task.is_text:

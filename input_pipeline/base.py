@@ -136,3 +136,32 @@ def batch_windows(rows, length, batch_size):
     last = np.array([r[4] for r in chunk])[:, None]
     batch["loss_mask"] = ((idx >= first) & (idx < last)).astype(np.float32)
     yield pad_batch(batch, batch_size)
+
+
+def spread_segments(docs, segment_len, num_segments):
+  """``num_segments`` pieces of ``segment_len + 1`` tokens spread evenly over ``docs``.
+
+  Segment i is centred at (i + 1/2) / num_segments of the documents' concatenation (moved
+  to lie inside its document), so a small evaluation samples the whole split instead of
+  its first pages. Cut into windows of any length <= segment_len, the same segments give
+  every length exactly the same scored targets (a paired design: differences between
+  lengths come from context alone), and each segment is one independent cluster for the
+  standard error (``evaluation.metrics``). Deterministic.
+  """
+  fits = [d for d in docs if len(d) > segment_len]
+  if num_segments < 1 or not fits:
+    raise ValueError(f"cannot cut {num_segments} segment(s) of {segment_len} tokens: need "
+                     f">= 1 segment and a document longer than {segment_len} tokens")
+  lens = np.array([len(d) for d in fits], np.int64)
+  room = lens - segment_len  # valid starts per document
+  cum = np.cumsum(room)
+  if cum[-1] < num_segments * (segment_len + 1):  # spacing >= a segment: none overlap
+    raise ValueError(f"{num_segments} non-overlapping segments of {segment_len} tokens do not "
+                     f"fit in the split ({int(lens.sum())} tokens); lower max_tokens")
+  out = []
+  for i in range(num_segments):
+    g = int((i + 0.5) * cum[-1] / num_segments)  # evenly spaced over all valid starts
+    d = int(np.searchsorted(cum, g, side="right"))
+    start = g - int(cum[d] - room[d])
+    out.append(np.asarray(fits[d][start:start + segment_len + 1]))
+  return out

@@ -1,6 +1,7 @@
-"""The sweep end to end on the demo's smoke version (2 tiny runs trained with
-train.train_and_evaluate: RoPE on books, ALiBi on passkey; lengths 16, 32; variants
-none, linear): outputs, skipping, resumption, a kill between rows, --replot."""
+"""The sweep end to end on the demo's smoke version (2 tiny run groups x 2 seeds trained
+with train.train_and_evaluate: RoPE on books, ALiBi on passkey, plus a PI fine-tune of
+each RoPE seed; lengths 16, 32; variants none, linear): outputs, skipping, resumption, a
+kill between rows, --replot."""
 import copy
 import json
 import math
@@ -35,8 +36,11 @@ def smoke(tmp_path_factory):
   return cfg, rows
 
 
-def rows_by_key(path):
-  return {results.row_key(r): r for r in results.read_rows(path)}
+def rows_by_key(path, main_only=False):
+  """Rows of a results file by key; main_only: without the fine-tune's rows (the sweep
+  of ``cfg.runs`` alone does not produce them)."""
+  return {results.row_key(r): r for r in results.read_rows(path)
+          if not (main_only and r["group"] == "rope-pi32")}
 
 
 def test_smoke_sweep_writes_every_output(smoke):
@@ -44,9 +48,10 @@ def test_smoke_sweep_writes_every_output(smoke):
   for name in FILES:
     assert os.path.getsize(os.path.join(cfg.out, name)) > 0, name
   lines = open(os.path.join(cfg.out, "results.jsonl")).read().splitlines()
-  assert len(lines) == 2 * 2 * 2 == len({results.row_key(json.loads(l)) for l in lines})
+  # 2 groups x 2 seeds x 2 variants x 2 lengths, + fine-tune x 2 seeds x 2 lengths
+  assert len(lines) == 20 == len({results.row_key(json.loads(l)) for l in lines})
   ok = [r for r in rows if r["status"] == "ok"]
-  assert len(ok) == 6  # rope x 2 variants x 2 lengths + alibi_passkey x none x 2 lengths
+  assert len(ok) == 16  # rope 8, alibi_passkey 4 (no linear), rope-pi32 4
   for r in ok:
     assert math.isfinite(r["nll"]) and r["tokens"] > 0 and r["ppl"] == pytest.approx(
         math.exp(r["nll"]))
@@ -62,27 +67,28 @@ def test_smoke_sweep_writes_every_output(smoke):
 def test_rope_variant_on_non_rope_run_is_skipped(smoke):
   cfg, rows = smoke
   skipped = [r for r in rows if r["status"].startswith("skipped")]
-  assert {(r["run"], r["variant"]) for r in skipped} == {("alibi_passkey", "linear")}
+  assert {(r["run"], r["variant"]) for r in skipped} == {
+      ("alibi_passkey-s0", "linear"), ("alibi_passkey-s1", "linear")}
   assert all("nll" not in r for r in skipped)
   summary = open(os.path.join(cfg.out, "summary.md")).read()
-  assert "alibi_passkey + linear: linear needs a RoPE encoding" in summary
+  assert "alibi_passkey-s0 + linear: linear needs a RoPE encoding" in summary
 
 
 def _fake_compute(source, calls, fail_at=None):
   """Stands in for sweep._compute: returns the row the smoke sweep computed (fast)."""
-  def compute(run, variant, length, opts, stride):
+  def compute(run, variant, length, opts, stride, segment_len):
     calls.append((run.dir, variant.label, length))
     if fail_at is not None and len(calls) == fail_at:
       raise KeyboardInterrupt  # the sweep is killed while computing this row
-    key = (os.path.realpath(run.dir), variant.label, length, opts.mode, stride, opts.split,
-           opts.max_tokens)
+    key = (sweep.portable_path(run.dir), variant.label, length, opts.mode, stride, opts.split,
+           opts.max_tokens, segment_len)
     return {k: v for k, v in source[key].items() if k not in results.KEY_FIELDS}
   return compute
 
 
 def test_resume_computes_only_missing_rows(smoke, tmp_path, monkeypatch):
   cfg = copy.deepcopy(smoke[0])
-  source = rows_by_key(os.path.join(cfg.out, "results.jsonl"))
+  source = rows_by_key(os.path.join(cfg.out, "results.jsonl"), main_only=True)
   kept = list(source.values())[:5]
   path = tmp_path / "results.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"run": "rope", "varia')
@@ -90,7 +96,7 @@ def test_resume_computes_only_missing_rows(smoke, tmp_path, monkeypatch):
   monkeypatch.setattr(sweep, "_compute", _fake_compute(source, calls))
   cfg.out = str(tmp_path)
   sweep.run_sweep(cfg, verbose=False)
-  assert len(calls) == 3  # only the rows missing from the file
+  assert len(calls) == len(source) - 5 == 11  # only the rows missing from the file
   after = rows_by_key(str(path))
   assert set(after) == set(source) and len(path.read_text().splitlines()) == len(source)
   for r in kept:
@@ -99,7 +105,7 @@ def test_resume_computes_only_missing_rows(smoke, tmp_path, monkeypatch):
 
 def test_kill_between_rows_leaves_valid_file_and_resumes(smoke, tmp_path, monkeypatch):
   cfg = copy.deepcopy(smoke[0])
-  source = rows_by_key(os.path.join(cfg.out, "results.jsonl"))
+  source = rows_by_key(os.path.join(cfg.out, "results.jsonl"), main_only=True)
   cfg.out = str(tmp_path)
   calls = []
   monkeypatch.setattr(sweep, "_compute", _fake_compute(source, calls, fail_at=4))
@@ -110,7 +116,7 @@ def test_kill_between_rows_leaves_valid_file_and_resumes(smoke, tmp_path, monkey
   calls.clear()
   monkeypatch.setattr(sweep, "_compute", _fake_compute(source, calls))
   sweep.run_sweep(cfg, verbose=False)
-  assert len(calls) == 5 and set(rows_by_key(str(tmp_path / "results.jsonl"))) == set(source)
+  assert len(calls) == 13 and set(rows_by_key(str(tmp_path / "results.jsonl"))) == set(source)
 
 
 def test_replot_from_results_only(smoke, tmp_path):

@@ -1,0 +1,139 @@
+"""The demo study's statistics: seeds carried end to end, the evaluation standard error,
+spread evaluation segments, seed mean/sd in summary.md, and the full study's plan."""
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import demo
+import train
+from configs import sweep_demo
+from configs.default import get_config
+from evaluation import aggregate, report
+from evaluation.metrics import Accumulator, cluster_se
+from input_pipeline import base
+from training import checkpoint
+
+
+def _tiny(seed, train_len=16):
+  c = get_config(f"posenc=rope,train_len={train_len}")
+  c.model.num_layers, c.model.d_model, c.model.num_heads = 1, 32, 2
+  c.batch_size, c.num_train_steps, c.eval_tokens = 4, 3, 256
+  c.eval_every = c.checkpoint_every = c.log_every = 3
+  c.seed, c.name = seed, "tiny"
+  return c
+
+
+def _params(workdir):
+  _, model = checkpoint.load_run(workdir)
+  from flax import nnx
+  return jax.tree.leaves(nnx.state(model, nnx.Param))
+
+
+def test_seed_is_carried_end_to_end(tmp_path):
+  for tag, seed in (("a", 0), ("b", 0), ("c", 1)):
+    train.train_and_evaluate(_tiny(seed), str(tmp_path / tag))
+  a, b, c = (_params(str(tmp_path / t)) for t in "abc")
+  assert all(np.array_equal(x, y) for x, y in zip(a, b))  # same seed twice: identical
+  assert any(not np.allclose(x, y) for x, y in zip(a, c))  # another seed: different
+  saved = json.load(open(checkpoint.config_path(str(tmp_path / "c"))))
+  assert saved["seed"] == 1 and saved["name"] == "tiny"
+
+
+def _batch(nll, doc_ids, mask=None):
+  nll = np.asarray(nll, np.float64)
+  return ({"loss_mask": np.ones_like(nll) if mask is None else np.asarray(mask, np.float64),
+           "doc_id": np.asarray(doc_ids)}, {"nll": nll})
+
+
+def test_standard_error_matches_direct_computation_on_hand_made_windows():
+  # 3 segments x 2 windows of 4 tokens; equal cluster sizes, so the ratio-estimator SE
+  # equals the textbook sd(cluster means) / sqrt(K).
+  rng = np.random.default_rng(0)
+  nll = rng.gamma(2.0, 1.0, size=(6, 4))
+  segs = np.array([0, 0, 1, 1, 2, 2])
+  acc = Accumulator(4, cluster="segment")
+  for rows in (slice(0, 4), slice(4, 6)):  # two batches; segment 2 straddles nothing
+    acc.add(*_batch(nll[rows], segs[rows]))
+  row = acc.row(is_text=True)
+  means = np.array([nll[segs == s].mean() for s in range(3)])
+  assert row["nll"] == pytest.approx(nll.mean())
+  assert row["nll_se"] == pytest.approx(means.std(ddof=1) / math.sqrt(3))
+  assert row["se_unit"] == "segment" and row["se_clusters"] == 3
+  lo, hi = row["ppl_ci95"]
+  assert lo == pytest.approx(math.exp(row["nll"] - 1.959964 * row["nll_se"]))
+  assert hi == pytest.approx(math.exp(row["nll"] + 1.959964 * row["nll_se"]))
+  # windows as units: 6 windows, each its own cluster
+  acc = Accumulator(4, cluster="window")
+  acc.add(*_batch(nll, segs))
+  assert acc.row(True)["nll_se"] == pytest.approx(nll.mean(1).std(ddof=1) / math.sqrt(6))
+
+
+def test_standard_error_weights_unequal_clusters_by_tokens():
+  # Masked tokens make clusters unequal: the ratio estimator, by hand.
+  nll = np.array([[1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 0.0, 0.0], [5.0, 1.0, 1.0, 0.0]])
+  mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], float)
+  acc = Accumulator(4, cluster="window")
+  acc.add(*_batch(nll, [0, 1, 2], mask))
+  s, n = (nll * mask).sum(1), mask.sum(1)
+  m = s.sum() / n.sum()
+  direct = math.sqrt(3 / 2 * ((s - m * n) ** 2).sum()) / n.sum()
+  assert acc.row(True)["nll_se"] == pytest.approx(direct)
+  assert cluster_se(s, n) == pytest.approx(direct)
+  assert math.isnan(cluster_se([1.0], [2.0]))  # one unit: no standard error
+
+
+def test_spread_segments_cover_the_split_and_give_every_length_the_same_targets():
+  docs = [np.arange(1000) % 251, (np.arange(3000) * 7) % 253]
+  segs = base.spread_segments(docs, 64, 10)
+  assert len(segs) == 10 and all(len(s) == 65 for s in segs)
+  # spread: segments come from both documents, not only the first pages
+  firsts = [int(s[0]) for s in segs]
+  assert len(set(firsts)) == 10
+  scored = {}
+  for length in (16, 32, 64):
+    targets = []
+    for b in base.batched_eval(segs, length, 4):
+      keep = b["loss_mask"] > 0
+      targets += list(zip(np.repeat(b["doc_id"][:, None], length, 1)[keep], b["targets"][keep]))
+    scored[length] = sorted(targets)
+  assert scored[16] == scored[32] == scored[64] and len(scored[16]) == 640
+  with pytest.raises(ValueError, match="do not fit"):
+    base.spread_segments(docs, 1024, 4)
+
+
+def test_summary_mean_and_band_match_the_rows():
+  rows = []
+  for seed, (p128, p512) in enumerate(((7.0, 9.0), (8.0, 12.0), (9.0, 9.0))):
+    for length, ppl in ((128, p128), (512, p512)):
+      rows.append({"run": f"x-s{seed}", "group": "x", "seed": seed, "run_dir": f"runs/x-s{seed}",
+                   "variant": "none", "length": length, "train_len": 128, "mode": "m",
+                   "split": "test", "max_tokens": 1, "segment_len": 512, "status": "ok",
+                   "ppl": ppl, "nll": math.log(ppl), "nll_se": 0.004 + 0.001 * seed})
+  text = report.summary_markdown(rows)
+  assert "| x | 128 | 3 | 8.00 +- 1.00 | 10.00 +- 1.73 | 0.6 % |" in text
+  ratios = np.array([9 / 7, 12 / 8, 9 / 9])  # each seed over its own train_len value
+  assert f"{ratios.mean():.3f} +- {ratios.std(ddof=1):.3f}x" in text
+  cell = aggregate.cell([r for r in rows if r["length"] == 512])
+  assert (cell.mean, cell.lo, cell.hi, cell.seeds) == (10.0, 9.0, 12.0, 3)
+  assert "below 1 %" in text
+
+
+def test_full_study_config_resolves_every_run():
+  full = sweep_demo.get_config("full")
+  jobs = demo.plan(full)
+  groups = {j.name for j in jobs if j.source is None}
+  import posenc
+  assert set(posenc.names()) <= groups and {"rope_randomized", "rope-pi512"} <= {
+      j.name for j in jobs}
+  assert len(jobs) == 3 * len(groups) + 3
+  for j in jobs:
+    if j.source is None:
+      c = j.make_config()
+      assert (c.seed, c.name, c.num_train_steps) == (j.seed, j.name, full.train.num_train_steps)
+      assert c.optim.learning_rate == full.train.learning_rate  # one shared recipe
+  quick = {j.name for j in demo.plan(sweep_demo.get_config())}
+  assert {"nope", "sinusoidal", "learned", "rope", "alibi", "t5_bias", "rope-pi512"} <= quick
