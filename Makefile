@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements.stamp
 
-.PHONY: venv test demo bench clean pretrained
+.PHONY: venv test demo bench clean pretrained demo-pretrained
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ test: $(STAMP) pretrained
 
 demo: $(STAMP)
 	$(PY) demo.py
+
+# SmolLM2-135M past its 8k context with the RoPE variants (configs/sweep_pretrained.py)
+demo-pretrained: pretrained
+	$(PY) eval_extrapolate.py --config=configs/sweep_pretrained.py --out=results/pretrained
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --mode train
