@@ -22,7 +22,8 @@ PRESETS = {  # lengths, scored tokens per length (a multiple of the longest leng
 def get_config(arg=None):
   kind = arg or "quick"
   if kind not in PRESETS:
-    raise ValueError(f"unknown sweep_pretrained preset {kind!r}; valid choices: {', '.join(PRESETS)}")
+    raise ValueError(f"unknown sweep_pretrained preset {kind!r}; valid choices: "
+                     f"{', '.join(PRESETS)}")
   lengths, max_tokens = PRESETS[kind]
   return ml_collections.ConfigDict(dict(
       runs="pretrained:smollm2-135m", lengths=lengths,

@@ -13,6 +13,7 @@ import json
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -85,7 +86,7 @@ def load(spec, *, verbose=False):
   check_state(a, state, path)
   abstract = nnx.eval_shape(lambda: build_model(config))
   graphdef, params = nnx.split(abstract)
-  pure = jax.tree.map(lambda x: np.ascontiguousarray(x, np.float32), lenx_params(a, state))
+  pure = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), lenx_params(a, state))  # device, once
   nnx.replace_by_pure_dict(params, pure)
   model = nnx.merge(graphdef, params)
   if verbose:
