@@ -4,10 +4,14 @@
       --variants=none,linear,ntk,dynamic,yarn,llama3 --mode=nonoverlapping --out=results/exp1
   python eval_extrapolate.py --config=configs/sweep_demo.py --out=results/demo
   python eval_extrapolate.py --out=results/exp1 --replot      # figures + summary from rows only
+  python eval_extrapolate.py --runs=pretrained:smollm2-135m --lengths=2048,16384 \
+      --variants=none,yarn --split=test --max-tokens=16384 --batch-size=1 --out=results/smollm2
 
 --runs: comma list of run dirs, globs allowed (runs/demo/*). --variants: comma list;
 parameters follow a ':' (yarn:factor=8,beta_fast=16; factor=auto = length / train_len); a
-variant that does not apply to a run's encoding is recorded as skipped. --mode sliding uses
+variant that does not apply to a run's encoding is recorded as skipped. A run may also be a
+pretrained checkpoint: pretrained:NAME (python -m pretrained list), a .gguf file or a Hugging
+Face directory; its train_len is its context length. --mode sliding uses
 --stride (0 = length // 2). --max_tokens bounds the scored tokens per length (0 = whole split).
 Flags may be spelled with '-' or '_' (--max-tokens). A --config file (ml_collections) sets the
 same options (see configs/sweep_demo.py); explicit command-line flags override it, and
@@ -29,7 +33,8 @@ from evaluation import report, results, sweep
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Sweep config (runs, lengths, variants, ...).",
                                 lock_config=False)
-flags.DEFINE_string("runs", None, "Comma list of run directories; globs allowed.")
+flags.DEFINE_string("runs", None, "Comma list of run directories (globs allowed) or "
+                    "pretrained checkpoints (pretrained:NAME, x.gguf, HF dir).")
 flags.DEFINE_string("lengths", None, "Comma list of evaluation lengths.")
 flags.DEFINE_string("variants", None, "Comma list of variants, e.g. none,yarn:factor=auto.")
 flags.DEFINE_enum("mode", None, ["nonoverlapping", "sliding"], "Window mode.")
