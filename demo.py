@@ -25,7 +25,7 @@ import posenc
 from configs import finetune, sweep_demo
 from configs.common import resolve
 from configs.default import get_config
-from evaluation import sweep
+from evaluation import phenomena, results, sweep
 from training import checkpoint
 
 FLAGS = flags.FLAGS
@@ -169,6 +169,8 @@ def run_demo(demo, only=()):
     ft = copy.deepcopy(demo)
     ft.runs, ft.variants = ",".join(tuned), "none"
     rows = sweep.run_sweep(ft)
+  results.write_atomic(os.path.join(demo.out, "phenomena.md"),
+                       "# Published phenomena, checked\n\n" + phenomena.markdown(rows) + "\n")
   total = time.perf_counter() - t0
   print(f"demo wall time {total / 60:.1f} min (training {t_train / 60:.1f}, "
         f"evaluation {(total - t_train) / 60:.1f}); results in {demo.out}/")

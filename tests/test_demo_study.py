@@ -137,3 +137,44 @@ def test_full_study_config_resolves_every_run():
       assert c.optim.learning_rate == full.train.learning_rate  # one shared recipe
   quick = {j.name for j in demo.plan(sweep_demo.get_config())}
   assert {"nope", "sinusoidal", "learned", "rope", "alibi", "t5_bias", "rope-pi512"} <= quick
+
+
+def _study_rows(curves, seeds=2, train_len=128):
+  """Rows of a fake study: curves {label: {length: ppl}} ('group +variant' labels)."""
+  rows = []
+  for label, by_len in curves.items():
+    group, _, variant = label.partition(" +")
+    for seed in range(seeds):
+      for length, p in by_len.items():
+        p = p * (1 + 0.01 * seed)
+        rows.append({"run": f"{group}-s{seed}", "group": group, "seed": seed,
+                     "run_dir": f"runs/{group}-s{seed}", "variant": variant or "none",
+                     "length": length, "train_len": 512 if group.startswith("rope-pi") else
+                     train_len, "mode": "m", "split": "test", "max_tokens": 1,
+                     "segment_len": 1024, "status": "ok", "ppl": p, "nll": math.log(p),
+                     "nll_se": 0.005})
+  return rows
+
+
+def test_phenomena_table_judges_each_claim_from_the_rows():
+  from evaluation import phenomena
+  flat = {128: 7.0, 256: 7.0, 512: 6.9, 1024: 6.9}
+  curves = {"alibi": flat, "sinusoidal": {128: 8, 256: 10, 512: 14, 1024: 20},
+            "learned": {128: 8, 256: 8.4, 512: 9, 1024: 10},  # only 1.05x at 2L: not "right past"
+            "rope": {128: 6, 256: 6.3, 512: 7.2, 1024: 10}, "nope": {128: 9, 256: 9.5, 512: 10, 1024: 11},
+            "t5_bias": {128: 7, 256: 7.2, 512: 7.5, 1024: 8},
+            "rope +linear": {512: 20}, "rope +ntk": {512: 7}, "rope +yarn": {512: 6.8},
+            "rope-pi512": {512: 6.5}}
+  table = {c[0]: c for c in phenomena.checks(_study_rows(curves))}
+  sin_learned = table["sinusoidal and learned absolute degrade right past L"]
+  assert sin_learned[3] == "partly" and "sinusoidal 1.250 +- 0.000x at 256" in sin_learned[1]
+  assert table["rotary (RoPE) degrades past L"][3] == "yes"
+  assert table["ALiBi and KERPLE stay flat or improve"][3] == "yes"
+  assert table["T5 bias degrades slowly"][3] == "yes"
+  nope = [c for k, c in table.items() if k.startswith("NoPE")][0]
+  assert nope[3] == "yes"  # 1.22x between alibi 0.99x and rope 1.67x
+  assert table["zero-shot PI worse than NTK / dynamic NTK / YaRN"][3] == "yes"
+  assert [c for k, c in table.items() if k.startswith("PI after")][0][3] == "yes"
+  curves["rope-pi512"] = {512: 7.5}  # worse than yarn's 6.8: not reproduced
+  table = {c[0]: c for c in phenomena.checks(_study_rows(curves))}
+  assert [c for k, c in table.items() if k.startswith("PI after")][0][3] == "no"
