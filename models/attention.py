@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.blockwise import blockwise_attend
-from models.fast_attention import causal_softmax, softmax_pv
+from models.fast_attention import NEG_INF, causal_softmax, softmax_pv
 from models.layers import Dense, compute_dtype
 
 def logn_query_scale(positions, base_len):
@@ -55,13 +55,16 @@ def attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, impl="full", block_s
   return full_attend(q, k, v, q_pos, k_pos, enc, with_stats=with_stats)
 
 
-def full_attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False):
+def full_attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, key_mask=None):
   """Full causal attention. q/k/v [b, s, h, d] (q pre-scaled) -> [b, s, h, d] float32.
 
   Without stats, the softmax and P V run in ``fast_attention.softmax_pv`` (custom
-  VJP); with stats, the plain formulation (probabilities are needed).
+  VJP); with stats, the plain formulation (probabilities are needed). ``key_mask``
+  [b, sk] (bool, optional) removes keys as well (empty slots of a KV cache).
   """
   logits = enc.scores(q, k, q_pos, k_pos)
+  if key_mask is not None:
+    logits = jnp.where(key_mask[:, None, None, :], logits, NEG_INF)
   offset = k.shape[1] - q.shape[1]
   if not with_stats:
     return softmax_pv(logits, v, offset, v.dtype), None
@@ -89,17 +92,27 @@ class Attention(nnx.Module):
     self.logn_base_len = cfg.logn_base_len
     self.impl, self.block_size = cfg.attention, cfg.block_size
 
-  def __call__(self, x, positions, enc, *, with_stats=False):
+  def project(self, x):
+    """q [b, s, h, d] and k, v [b, s, kv, d] of x [b, s, d], before any positional hook
+    (what the KV cache of ``models.generate`` stores: keys unrotated)."""
     b, s, _ = x.shape
     h, kv = self.num_heads, self.num_kv_heads
-    q, k, v = jnp.split(self.qkv(x).reshape(b, s, h + 2 * kv, self.head_dim), [h, h + kv], axis=2)
-    q, k = enc.rotate(q, k, positions, positions)
+    return jnp.split(self.qkv(x).reshape(b, s, h + 2 * kv, self.head_dim), [h, h + kv], axis=2)
+
+  def prepare(self, q, k, v, q_pos, k_pos, enc):
+    """Rotates q/k at their positions, shares kv heads, scales q; cast to the compute dtype."""
+    h, kv = self.num_heads, self.num_kv_heads
+    q, k = enc.rotate(q, k, q_pos, k_pos)
     if kv != h:  # rotate the kv heads first (fewer), then share each among h / kv queries
       k, v = (jnp.repeat(t, h // kv, axis=2) for t in (k, v))
     q = q * (1.0 / math.sqrt(self.head_dim))
     if self.logn_base_len:
-      q = q * logn_query_scale(positions, self.logn_base_len)[:, :, None, None]
-    q, k, v = (t.astype(self.dtype) for t in (q, k, v))
+      q = q * logn_query_scale(q_pos, self.logn_base_len)[:, :, None, None]
+    return tuple(t.astype(self.dtype) for t in (q, k, v))
+
+  def __call__(self, x, positions, enc, *, with_stats=False):
+    b, s, _ = x.shape
+    q, k, v = self.prepare(*self.project(x), positions, positions, enc)
     out, stats = attend(q, k, v, positions, positions, enc, with_stats=with_stats,
                         impl=self.impl, block_size=self.block_size)
     return self.out(out.reshape(b, s, -1)), stats

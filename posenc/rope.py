@@ -106,13 +106,24 @@ class RoPE(PositionalEncoding):
 
   def __init__(self, config, model_config, *, rngs):
     super().__init__(config, model_config, rngs=rngs)
-    inv_freq, self.attention_factor = rope_frequencies(
-        model_config.head_dim, config.base, scaling_dict(config),
-        config.eval_len or config.original_len or None, config.original_len or None)
-    inv_freq = adjust_frequencies(inv_freq, config.get("resonance", False),
-                                  config.get("p_fraction", 1.0))
+    inv_freq, self.attention_factor = self.frequencies(config.eval_len or config.original_len
+                                                       or None)
     self.inv_freq = tuple(inv_freq.tolist())  # static constants, not trainable state
     self.scores_rule = config.get("scores_rule", "")
+
+  @property
+  def length_dependent(self):
+    """Whether the frequencies depend on the sequence length (dynamic NTK, LongRoPE): an
+    incremental decode must then re-rotate cached keys as it grows (``models.generate``)."""
+    return scaling_dict(self.config).get("rope_type") in ("dynamic", "longrope")
+
+  def frequencies(self, seq_len):
+    """(inv_freq float32 [r/2], attention_factor) for a sequence of ``seq_len`` tokens."""
+    c = self.config
+    inv_freq, attention_factor = rope_frequencies(self.head_dim, c.base, scaling_dict(c),
+                                                  seq_len, c.original_len or None)
+    inv_freq = adjust_frequencies(inv_freq, c.get("resonance", False), c.get("p_fraction", 1.0))
+    return inv_freq, attention_factor
 
   def _rotate(self, x, positions):
     return apply_rope(x, positions, self.inv_freq, self.attention_factor)
