@@ -63,6 +63,7 @@ def run_config(demo, spec, seed=0, name=""):
   config.batch_size, config.num_train_steps = t.batch_size, t.num_train_steps
   config.optim.warmup_steps, config.eval_tokens = t.warmup_steps, t.eval_tokens
   config.optim.learning_rate = t.learning_rate
+  config.model.dtype = t.get("dtype", "float32")
   config.eval_every = config.checkpoint_every = t.num_train_steps
   config.log_every = max(1, min(20, t.num_train_steps))
   config.seed, config.name = seed, name

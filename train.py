@@ -76,6 +76,8 @@ def train_and_evaluate(config, workdir, *, stop_after=None):
   simulate an interrupted run).
   """
   config = resolve(config)
+  if config.model.get("dtype_auto"):
+    print(f"model.dtype auto -> {config.model.dtype} ({config.model.dtype_auto})", flush=True)
   task = input_pipeline.get_task(config.data, config.seed)
   config.model.vocab_size = task.vocab_size
   checkpoint.check_compatible(workdir, config)

@@ -8,13 +8,15 @@ import ml_collections
 import input_pipeline
 from input_pipeline import positions
 import posenc
+from models.layers import auto_dtype
 
 SIZES = {  # num_layers, d_model, num_heads
     "tiny": (2, 128, 4),
     "small": (4, 256, 4),
     "base": (6, 384, 6),
 }
-MLPS, NORMS, DTYPES = ("swiglu", "gelu"), ("rmsnorm", "layernorm"), ("float32", "bfloat16")
+MLPS, NORMS, DTYPES = (("swiglu", "gelu"), ("rmsnorm", "layernorm"),
+                       ("float32", "bfloat16", "auto"))
 
 
 def parse_args(arg, defaults):
@@ -49,6 +51,8 @@ def resolve(config):
   config = ml_collections.ConfigDict(config.to_dict())
   validate(config)
   m = config.model
+  if m.dtype == "auto":  # resolved once here, so config.json records what ran
+    m.dtype, m.dtype_auto = auto_dtype()
   if m.head_dim == 0:
     m.head_dim = m.d_model // m.num_heads
   if m.mlp_dim == 0:  # Llama: 8/3 d rounded up to a multiple of 16 (256 -> 688)

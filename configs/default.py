@@ -56,7 +56,8 @@ def get_config(arg=None):
   c.model.norm = "rmsnorm"  # rmsnorm | layernorm (pre-norm either way)
   c.model.norm_eps = 1e-6  # epsilon of the norms (Llama checkpoints: 1e-5 or 1e-6)
   c.model.dropout = 0.0  # dropout on embeddings and residual branches
-  c.model.dtype = "float32"  # float32 | bfloat16 (bf16 matmul inputs, f32 accumulation)
+  c.model.dtype = "float32"  # float32 | bfloat16 (bf16 matmul inputs, f32 accumulation) | auto
+                             # (bf16 where the hardware has bf16 matmuls; models/layers.py)
   c.model.tie_embeddings = True  # output head shares the token embedding
   c.model.logn_base_len = 0  # >0: log-n query scaling max(1, log(pos+1)/log(this)); 0 = off
   c.model.vocab_size = 256  # filled from the data source

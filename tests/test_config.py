@@ -65,3 +65,20 @@ def test_every_knob_is_overridable_from_the_command_line(monkeypatch):
   assert (c.posenc.rope.base, c.num_train_steps, c.model.d_model) == (500000, 7, 256)
   assert c.posenc.rope.scaling.factor == 4.0 and c.model.dtype == "bfloat16"
   assert c.model.head_dim == 64 and c.model.mlp_dim == 688
+
+
+def test_auto_dtype_follows_the_hardware():
+  import jax
+  from configs.common import resolve
+  from models.layers import auto_dtype, cpu_flags
+  assert auto_dtype("cpu", {"avx2", "fma", "amx_bf16"})[0] == "bfloat16"
+  assert auto_dtype("cpu", {"avx2", "avx512f", "avx512_bf16"})[0] == "bfloat16"
+  dtype, why = auto_dtype("cpu", {"avx2", "fma"})
+  assert dtype == "float32" and "no bf16" in why
+  assert auto_dtype("gpu", set())[0] == "bfloat16"
+  c = get_config("posenc=rope")
+  c.model.dtype = "auto"
+  r = resolve(c)  # resolved once, so config.json records the dtype that ran
+  assert r.model.dtype == auto_dtype()[0] and r.model.dtype_auto == auto_dtype()[1]
+  assert r.model.dtype == ("bfloat16" if cpu_flags() & {"amx_bf16", "avx512_bf16"}
+                           or jax.default_backend() != "cpu" else "float32")

@@ -276,3 +276,25 @@ def test_train_and_evaluate_runs_transformer_xl(tmp_path):
   losses = [r["train/loss"] for r in rows if "train/loss" in r]
   assert losses and all(np.isfinite(losses))
   assert any("eval/loss" in r for r in rows)
+
+
+def test_sinusoidal_default_amplitude_is_the_papers_ratio():
+  """Vaswani et al. sec. 3.4: embedding * sqrt(d) + unit sinusoids == embedding + PE / sqrt(d)."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from configs.common import resolve
+  from configs.default import get_config
+  from models import build_model
+  import posenc as pe_mod
+  c = resolve(get_config("posenc=sinusoidal"))
+  assert c.posenc.sinusoidal.scale == pytest.approx(c.model.d_model ** -0.5)
+  enc = pe_mod.build(get_config("posenc=sinusoidal").posenc, c.model, rngs=nnx.Rngs(0))
+  x = jnp.zeros((1, 5, c.model.d_model))
+  pos = jnp.arange(5)[None]
+  out = enc.embed(x, pos)  # built from the unresolved config (scale 0): same amplitude
+  expected = pe_mod.sinusoidal.sinusoidal_table(pos, c.model.d_model) / c.model.d_model ** 0.5
+  assert jnp.allclose(out, expected, atol=1e-7)
+  bad = get_config("posenc=sinusoidal")
+  bad.posenc.sinusoidal.scale = -1.0
+  with pytest.raises(ValueError, match="scale must be >= 0"):
+    resolve(bad)
