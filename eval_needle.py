@@ -1,0 +1,169 @@
+"""Needle retrieval grid (length x depth) for runs and variants (evaluation/needle.py).
+
+  python eval_needle.py --runs=runs/rope,runs/alibi --lengths=x0.5,x1,x2,x4 \
+      --depths=0,0.25,0.5,0.75,1 --trials=20 --variants=none,yarn --out=results/needle
+  python eval_needle.py --runs=pretrained:smollm2-135m --lengths=1024,2048 --trials=20 \
+      --variants=none,yarn --out=results/needle_smollm2
+
+--lengths: token counts, or xF = F times each run's training length. Filler comes from the
+books of --split (byte runs: bytes; a checkpoint: its BPE). Rows go to --out/needle.jsonl
+(one per run x variant x length x depth; a rerun skips finished rows, writes are atomic),
+then --out/needle.md (grid + effective length) and one heatmap per run and variant.
+"""
+import os
+
+import numpy as np
+from absl import app, flags
+
+import extensions
+from evaluation import needle, results
+from evaluation.runner import variant_model
+from extensions import NotApplicable
+from input_pipeline import text as text_data
+from input_pipeline.codec import Codec
+from training import checkpoint
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("runs", None, "Comma list of run dirs / pretrained checkpoints.")
+flags.DEFINE_string("lengths", "x0.5,x1,x2,x4,x8", "Token counts or xF (F x train_len).")
+flags.DEFINE_string("depths", "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "Needle depths in [0, 1].")
+flags.DEFINE_integer("trials", 20, "Trials (seeds) per cell.")
+flags.DEFINE_integer("distractors", 9, "Distractor keys for the rank.")
+flags.DEFINE_string("variants", "none", "Comma list of variants (as eval_extrapolate.py).")
+flags.DEFINE_enum("split", "test", ["validation", "test"], "Books split of the filler.")
+flags.DEFINE_integer("seed", 0, "Seed of the trials.")
+flags.DEFINE_string("out", None, "Output directory.")
+
+KEY_FIELDS = ("run_dir", "variant", "length", "depth", "trials", "distractors", "split", "seed")
+MAX_FILLER_CHARS = 4_000_000  # BPE filler: tokenise only this much of the split
+
+
+def parse_lengths(spec, train_len):
+  out = []
+  for item in spec.split(","):
+    item = item.strip()
+    value = float(item[1:]) * train_len if item.startswith("x") else float(item)
+    if value < 1:
+      raise ValueError(f"length {item!r} must be >= 1 token (or xF with F > 0)")
+    out.append(int(round(value)))
+  return out
+
+
+def filler_tokens(config, codec, split):
+  docs = text_data.books_docs(split, config.data.get("data_dir", ""),
+                              config.data.get("books_dir", ""))
+  data = b"".join(bytes(d) for d in docs)
+  if not codec.bpe:
+    return np.frombuffer(data, np.uint8).astype(np.int32)
+  return codec.encode(data[:MAX_FILLER_CHARS].decode("utf-8", errors="ignore"))
+
+
+class NeedleResults:
+  """needle.jsonl keyed by KEY_FIELDS (read / atomic write helpers of evaluation.results)."""
+
+  def __init__(self, path):
+    self.path = path
+    self.rows = {self.key(r): r for r in results.read_rows(path)}
+
+  @staticmethod
+  def key(row):
+    return tuple(row.get(k) for k in KEY_FIELDS)
+
+  def add(self, row):
+    self.rows[self.key(row)] = row
+    results.write_atomic(self.path, "".join(
+        results.json.dumps(results._clean(r), sort_keys=True) + "\n"  # pylint: disable=protected-access
+        for r in self.rows.values()))
+
+
+def run_grid(opts, log=print):
+  """Computes the missing cells; returns all rows."""
+  os.makedirs(opts.out, exist_ok=True)
+  store = NeedleResults(os.path.join(opts.out, "needle.jsonl"))
+  depths = [float(d) for d in opts.depths.split(",")]
+  for run_dir in [r.strip() for r in opts.runs.split(",") if r.strip()]:
+    config = checkpoint.read_config(run_dir)
+    lengths = parse_lengths(opts.lengths, config.train_len)
+    loaded = {}
+    for variant in extensions.parse_variants(opts.variants):
+      for length in lengths:
+        for depth in depths:
+          row = {"task": "needle", "run": os.path.basename(os.path.normpath(run_dir)),
+                 "run_dir": run_dir, "posenc": config.posenc.name, "variant": variant.label,
+                 "train_len": config.train_len, "length": length, "depth": depth,
+                 "trials": opts.trials, "distractors": opts.distractors, "split": opts.split,
+                 "seed": opts.seed}
+          if store.key(row) in store.rows:
+            continue
+          if not loaded:
+            loaded["config"], loaded["model"] = checkpoint.load_run(run_dir)
+            loaded["codec"] = Codec(config)
+            loaded["filler"] = filler_tokens(config, loaded["codec"], opts.split)
+          try:
+            vconf = extensions.apply_variant(loaded["config"], variant, length)
+          except NotApplicable as e:
+            store.add({**row, "status": f"skipped: {e}"})
+            continue
+          model = variant_model(loaded["model"], vconf)
+          row.update(status="ok", **needle.evaluate_cell(
+              model, loaded["filler"], loaded["codec"].encode, length, depth, opts.trials,
+              opts.seed, opts.distractors))
+          store.add(row)
+          log(f"{row['run']} {row['variant']} L={length} depth={depth}: "
+              f"acc {row['accuracy']:.2f} rank {row['mean_rank']:.2f}")
+  return list(store.rows.values())
+
+
+def write_report(out, rows):
+  """needle.md (accuracy grid, effective lengths) and one heatmap per run x variant."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  groups = {}
+  for r in rows:
+    if r.get("status") == "ok":
+      groups.setdefault((r["run"], r["variant"], r["train_len"]), []).append(r)
+  lines = ["# Needle retrieval (teacher-forced exact match; mean over trials)", "",
+           "Effective length: longest length whose accuracy (mean over depths) stays >= 0.85 x "
+           "the accuracy at the training length (rel) or >= 0.85 (abs).", ""]
+  for (run, variant, train_len), rs in sorted(groups.items()):
+    lengths = sorted({r["length"] for r in rs})
+    depths = sorted({r["depth"] for r in rs})
+    cell = {(r["length"], r["depth"]): r for r in rs}
+    grid = np.array([[cell[(n, d)]["accuracy"] if (n, d) in cell else np.nan for n in lengths]
+                     for d in depths])
+    rel = needle.effective_length(rs, train_len, relative=True)
+    ab = needle.effective_length(rs, train_len, relative=False)
+    lines += [f"## {run} {variant} (train_len {train_len}): effective length rel {rel}, "
+              f"abs {ab}", "", "| depth \\ length | " + " | ".join(map(str, lengths)) + " |",
+              "|---" * (len(lengths) + 1) + "|"]
+    lines += [f"| {d:g} | " + " | ".join(f"{x:.2f}" for x in grid[i]) + " |"
+              for i, d in enumerate(depths)]
+    ranks = [np.mean([cell[(n, d)]["mean_rank"] for d in depths if (n, d) in cell])
+             for n in lengths]
+    lines += ["| mean rank | " + " | ".join(f"{x:.2f}" for x in ranks) + " |", ""]
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(lengths), 1 + 0.35 * len(depths)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_xlabel("length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(f"{run} {variant}", fontsize=9)
+    fig.colorbar(im, ax=ax, label="accuracy")
+    fig.tight_layout()
+    safe = f"{run}_{variant}".replace("/", "_").replace(":", "_").replace(",", "_")
+    fig.savefig(os.path.join(out, f"needle_heatmap_{safe}.png"), dpi=100)
+    plt.close(fig)
+  results.write_atomic(os.path.join(out, "needle.md"), "\n".join(lines) + "\n")
+
+
+def main(argv):
+  del argv
+  if not FLAGS.runs or not FLAGS.out:
+    raise app.UsageError("need --runs and --out")
+  rows = run_grid(FLAGS)
+  write_report(FLAGS.out, rows)
+
+
+if __name__ == "__main__":  # flag names are single words: no --a-b spelling to normalise
+  app.run(main)

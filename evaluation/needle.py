@@ -1,0 +1,123 @@
+"""Needle retrieval on real text: a pass key hidden at a chosen depth of book text.
+
+The passkey test of Mohtashami & Jaggi 2023 (arXiv 2305.16300, sec. 4.1; used by the PI and
+YaRN papers) with the needle-in-a-haystack layout (a length x depth grid), but with filler
+taken from the books of the evaluated split instead of a repeated sentence (which makes
+the test too easy: any copy of the surroundings points at the key):
+
+    [filler[:p]] [NEEDLE(key)] [filler[p:]] [QUESTION] [key]
+    p = round(depth * len(filler))            (depth 0 = first, 1 = just before the question)
+
+Scoring is teacher-forced on one forward pass with a KV cache (``models.generate``):
+exact match = every answer token is the argmax given the true earlier answer tokens, which
+is exactly "greedy decoding of the answer reproduces it" (the first wrong argmax is where
+greedy would diverge; tests/test_needle.py checks the equivalence); and the rank of the
+true key by total log-probability among ``distractors`` random keys of the same length
+(the prefix is computed once and the cache forked over the candidates).
+"""
+import math
+
+import numpy as np
+
+from models.generate import CachedDecoder
+
+# short, so that it fits half the training length of the byte runs (36 of 64 bytes with the
+# key); the question repeats the needle's wording, as in the passkey test
+NEEDLE = " The pass key is {key}. "
+QUESTION = " The pass key is "
+KEY_DIGITS = 5
+
+
+def wilson_interval(successes, trials, z=1.96):
+  """95 % Wilson score interval (Wilson 1927) of a binomial proportion: (lo, hi)."""
+  if trials == 0:
+    return (0.0, 1.0)
+  p = successes / trials
+  centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+  half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+  return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def random_key(rng):
+  return str(int(rng.integers(10 ** (KEY_DIGITS - 1), 10 ** KEY_DIGITS)))
+
+
+def make_example(filler, encode, length, depth, rng, distractors=9):
+  """One needle sequence of exactly ``length`` tokens.
+
+  filler: the split's token ids (1-D); encode: text -> token ids; depth in [0, 1].
+  Returns dict(tokens [length], needle_at, answer_at, candidates [1 + distractors, k]
+  with the true key first). Distractor keys differ from the key and encode to as many
+  tokens (so candidates compare by total log-probability fairly)."""
+  if not 0.0 <= depth <= 1.0:
+    raise ValueError(f"depth must be in [0, 1], got {depth}")
+  key = random_key(rng)
+  needle, question = (np.asarray(encode(t), np.int32) for t in
+                      (NEEDLE.format(key=key), QUESTION))
+  answer = np.asarray(encode(key), np.int32)
+  n_fill = length - len(needle) - len(question) - len(answer)
+  if n_fill < 0 or n_fill > len(filler):
+    raise ValueError(f"length {length} does not fit a needle ({len(needle)} + "
+                     f"{len(question)} + {len(answer)} tokens) in {len(filler)} filler tokens")
+  start = int(rng.integers(0, len(filler) - n_fill + 1))
+  fill = np.asarray(filler[start:start + n_fill], np.int32)
+  at = int(round(depth * n_fill))
+  tokens = np.concatenate([fill[:at], needle, fill[at:], question, answer])
+  cands = [answer]
+  while len(cands) < 1 + distractors:
+    other = random_key(rng)
+    ids = np.asarray(encode(other), np.int32)
+    if other != key and len(ids) == len(answer) and not any((ids == c).all() for c in cands):
+      cands.append(ids)
+  return {"tokens": tokens, "needle_at": at, "needle": needle,
+          "answer_at": length - len(answer), "candidates": np.stack(cands)}
+
+
+def log_softmax(x):
+  x = np.asarray(x, np.float64)
+  m = x.max(axis=-1, keepdims=True)
+  return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def score_example(model, example, **cache_kw):
+  """(exact match, rank of the true key among the candidates, 1 = best)."""
+  tokens, at, cands = example["tokens"], example["answer_at"], example["candidates"]
+  dec = CachedDecoder(model, 1, len(tokens), **cache_kw)
+  first = log_softmax(np.asarray(dec.feed(tokens[None, :at]))[0, -1])  # P(answer[0] | prefix)
+  rest = log_softmax(np.asarray(dec.fork(len(cands)).feed(cands[:, :-1])))  # [c, k-1, V]
+  steps = np.concatenate([np.broadcast_to(first, (len(cands), 1, first.shape[-1])), rest], 1)
+  exact = bool((steps[0].argmax(-1) == cands[0]).all())
+  logp = np.take_along_axis(steps, cands[:, :, None], axis=-1)[..., 0].sum(-1)
+  return exact, 1 + int((logp[1:] > logp[0]).sum())
+
+
+def evaluate_cell(model, filler, encode, length, depth, trials, seed=0, distractors=9):
+  """Row fields of one (length, depth) cell: accuracy with its 95 % interval, mean rank."""
+  hits, ranks = 0, []
+  for t in range(trials):
+    rng = np.random.default_rng([seed, length, int(round(depth * 1000)), t])
+    exact, rank = score_example(model, make_example(filler, encode, length, depth, rng,
+                                                    distractors))
+    hits += exact
+    ranks.append(rank)
+  return {"trials": trials, "accuracy": hits / trials, "ci": list(wilson_interval(hits, trials)),
+          "mean_rank": float(np.mean(ranks)), "distractors": distractors}
+
+
+def effective_length(rows, train_len, threshold=0.85, relative=True):
+  """Longest length L such that at every evaluated length up to L the accuracy averaged
+  over depths is >= threshold x (the accuracy at the training length if ``relative``,
+  else 1.0); None if even the shortest fails (or relative and L_train has accuracy 0)."""
+  by_len = {}
+  for r in rows:
+    by_len.setdefault(r["length"], []).append(r["accuracy"])
+  mean = {n: float(np.mean(a)) for n, a in by_len.items()}
+  ref = mean.get(train_len) if relative else 1.0
+  if not ref:
+    return None
+  best = None
+  for n in sorted(mean):
+    if mean[n] < threshold * ref:
+      break
+    best = n
+  return best

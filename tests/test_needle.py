@@ -1,0 +1,109 @@
+"""Needle retrieval (evaluation/needle.py, eval_needle.py): exact placement by depth,
+teacher-forced exact match = greedy decoding of the answer, candidate rank = direct
+log-probabilities, Wilson interval, effective length, resumable grid."""
+import types
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eval_needle
+from evaluation import needle
+from models.generate import generate
+from test_generate import _model  # sharpened tiny models (non-uniform logits)
+
+ENCODE = lambda text: np.frombuffer(text.encode(), np.uint8).astype(np.int32)
+FILLER = ENCODE("It was the best of times, it was the worst of times; it was the age of "
+                "wisdom, it was the age of foolishness. " * 40)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_needle_placement_is_exact(depth):
+  ex = needle.make_example(FILLER, ENCODE, 300, depth, np.random.default_rng(0))
+  tokens, at, n = ex["tokens"], ex["needle_at"], len(ex["needle"])
+  question, answer = ENCODE(needle.QUESTION), ex["candidates"][0]
+  n_fill = 300 - n - len(question) - len(answer)
+  assert len(tokens) == 300 and at == round(depth * n_fill)
+  np.testing.assert_array_equal(tokens[at:at + n], ex["needle"])
+  np.testing.assert_array_equal(tokens[ex["answer_at"]:], answer)
+  np.testing.assert_array_equal(tokens[ex["answer_at"] - len(question):ex["answer_at"]], question)
+  key = bytes(answer.astype(np.uint8)).decode()
+  assert needle.NEEDLE.format(key=key).encode() == bytes(ex["needle"].astype(np.uint8))
+  # the filler around the needle is one contiguous slice of the text (real text, in order)
+  fill = np.concatenate([tokens[:at], tokens[at + n:ex["answer_at"] - len(question)]])
+  starts = [i for i in range(len(FILLER) - len(fill) + 1)
+            if (FILLER[i:i + len(fill)] == fill).all()]
+  assert starts
+  cands = ex["candidates"]
+  assert len({bytes(c.astype(np.uint8)) for c in cands}) == len(cands) == 10
+
+
+def _with_answer(ex, answer):
+  ex = dict(ex)
+  ex["tokens"] = np.concatenate([ex["tokens"][:ex["answer_at"]], answer])
+  ex["candidates"] = np.concatenate([answer[None], ex["candidates"][1:]])
+  return ex
+
+
+def test_teacher_forced_exact_match_equals_greedy_decoding(tiny_config):
+  _, model = _model("rope", tiny_config)
+  ex = needle.make_example(FILLER, ENCODE, 120, 0.5, np.random.default_rng(1), distractors=3)
+  prefix, k = ex["tokens"][None, :ex["answer_at"]], len(ex["candidates"][0])
+  greedy = generate(model, prefix, k, temperature=0.0)[0, -k:]
+  for answer in (ex["candidates"][0], greedy):  # a random key, and the greedy answer itself
+    exact, _ = needle.score_example(model, _with_answer(ex, answer))
+    assert exact == bool((greedy == answer).all())
+  assert needle.score_example(model, _with_answer(ex, greedy))[0]  # both outcomes exercised
+  assert not (greedy == ex["candidates"][0]).all()
+
+
+def test_rank_equals_direct_log_probabilities(tiny_config):
+  _, model = _model("alibi", tiny_config)
+  ex = needle.make_example(FILLER, ENCODE, 100, 0.3, np.random.default_rng(2), distractors=5)
+  _, rank = needle.score_example(model, ex)
+  at, logps = ex["answer_at"], []
+  for cand in ex["candidates"]:  # full forward of each complete sequence
+    seq = np.concatenate([ex["tokens"][:at], cand])[None]
+    logits = np.asarray(model(jnp.asarray(seq), jnp.arange(seq.shape[1])[None]))[0]
+    lp = needle.log_softmax(logits[at - 1:-1])
+    logps.append(lp[np.arange(len(cand)), cand].sum())
+  assert rank == 1 + sum(lp > logps[0] for lp in logps[1:])
+
+
+def test_wilson_interval_and_effective_length():
+  lo, hi = needle.wilson_interval(0, 20)
+  assert lo == 0.0 and hi == pytest.approx(0.1611, abs=1e-4)
+  lo, hi = needle.wilson_interval(20, 20)
+  assert lo == pytest.approx(0.8389, abs=1e-4) and hi == 1.0
+  rows = [{"length": n, "depth": d, "accuracy": a} for n, accs in
+          {64: (1, 1), 128: (0.8, 1), 256: (0.8, 0.8), 512: (0.2, 0.9), 1024: (1, 1)}.items()
+          for d, a in zip((0, 1), accs)]
+  assert needle.effective_length(rows, 128, relative=True) == 256  # 0.8 >= 0.85 * 0.9
+  assert needle.effective_length(rows, 128, relative=False) == 128  # 0.8 < 0.85 (abs)
+  with pytest.raises(ValueError, match="depth"):
+    needle.make_example(FILLER, ENCODE, 300, 1.5, np.random.default_rng(0))
+
+
+def test_grid_is_resumable(tmp_path, tiny_config, monkeypatch):
+  config, model = _model("rope", tiny_config, layers=1)
+  monkeypatch.setattr(eval_needle.checkpoint, "read_config", lambda _: config)
+  monkeypatch.setattr(eval_needle.checkpoint, "load_run", lambda _: (config, model))
+  monkeypatch.setattr(eval_needle, "filler_tokens", lambda *_: FILLER)
+  calls = []
+  real = needle.evaluate_cell
+  monkeypatch.setattr(needle, "evaluate_cell", lambda *a, **k: calls.append(a[3:5]) or real(*a, **k))
+  opts = types.SimpleNamespace(runs="runs/fake", lengths="x4,x6", depths="0,1", trials=2,
+                               distractors=2, variants="none", split="test", seed=0,
+                               out=str(tmp_path))
+  rows = eval_needle.run_grid(opts, log=lambda *_: None)
+  assert len(rows) == 4 and len(calls) == 4 and {r["length"] for r in rows} == {64, 96}
+  eval_needle.run_grid(opts, log=lambda *_: None)
+  assert len(calls) == 4  # nothing recomputed
+  path = tmp_path / "needle.jsonl"
+  kept = path.read_text().splitlines()
+  path.write_text("\n".join(kept[1:]) + "\n")  # lose one finished row
+  rows = eval_needle.run_grid(opts, log=lambda *_: None)
+  assert len(calls) == 5 and len(rows) == 4
+  eval_needle.write_report(str(tmp_path), rows)
+  assert (tmp_path / "needle.md").exists()
+  assert list(tmp_path.glob("needle_heatmap_*.png"))
