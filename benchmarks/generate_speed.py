@@ -1,0 +1,64 @@
+"""Generation speed: tokens/s with the KV cache (models/generate.py) vs without (a full
+forward over the whole sequence for every new token), at a given context length.
+
+  python benchmarks/generate_speed.py --run=runs/rope --context=1024 --new=32
+Prints one line per mode; compile time excluded (first step timed separately).
+"""
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+from models.generate import CachedDecoder
+from training import checkpoint
+
+
+def cached_tps(model, tokens, new):
+  dec = CachedDecoder(model, 1, tokens.shape[1] + new)
+  logits = dec.feed(tokens)[:, -1]
+  nxt = jnp.argmax(logits, -1)[:, None]
+  dec.feed(nxt).block_until_ready()  # compiles the step
+  start = time.perf_counter()
+  for _ in range(new - 1):
+    nxt = jnp.argmax(dec.feed(nxt)[:, -1], -1)[:, None]
+  nxt.block_until_ready()
+  return (new - 1) / (time.perf_counter() - start)
+
+
+def uncached_tps(model, tokens, new):
+  """Full forward of a fixed-size buffer per token (one compile; causal, so padding after
+  the current token does not change its logits)."""
+  graphdef, state = nnx.split(model)
+  total = tokens.shape[1] + new
+  fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, jnp.arange(total)[None]))
+  buf = jnp.zeros((1, total), jnp.int32).at[:, :tokens.shape[1]].set(tokens)
+  fwd(state, buf).block_until_ready()
+  start = time.perf_counter()
+  for t in range(tokens.shape[1], total):
+    buf = buf.at[:, t].set(jnp.argmax(fwd(state, buf)[:, t - 1], -1))
+  buf.block_until_ready()
+  return new / (time.perf_counter() - start)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--run", required=True)
+  p.add_argument("--context", type=int, default=1024)
+  p.add_argument("--new", type=int, default=16)
+  args = p.parse_args()
+  _, model = checkpoint.load_run(args.run)
+  vocab = model.embedding.shape[0]
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, vocab, (1, args.context)), jnp.int32)
+  for name, fn in (("cached", cached_tps), ("uncached", uncached_tps)):
+    print(f"{args.run} context {args.context}: {name} {fn(model, tokens, args.new):.1f} tokens/s",
+          flush=True)
+
+
+if __name__ == "__main__":
+  main()
