@@ -75,6 +75,39 @@ def _bf16_dot_bwd(res, g):
 _bf16_dot.defvjp(_bf16_dot_fwd, _bf16_dot_bwd)
 
 
+@jax.custom_vjp
+def _bf16_dot_t(x, w):
+  return _bf16_dot_t_fwd(x, w)[0]
+
+
+def _bf16_dot_t_fwd(x, w):
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  return jnp.einsum("...d,vd->...v", xb, wb, preferred_element_type=jnp.float32), (xb, wb)
+
+
+def _bf16_dot_t_bwd(res, g):
+  """As ``_bf16_dot_bwd`` for x W^T with W [dout, din] stored untransposed (tied head):
+  dW = g^T x is computed in W's own layout. (Through ``mixed_dot(x, W.T)``, XLA:CPU fused
+  the transpose of x^T g into the dot's output layout, which its bf16 GEMMs do not
+  support: 'Unsupported element type for DotThunk: BF16 x BF16 = F32' at run time.)"""
+  xb, wb = res
+  gb = g.astype(jnp.bfloat16)
+  dx = jnp.dot(gb, wb, preferred_element_type=jnp.float32)
+  xf, gf = xb.reshape(-1, xb.shape[-1]), gb.reshape(-1, gb.shape[-1])
+  dw = jnp.dot(row_major(gf.T), xf, preferred_element_type=jnp.float32)  # [dout, din]
+  return dx, dw
+
+
+_bf16_dot_t.defvjp(_bf16_dot_t_fwd, _bf16_dot_t_bwd)
+
+
+def mixed_dot_t(x, w, dtype):
+  """x [..., din] @ w^T for w [dout, din] (e.g. a tied embedding) -> float32."""
+  if dtype == jnp.bfloat16:
+    return _bf16_dot_t(x.astype(jnp.float32), w.astype(jnp.float32))
+  return jnp.dot(x.astype(dtype), w.astype(dtype).T, preferred_element_type=jnp.float32)
+
+
 def mixed_dot(x, w, dtype):
   """x [..., din] @ w [din, dout] -> float32, inputs in ``dtype`` (jnp.float32 or bfloat16)."""
   if dtype == jnp.bfloat16:

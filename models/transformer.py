@@ -11,7 +11,7 @@ from flax import nnx
 
 import posenc
 from models.attention import Attention
-from models.layers import MLP, Dense, compute_dtype, dropout, make_norm, mixed_dot
+from models.layers import MLP, Dense, compute_dtype, dropout, make_norm, mixed_dot_t
 
 
 class Block(nnx.Module):
@@ -70,7 +70,7 @@ class DecoderLM(nnx.Module):
     """Output head on hidden states [..., d] -> [..., vocab] float32."""
     if self.head is not None:
       return self.head(h)
-    return mixed_dot(h, self.embedding[...].T, compute_dtype(self.dtype))  # tied: h E^T
+    return mixed_dot_t(h, self.embedding[...], compute_dtype(self.dtype))  # tied: h E^T
 
   def __call__(self, tokens, positions, *, dropout_rng=None):
     h, _ = self.features(tokens, positions, dropout_rng=dropout_rng)
