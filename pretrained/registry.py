@@ -92,7 +92,7 @@ def run_id(spec):
   """A stable identifier of a run or checkpoint for result rows: registry specs as given,
   paths absolute."""
   spec = str(spec)
-  return spec if spec.startswith(PREFIX) else os.path.realpath(spec)
+  return spec if spec.startswith(PREFIX) else os.path.abspath(spec)
 
 
 def fetch(name):
