@@ -10,6 +10,9 @@ targets at every length) at 2k, 8k and 16k; ``full`` two segments of 32,768 toke
 standard error from two clusters) at 2k to 32k. At or below 8192 every ``factor=auto``
 variant is the unscaled model (factor 1), so only lengths past the context separate them.
 Cost on a 2-core CPU (float32, ~50 GFLOP/s): a 16k window ~14 TFLOP (~5 min), 32k ~46 TFLOP.
+Measured under load (results/pretrained/README.md): 4-6 min per 16k row, 2-4 min per 8k
+row, so the quick preset's 18 rows take about an hour, over the 30 minutes aimed for; the
+variant rows at 2k and 8k equal ``none`` and may be skipped with --variants/--lengths.
 """
 import ml_collections
 
