@@ -106,6 +106,10 @@ def _ppl_panel(ax, lines, styles, relative):
     pts = [(n, c) for n, c in pts if c is not None]
     if pts:
       series.append((label, pts))
+  if not series:  # e.g. relative, with no evaluated length at or below train_len
+    ax.text(0.5, 0.5, "no length at or below train_len" if relative else "no rows",
+            ha="center", va="center", transform=ax.transAxes)
+    return
   ref_vals = [min(c.mean for _, c in pts) for _, pts in series]
   top = CLIP if relative else CLIP * float(np.median(ref_vals))
   values = []
@@ -113,7 +117,7 @@ def _ppl_panel(ax, lines, styles, relative):
     values += _band_line(ax, [n for n, _ in pts], [c for _, c in pts], top, label, styles[label])
   values = [v for v in values if np.isfinite(v) and v > 0]
   _plain_log_y(ax, 0.95 * min(values), min(max(values) * 1.05, top * 1.1))
-  ax.set_ylabel("ppl / same seed's ppl at train_len" if relative else "perplexity (bytes)")
+  ax.set_ylabel("ppl / same seed's ppl at train_len" if relative else "perplexity per token")
 
 
 def _panels(rows):

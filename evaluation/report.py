@@ -49,16 +49,20 @@ def _table(rows, lengths, relative):
 
 def _uncertainty_notes(rows):
   """Where the evaluation standard error reaches 1 % of the perplexity."""
-  big = [r for r in ok_rows(rows) if (r.get("nll_se") or 0.0) >= 0.01]
+  done = ok_rows(rows)
+  missing = [r for r in done if r.get("nll_se") is None]
+  notes = [f"{len(missing)} of {len(done)} rows have no standard error (fewer than 2 "
+           "independent units: raise max_tokens or use sample=spread)."] if missing else []
+  big = [r for r in done if (r.get("nll_se") or 0.0) >= 0.01]
   if not big:
-    return ["Every (run, length) has an evaluation standard error below 1 % of its "
-            "perplexity."] if any("nll_se" in r for r in rows) else []
+    return notes or ["Every (run, length) has an evaluation standard error below 1 % of "
+                     "its perplexity."]
   worst = sorted(big, key=lambda r: -r["nll_se"])
   items = ", ".join(f"{line_label(r)} (seed {r.get('seed')}) L={r['length']}: "
                     f"{100 * r['nll_se']:.1f} %" for r in worst[:12])
   more = f" and {len(worst) - 12} more" if len(worst) > 12 else ""
-  return [f"Evaluation standard error >= 1 % of the perplexity in {len(big)} of "
-          f"{len(ok_rows(rows))} rows: {items}{more}."]
+  return notes + [f"Evaluation standard error >= 1 % of the perplexity in {len(big)} of "
+                  f"{len(done)} rows: {items}{more}."]
 
 
 def summary_markdown(rows):

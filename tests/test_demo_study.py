@@ -178,3 +178,16 @@ def test_phenomena_table_judges_each_claim_from_the_rows():
   curves["rope-pi512"] = {512: 7.5}  # worse than yarn's 6.8: not reproduced
   table = {c[0]: c for c in phenomena.checks(_study_rows(curves))}
   assert [c for k, c in table.items() if k.startswith("PI after")][0][3] == "no"
+
+
+def test_report_handles_rows_without_se_and_without_a_train_len_reference(tmp_path):
+  # A pretrained checkpoint evaluated only past its context, one segment (no SE).
+  rows = [{"run": "smol", "group": "smol", "seed": 0, "run_dir": "pretrained:smol",
+           "variant": v, "length": 16384, "train_len": 8192, "mode": "m", "split": "test",
+           "max_tokens": 1, "segment_len": 16384, "status": "ok", "ppl": p,
+           "nll": math.log(p), "nll_se": None} for v, p in (("none", 70.0), ("yarn", 36.0))]
+  text = report.summary_markdown(rows)
+  assert "2 of 2 rows have no standard error" in text and "below 1 %" not in text
+  from evaluation import plots
+  plots.ppl_figure(rows, str(tmp_path / "p.png"))
+  assert (tmp_path / "p.png").stat().st_size > 0
