@@ -25,6 +25,7 @@ import posenc
 from configs import finetune, sweep_demo
 from configs.common import resolve
 from configs.default import get_config
+from models.layers import auto_dtype
 from evaluation import phenomena, results, sweep
 from training import checkpoint
 
@@ -35,7 +36,7 @@ flags.DEFINE_string("only", "", "Comma list of demo run names to use (default: a
 flags.DEFINE_string("runs_dir", "", "Override train.runs_dir.")
 flags.DEFINE_string("out", "", "Override the output directory.")
 
-EVAL_S_PER_ROW = 4.5  # measured: 1-2 s compile + 0.5-4 s for 16384 tokens (L 128..4096)
+EVAL_S_PER_ROW = 4.0  # measured (make demo, bf16): 0.4-1 s compile + 1-5 s for 131072 tokens
 
 
 def _set(config, dotted, text):
@@ -130,7 +131,9 @@ def plan(demo, only=()):
 
 def _print_plan(demo, jobs, notes):
   t = demo.train
-  secs = lambda j: j.left() * j.tokens_per_step / t.tokens_per_s
+  dtype = auto_dtype()[0] if t.get("dtype", "float32") == "auto" else t.get("dtype", "float32")
+  rate = t.tokens_per_s[dtype]
+  secs = lambda j: j.left() * j.tokens_per_step / rate
   print(f"demo plan ({len(jobs)} runs: {len(t.runs)} groups x seeds {t.seeds} + fine-tunes; "
         f"{t.num_layers} layers, d_model {t.d_model}, {t.num_train_steps} steps x "
         f"{t.batch_size} x {t.train_len} tokens, lr {t.learning_rate}):")
@@ -144,8 +147,8 @@ def _print_plan(demo, jobs, notes):
   rope = {name for name, spec in t.runs.items() if "posenc=rope" in spec.args}
   rows = len(seeds_of(demo)) * len(demo.lengths.split(",")) * sum(
       n_variants if (name in rope and primary) else 1 for name, primary in groups)
-  print(f"  estimate: training ~{sum(map(secs, jobs)) / 60:.1f} min (at {t.tokens_per_s:,.0f} "
-        f"tokens/s), evaluation ~{rows * EVAL_S_PER_ROW / 60:.1f} min ({rows} rows)", flush=True)
+  print(f"  estimate: training ~{sum(map(secs, jobs)) / 60:.1f} min (at {rate:,.0f} "
+        f"tokens/s, {dtype}), evaluation ~{rows * EVAL_S_PER_ROW / 60:.1f} min ({rows} rows)", flush=True)
 
 
 def run_demo(demo, only=()):

@@ -41,6 +41,14 @@ def ppl(lines, label, length):
   return aggregate.cell(by_len[length]) if by_len and length in by_len else None
 
 
+def _clearly_below(a, b):
+  """a's mean below b's by more than 2 standard errors of the difference over seeds."""
+  if a is None or b is None:
+    return False
+  se = (a.sd ** 2 / a.seeds + b.sd ** 2 / b.seeds) ** 0.5
+  return b.mean - a.mean > 2 * se
+
+
 def _fmt(c, unit="x"):
   if c is None:
     return "n/a"
@@ -73,11 +81,15 @@ def checks(rows):
     c2, c4 = ratio(lines, "rope", l2), ratio(lines, "rope", l4)
     out.append(("rotary (RoPE) degrades past L", f"{_fmt(c2)} at {l2}, {_fmt(c4)} at {l4}",
                 f"ratio at 4L >= {DEGRADE}", _verdict(c4 is not None and c4.mean >= DEGRADE)))
-  if "t5_bias" in lines:
-    t5, rope = ratio(lines, "t5_bias", far), ratio(lines, "rope", far)
-    ok = t5 is not None and 1.0 < t5.mean and (rope is None or t5.mean < rope.mean)
-    out.append(("T5 bias degrades slowly", f"{_fmt(t5)} at {far} (rope {_fmt(rope)})",
-                "1 < ratio at the longest length < rope's", _verdict(ok)))
+  if "t5_bias" in lines and "rope" in lines:
+    near, far_ok = (_clearly_below(ratio(lines, "t5_bias", n), ratio(lines, "rope", n))
+                    for n in (l4, far))
+    out.append(("T5 bias degrades slowly (slower than rotary)",
+                f"t5_bias {_fmt(ratio(lines, 't5_bias', l4))} vs rope "
+                f"{_fmt(ratio(lines, 'rope', l4))} at {l4}; t5_bias "
+                f"{_fmt(ratio(lines, 't5_bias', far))} vs rope {_fmt(ratio(lines, 'rope', far))} "
+                f"at {far}", "ratio below rope's by > 2 SE (over seeds) at 4L and at the "
+                "longest length", _verdict(near and far_ok, near or far_ok)))
   flat = [f for f in ("alibi", "kerple_log", "kerple_power") if f in lines]
   if flat:
     cells = {f: ratio(lines, f, far) for f in flat}

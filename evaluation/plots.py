@@ -97,6 +97,20 @@ def _band_line(ax, xs, cells, top, label, style):
   return list(mean - sd) + list(mean + sd)
 
 
+def _fit_at_train_len(lines, tolerance=0.10):
+  """{label: ' [+X% at L]'} for lines whose mean perplexity at their own training length is
+  more than ``tolerance`` above the best line's: their curves do not compare like with like."""
+  at_l = {}
+  for label, by_len in lines.items():
+    train_len = _first(by_len)["train_len"]
+    c = aggregate.cell(by_len.get(train_len, []))
+    if c is not None:
+      at_l[label] = c.mean
+  best = min(at_l.values(), default=None)
+  return {label: f" [not equally fit: +{100 * (v / best - 1):.0f}% at L]"
+          for label, v in at_l.items() if v > best * (1 + tolerance)}
+
+
 def _ppl_panel(ax, lines, styles, relative):
   """Mean perplexity (or ratio to each seed's own train_len value) with seed bands."""
   series = []
@@ -112,9 +126,11 @@ def _ppl_panel(ax, lines, styles, relative):
     return
   ref_vals = [min(c.mean for _, c in pts) for _, pts in series]
   top = CLIP if relative else CLIP * float(np.median(ref_vals))
+  fit = _fit_at_train_len(lines) if not relative else {}
   values = []
   for label, pts in series:
-    values += _band_line(ax, [n for n, _ in pts], [c for _, c in pts], top, label, styles[label])
+    values += _band_line(ax, [n for n, _ in pts], [c for _, c in pts], top,
+                         label + fit.get(label, ""), styles[label])
   values = [v for v in values if np.isfinite(v) and v > 0]
   _plain_log_y(ax, 0.95 * min(values), min(max(values) * 1.05, top * 1.1))
   ax.set_ylabel("ppl / same seed's ppl at train_len" if relative else "perplexity per token")
@@ -125,10 +141,13 @@ def _panels(rows):
   done = ok_rows(rows)
   with_variants = list(dict.fromkeys(r.get("group") or r["run"] for r in done
                                      if r["variant"] != "none"))
-  panels = [("encoding families", [r for r in done if r["variant"] == "none"])]
+  group = lambda r: r.get("group") or r["run"]
+  tuned = lambda r, g: group(r).startswith(g + "-")  # rope-pi512: a fine-tune of rope
+  panels = [("encoding families", [r for r in done if r["variant"] == "none" and not any(
+      tuned(r, g) for g in with_variants)])]
   for g in with_variants:
-    panels.append((f"{g}: extension variants (zero-shot)",
-                   [r for r in done if (r.get("group") or r["run"]) == g]))
+    panels.append((f"{g}: extension variants (zero-shot) and fine-tunes",
+                   [r for r in done if group(r) == g or tuned(r, g)]))
   return [(t, rs) for t, rs in panels if rs]
 
 
@@ -137,7 +156,6 @@ def ppl_figure(rows, path):
   absolute and relative perplexity; colour-blind-safe colours, bands = +-1 sd over seeds."""
   panels = _panels(rows)
   lengths = sorted({r["length"] for r in ok_rows(rows)})
-  train_lens = {r["train_len"] for r in ok_rows(rows)}
   fig, axes = plt.subplots(2, len(panels), figsize=(7.2 * len(panels), 9.5), squeeze=False)
   for col, (title, panel_rows) in enumerate(panels):
     lines = aggregate.lines(panel_rows)
@@ -146,7 +164,7 @@ def ppl_figure(rows, path):
     for row_i, relative in enumerate((False, True)):
       ax = axes[row_i][col]
       _ppl_panel(ax, lines, styles, relative)
-      _log2_axis(ax, lengths, train_lens)
+      _log2_axis(ax, lengths, {r["train_len"] for r in panel_rows})
       ax.set_title(title + (": relative to train_len" if relative else ""))
       ax.grid(True, which="major", alpha=0.3)
     axes[0][col].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
