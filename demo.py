@@ -30,11 +30,17 @@ from evaluation import phenomena, results, sweep
 from training import checkpoint
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("smoke", False, "Micro version: 2 tiny runs, 2 lengths, 2 variants.")
-flags.DEFINE_bool("full", False, "Full study: every registered family (runs/demo_full).")
-flags.DEFINE_string("only", "", "Comma list of demo run names to use (default: all).")
-flags.DEFINE_string("runs_dir", "", "Override train.runs_dir.")
-flags.DEFINE_string("out", "", "Override the output directory.")
+
+
+def define_flags():
+  """Command-line flags, defined when run as a script (so tests can import this module
+  next to other scripts that define flags of the same names)."""
+  flags.DEFINE_bool("smoke", False, "Micro version: 2 tiny runs, 2 lengths, 2 variants.")
+  flags.DEFINE_bool("full", False, "Full study: every registered family (runs/demo_full).")
+  flags.DEFINE_string("only", "", "Comma list of demo run names to use (default: all).")
+  flags.DEFINE_string("runs_dir", "", "Override train.runs_dir.")
+  flags.DEFINE_string("out", "", "Override the output directory.")
+
 
 EVAL_S_PER_ROW = 4.0  # measured (make demo, bf16): 0.4-1 s compile + 1-5 s for 131072 tokens
 
@@ -194,4 +200,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, argv=[a.replace("--runs-dir", "--runs_dir") for a in sys.argv])

@@ -24,15 +24,21 @@ from input_pipeline.codec import Codec
 from training import checkpoint
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("runs", None, "Comma list of run dirs / pretrained checkpoints.")
-flags.DEFINE_string("lengths", "x0.5,x1,x2,x4,x8", "Token counts or xF (F x train_len).")
-flags.DEFINE_string("depths", "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "Needle depths in [0, 1].")
-flags.DEFINE_integer("trials", 20, "Trials (seeds) per cell.")
-flags.DEFINE_integer("distractors", 9, "Distractor keys for the rank.")
-flags.DEFINE_string("variants", "none", "Comma list of variants (as eval_extrapolate.py).")
-flags.DEFINE_enum("split", "test", ["validation", "test"], "Books split of the filler.")
-flags.DEFINE_integer("seed", 0, "Seed of the trials.")
-flags.DEFINE_string("out", None, "Output directory.")
+
+
+def define_flags():
+  """Command-line flags, defined when run as a script (so tests can import this module
+  next to other scripts that define flags of the same names)."""
+  flags.DEFINE_string("runs", None, "Comma list of run dirs / pretrained checkpoints.")
+  flags.DEFINE_string("lengths", "x0.5,x1,x2,x4,x8", "Token counts or xF (F x train_len).")
+  flags.DEFINE_string("depths", "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "Needle depths in [0, 1].")
+  flags.DEFINE_integer("trials", 20, "Trials (seeds) per cell.")
+  flags.DEFINE_integer("distractors", 9, "Distractor keys for the rank.")
+  flags.DEFINE_string("variants", "none", "Comma list of variants (as eval_extrapolate.py).")
+  flags.DEFINE_enum("split", "test", ["validation", "test"], "Books split of the filler.")
+  flags.DEFINE_integer("seed", 0, "Seed of the trials.")
+  flags.DEFINE_string("out", None, "Output directory.")
+
 
 KEY_FIELDS = ("run_dir", "variant", "length", "depth", "trials", "distractors", "split", "seed")
 MAX_FILLER_CHARS = 4_000_000  # BPE filler: tokenise only this much of the split
@@ -166,4 +172,5 @@ def main(argv):
 
 
 if __name__ == "__main__":  # flag names are single words: no --a-b spelling to normalise
+  define_flags()
   app.run(main)

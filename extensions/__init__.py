@@ -16,17 +16,15 @@ per (query block, key block) in its ``scores`` hook, so they run blockwise like 
 encoding. Adding a method = adding one file here.
 """
 import dataclasses
-import importlib
 import json
-import pkgutil
 from typing import ClassVar
 
 import ml_collections
 
 import posenc
+from posenc.registries import PackageRegistry
 
 registry = {}
-_loaded = False
 
 
 class NotApplicable(Exception):
@@ -68,26 +66,13 @@ class Extension:
     raise NotImplementedError
 
 
-def _import_all():
-  global _loaded
-  if not _loaded:
-    for info in pkgutil.iter_modules(__path__):
-      importlib.import_module(f"{__name__}.{info.name}")
-    _loaded = True
-
-
-def names():
-  """Sorted names of all registered extensions."""
-  _import_all()
-  return sorted(registry)
+_registry = PackageRegistry("extensions", registry, "variant")
+names = _registry.names  # sorted names of all registered extensions
 
 
 def get(name):
   """An instance of the extension registered as ``name`` (ValueError names the choices)."""
-  _import_all()
-  if name not in registry:
-    raise ValueError(f"unknown variant {name!r}; valid choices: {', '.join(names())}")
-  return registry[name](name)
+  return _registry.get(name)(name)
 
 
 def rope_config(config, name):

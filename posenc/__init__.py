@@ -4,35 +4,13 @@ Every module in this package is imported on first use; a module registers its
 encoding with ``@register("name")``. ``names()`` lists them, ``build(...)``
 constructs one from the config. Adding an encoding = adding one file.
 """
-import importlib
-import pkgutil
-
 from posenc.base import PositionalEncoding, register, registry
-
-_loaded = False
-
-
-def _import_all():
-  global _loaded
-  if _loaded:
-    return
-  for info in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{info.name}")
-  _loaded = True
+from posenc.registries import PackageRegistry
 
 
-def names():
-  """Sorted names of all registered encodings."""
-  _import_all()
-  return sorted(registry)
-
-
-def get(name):
-  """The encoding class registered as ``name`` (ValueError names the choices)."""
-  _import_all()
-  if name not in registry:
-    raise ValueError(f"unknown positional encoding {name!r}; valid choices: {', '.join(names())}")
-  return registry[name]
+_registry = PackageRegistry("posenc", registry, "positional encoding")
+names = _registry.names  # sorted names of all registered encodings
+get = _registry.get  # the encoding class registered as a name (ValueError names the choices)
 
 
 def build(posenc_config, model_config, *, rngs):
