@@ -61,6 +61,7 @@ class Accumulator:
     self.nll_sum, self.tokens, self.windows = 0.0, 0.0, 0
     self.bytes = 0.0  # UTF-8 bytes of the scored targets (bits per byte)
     self.pos_sum, self.pos_count = np.zeros(length), np.zeros(length)
+    self.ent_sum, self.pos_ent_sum = 0.0, np.zeros(length)
     self.opt_sum = 0.0
     self.ans_correct, self.ans_tokens = 0.0, 0.0
     self.passkey = {}  # distance bucket (lo, hi) -> [correct examples, examples]
@@ -75,6 +76,10 @@ class Accumulator:
     self.windows += int((mask.sum(1) > 0).sum())
     self._add_clusters(batch, nll.sum(1), mask.sum(1))
     self.pos_sum += nll.sum(0)
+    if "entropy" in out:  # output entropy, summed like the NLL
+      ent = np.asarray(out["entropy"], np.float64) * mask
+      self.ent_sum += ent.sum()
+      self.pos_ent_sum += ent.sum(0)
     self.pos_count += mask.sum(0)
     if "optimal_nll" in batch:
       self.opt_sum += (np.asarray(batch["optimal_nll"], np.float64) * mask).sum()
@@ -124,6 +129,9 @@ class Accumulator:
            "position_buckets": [list(b) for b in buckets],
            "position_nll": _bucketed(self.pos_sum, self.pos_count, buckets),
            **self.uncertainty(nll)}
+    if self.pos_ent_sum.any():  # mean entropy (nats) of the predicted distribution
+      out["entropy"] = self.ent_sum / self.tokens
+      out["position_entropy"] = _bucketed(self.pos_ent_sum, self.pos_count, buckets)
     if is_text:  # bits per byte = total nats / (ln 2 * bytes): comparable across tokenizers
       out["bytes"] = int(self.bytes)
       out["bpb"] = self.nll_sum / (math.log(2) * self.bytes) if self.bytes else float("nan")

@@ -8,6 +8,7 @@ training length: a blown-up line leaves the top of the plot (clipped points are 
 triangles on the edge) instead of flattening every other line.
 """
 import collections
+import functools
 import os
 
 import matplotlib
@@ -172,8 +173,9 @@ def ppl_figure(rows, path):
   _save(fig, path)
 
 
-def per_position_figure(rows, path):
-  """Mean loss per log2 bucket of in-window position, at up to 3 lengths (incl. the longest)."""
+def per_position_figure(rows, path, key="position_nll", ylabel="mean loss (nats)"):
+  """Mean ``key`` (loss, or output entropy) per log2 bucket of in-window position, at up to
+  3 lengths (incl. the longest); dashed: the training length."""
   lines, lengths = _lines(rows), sorted({r["length"] for r in ok_rows(rows)})
   styles = _style(lines)
   picks = sorted({lengths[i] for i in np.linspace(0, len(lengths) - 1, min(3, len(lengths))
@@ -185,12 +187,14 @@ def per_position_figure(rows, path):
       if r is None:
         continue
       pts = [((lo + 1) * hi) ** 0.5 for lo, hi in r["position_buckets"]]
-      ok = [v is not None for v in r["position_nll"]]
-      ax.plot(np.asarray(pts)[ok], np.asarray(r["position_nll"], float)[ok], marker=".",
+      if not r.get(key):
+        continue
+      ok = [v is not None for v in r[key]]
+      ax.plot(np.asarray(pts)[ok], np.asarray(r[key], float)[ok], marker=".",
               label=label, **styles[label])
     ax.set_xscale("log", base=2)
     ax.set_xlabel("position in window (log2 buckets)")
-    ax.set_ylabel("mean loss (nats)")
+    ax.set_ylabel(ylabel)
     ax.set_title(f"length {length}")
     for t in {r["train_len"] for r in ok_rows(rows)}:
       ax.axvline(t, color="gray", linestyle="--", linewidth=1)
@@ -265,6 +269,10 @@ def write_figures(out, rows):
   done = ok_rows(rows)
   todo = [("ppl_vs_length.png", ppl_figure, bool(done)),
           ("per_position_loss.png", per_position_figure, bool(done)),
+          ("output_entropy.png", functools.partial(
+              per_position_figure, key="position_entropy",
+              ylabel="entropy of the predicted next token (nats)"),
+           any(r.get("position_entropy") for r in done)),
           ("attention_entropy.png", attention_figure, any("attn_entropy" in r for r in done)),
           ("accuracy_vs_length.png", accuracy_figure, any("answer_acc" in r for r in done))]
   paths = []

@@ -16,7 +16,7 @@ from flax import nnx
 from evaluation import windows
 from evaluation.metrics import Accumulator
 from models import build_model
-from models.loss import token_nll
+from models.loss import nll_and_entropy, per_token
 from training.steps import split_model
 
 
@@ -34,7 +34,8 @@ def make_eval_fn(model, with_correct):
   def f(state, inputs, targets, positions):
     m = nnx.merge(graphdef, state)
     hidden, _ = m.features(inputs, positions)
-    out = {"nll": token_nll(m, hidden, targets)}
+    nll, ent = per_token(m, hidden, targets, nll_and_entropy)
+    out = {"nll": nll, "entropy": ent}  # entropy of the predicted next-token distribution
     if with_correct:  # synthetic vocabularies are small: full logits are cheap
       out["correct"] = jnp.argmax(m.logits(hidden), axis=-1) == targets
     return out

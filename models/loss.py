@@ -11,20 +11,36 @@ def cross_entropy(logits, targets):
   return logz - picked
 
 
-def token_nll(model, hidden, targets, chunk=2048):
-  """NLL [b, s] of targets given final hidden states [b, s, d].
+def entropy(logits):
+  """Entropy (nats) of softmax(logits) over the last axis: logZ - sum_v p_v logit_v."""
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  return logz - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+
+
+def nll_and_entropy(logits, targets):
+  return cross_entropy(logits, targets), entropy(logits)
+
+
+def per_token(model, hidden, targets, fn, chunk=2048):
+  """fn(logits [b, s', V], targets [b, s']) -> [b, s'] (or a tuple of them) over the whole
+  sequence, from final hidden states [b, s, d].
 
   For s > chunk the head runs on chunks of ``chunk`` positions inside a
   ``lax.map``, so only a [b, chunk, vocab] logit block is live at a time.
   """
   b, s, d = hidden.shape
   if s <= chunk:
-    return cross_entropy(model.logits(hidden), targets)
+    return fn(model.logits(hidden), targets)
   pad = (-s) % chunk
   h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, d).swapaxes(0, 1)
   t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, chunk).swapaxes(0, 1)
-  nll = jax.lax.map(lambda xs: cross_entropy(model.logits(xs[0]), xs[1]), (h, t))
-  return nll.swapaxes(0, 1).reshape(b, -1)[:, :s]
+  out = jax.lax.map(lambda xs: fn(model.logits(xs[0]), xs[1]), (h, t))
+  return jax.tree.map(lambda v: v.swapaxes(0, 1).reshape(b, -1)[:, :s], out)
+
+
+def token_nll(model, hidden, targets, chunk=2048):
+  """NLL [b, s] of targets given final hidden states [b, s, d] (chunked head)."""
+  return per_token(model, hidden, targets, cross_entropy, chunk)
 
 
 def masked_mean(values, mask):
