@@ -145,3 +145,17 @@ def test_learned_table_too_short_is_marked_unsupported(tmp_path):
   assert rows[16]["status"] == "ok"
   assert rows[32]["status"].startswith("unsupported: ") and "0..15" in rows[32]["status"]
   assert "n/a*" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_samples_continue_the_same_passage_at_each_multiple(smoke):
+  from evaluation import samples
+  cfg, _ = smoke
+  run = os.path.join(cfg.train.runs_dir, "rope-s0")
+  text = samples.samples_markdown([run], at=5000, new_tokens=4)
+  assert "train_len 16" in text
+  blocks = [b for b in text.split("```")[1::2]]
+  assert len(blocks) == 3  # 1x, 4x, 16x
+  shown = sorted((b[1:].split(" >>>")[0] for b in blocks), key=len)  # b[0]: the fence newline
+  assert all(shown[-1].endswith(p) for p in shown)  # every prompt ends at the same text
+  for k, n in zip((1, 4, 16), (16, 64, 256)):
+    assert f"**{k}x ({n} bytes of prompt" in text
