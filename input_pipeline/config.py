@@ -12,6 +12,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.text_key = "book_text"   # name=tfds: the text feature to read
   c.tokenizer = ""           # '' = bytes (vocab 256); a checkpoint spec (pretrained:NAME, .gguf
                              # file, HF dir): its BPE tokenizer (input_pipeline/tokenizer.py)
+  c.needle_fraction = 0.0    # text: fraction of training windows that are pass-key examples
+                             # (evaluation/needle.py; needle at a uniform depth); 0 = off
   c.num_eval_sequences = 64  # synthetic tasks: number of fixed eval sequences per split
 
   c.markov = ml_collections.ConfigDict()

@@ -88,9 +88,11 @@ class TextTask(base.Task):
   vocab_size = 256
   is_text = True
 
-  def __init__(self, name, seed, docs_fn, tokenizer=None):
+  def __init__(self, name, seed, docs_fn, tokenizer=None, needle_fraction=0.0):
     super().__init__(seed)
-    self.name = name
+    if not 0.0 <= needle_fraction <= 1.0:
+      raise ValueError(f"data.needle_fraction must be in [0, 1], got {needle_fraction}")
+    self.name, self.needle_fraction = name, float(needle_fraction)
     self._docs_fn = docs_fn  # split -> tuple of uint8 arrays (cached by the loader)
     self._flat = None
     self.tokenizer, self._tokenized = tokenizer, {}
@@ -122,7 +124,23 @@ class TextTask(base.Task):
     rng = np.random.default_rng([self.seed, int(step)])
     flat, starts, lens = self._train_flat()
     windows = base.sample_train_windows(flat, starts, lens, rng, batch_size, length)
+    if self.needle_fraction:
+      windows = self._with_needles(windows, flat, rng)
     return base.windows_to_batch(windows, length)
+
+  def _with_needles(self, windows, flat, rng):
+    """The training mixture of issue 13: each window, with probability needle_fraction,
+    becomes a pass-key example of the same length (``evaluation.needle.make_example``: train
+    text as filler, the needle at a uniform depth, then the question and the key), so a model
+    learns retrieval within its training length and the question is whether it survives
+    beyond. Drawn from the batch's own rng: still a pure function of (seed, step)."""
+    from evaluation import needle  # here: evaluation imports models, which need jax
+    encode = self.tokenizer.encode if self.tokenizer is not None else base.encode
+    windows = np.array(windows)
+    for row in np.flatnonzero(rng.random(len(windows)) < self.needle_fraction):
+      ex = needle.make_example(flat, encode, windows.shape[1], rng.random(), rng, distractors=0)
+      windows[row] = ex["tokens"]
+    return windows
 
   def eval_batches(self, split, length, batch_size, max_tokens=None):
     """Deterministic per-document windows; see base.eval_windows (adds doc_id, offset)."""
@@ -143,7 +161,7 @@ def make_text_task(cfg, seed):
     data_dir = books_tfds.resolve_data_dir(cfg.get("data_dir") or None)
     fn = functools.partial(tfds_source.tfds_docs, cfg["tfds_name"], cfg["text_key"], data_dir)
   tok = tokenizer.load(cfg["tokenizer"]) if cfg.get("tokenizer") else None
-  return TextTask(name, seed, fn, tok)
+  return TextTask(name, seed, fn, tok, cfg.get("needle_fraction", 0.0))
 
 
 def _books_split(data_dir, books_dir, split):

@@ -188,3 +188,27 @@ def test_get_task_accepts_configdict():
   c.markov.order = 1
   task = ip.get_task(c, seed=0)
   assert task.order == 1 and task.train_batch(0, 2, 16)["inputs"].shape == (2, 16)
+
+
+def test_needle_training_mixture_inserts_pass_keys_purely_in_seed_and_step():
+  from evaluation import needle
+  from input_pipeline import get_task
+  plain = get_task({"name": "books"}, seed=3).train_batch(5, 16, 128)
+  task = get_task({"name": "books", "needle_fraction": 1.0}, seed=3)
+  batch = task.train_batch(5, 16, 128)
+  again = task.train_batch(5, 16, 128)
+  assert np.array_equal(batch["inputs"], again["inputs"])  # pure in (seed, step)
+  question = needle.QUESTION.encode()
+  for row in range(16):
+    text = bytes(np.concatenate([batch["inputs"][row], batch["targets"][row][-1:]]).astype(np.uint8))
+    key = text[-needle.KEY_DIGITS:]
+    assert key.isdigit() and text[:-needle.KEY_DIGITS].endswith(question)
+    assert needle.NEEDLE.format(key=key.decode()).encode() in text  # the needle it answers
+  half = get_task({"name": "books", "needle_fraction": 0.5}, seed=3)
+  rows = [bytes(r.astype(np.uint8)) for s in range(8) for r in half.train_batch(s, 16, 128)["inputs"]]
+  share = np.mean([b" The pass key is " in r for r in rows])
+  assert 0.3 < share < 0.7
+  off = get_task({"name": "books", "needle_fraction": 0.0}, seed=3).train_batch(5, 16, 128)
+  assert np.array_equal(off["inputs"], plain["inputs"])  # off = the plain stream, bitwise
+  with pytest.raises(ValueError, match="needle_fraction must be in"):
+    get_task({"name": "books", "needle_fraction": 1.5}, seed=3)
