@@ -50,7 +50,7 @@ SAMPLES = ("spread", "first")
 
 def segment_len_for(opts, lengths):
   """Evaluation segment length: the longest evaluated length ("spread"), 0 for "first"."""
-  sample = opts.get("sample", "first") if hasattr(opts, "get") else getattr(opts, "sample", "first")
+  sample = getattr(opts, "sample", "first")  # ConfigDicts and plain objects alike
   if sample not in SAMPLES:
     raise ValueError(f"unknown sample {sample!r}; valid choices: {', '.join(SAMPLES)}")
   return max(lengths) if sample == "spread" and opts.max_tokens else 0
