@@ -97,9 +97,11 @@ def done_steps(workdir):
 class Job:
   """One training run of the plan: a (group, seed) pair, or the fine-tune of one."""
 
-  def __init__(self, name, seed, workdir, steps, tokens_per_step, make_config, source=None):
+  def __init__(self, name, seed, workdir, steps, tokens_per_step, make_config, source=None,
+               speed=1.0):
     self.name, self.seed, self.workdir, self.steps = name, seed, workdir, steps
     self.tokens_per_step, self.make_config, self.source = tokens_per_step, make_config, source
+    self.speed = speed  # training tokens/s relative to rope (benchmarks/encodings.py)
 
   def left(self):
     return max(0, self.steps - done_steps(self.workdir))
@@ -113,14 +115,15 @@ def plan(demo, only=()):
     if not wanted(name):
       continue
     try:
-      run_config(demo, spec)
+      encoding = run_config(demo, spec).posenc.name
     except ValueError as e:
       notes.append(f"  {name:18s} skipped: {e}")
       continue
     for seed in seeds_of(demo):
       jobs.append(Job(name, seed, os.path.join(t.runs_dir, f"{name}-s{seed}"), t.num_train_steps,
                       t.batch_size * t.train_len,
-                      functools.partial(run_config, demo, spec, seed, name)))
+                      functools.partial(run_config, demo, spec, seed, name),
+                      speed=t.speed_vs_rope.get(encoding, 1.0)))
   by_key = {(j.name, j.seed): j for j in jobs}
   for name, spec in t.get("finetunes", {}).items():
     args = dict(kv.split("=", 1) for kv in spec.args.split(","))
@@ -130,7 +133,8 @@ def plan(demo, only=()):
         continue
       jobs.append(Job(name, seed, os.path.join(t.runs_dir, f"{name}-s{seed}"), int(args["steps"]),
                       t.batch_size * t.train_len,  # finetune.py keeps the tokens per step
-                      functools.partial(finetune_config, spec, src.workdir, name), src))
+                      functools.partial(finetune_config, spec, src.workdir, name), src,
+                      speed=src.speed))
   _print_plan(demo, jobs, notes)
   return jobs
 
@@ -139,7 +143,8 @@ def _print_plan(demo, jobs, notes):
   t = demo.train
   dtype = auto_dtype()[0] if t.get("dtype", "float32") == "auto" else t.get("dtype", "float32")
   rate = t.tokens_per_s[dtype]
-  secs = lambda j: j.left() * j.tokens_per_step / rate
+  secs = lambda j: (j.left() * j.tokens_per_step / (rate * j.speed)
+                   + (t.run_overhead_s if j.left() else 0))
   print(f"demo plan ({len(jobs)} runs: {len(t.runs)} groups x seeds {t.seeds} + fine-tunes; "
         f"{t.num_layers} layers, d_model {t.d_model}, {t.num_train_steps} steps x "
         f"{t.batch_size} x {t.train_len} tokens, lr {t.learning_rate}):")

@@ -1,10 +1,13 @@
 """Training throughput of every registered encoding relative to RoPE.
 
-  .venv/bin/python benchmarks/encodings.py [--steps=40] [--size=tiny] [--names=rope,alibi]
+  .venv/bin/python benchmarks/encodings.py [--steps=300] [--recipe=demo] [--names=rope,alibi]
 
-Trains each encoding for --steps steps of the default config (books, train_len 128,
-batch 32) in a temporary workdir, one after another, and prints one JSON line per
-encoding with steady-state tokens/s (first step, i.e. compilation, excluded), the
+Trains each encoding for --steps steps in a temporary workdir, one after another, with
+the demo study's recipe (``--recipe=demo``: configs/sweep_demo.py, the model, batch,
+length and dtype the demo trains with, so its plan estimate can use measured rates) or
+configs/default.py (``--recipe=default``: size tiny, batch 32). Prints the CPU (model and
+speed flags) and the dtype, then one JSON line per encoding with steady-state tokens/s
+(train.py's rate after the first logging interval, i.e. compilation excluded), the
 first-step time and the ratio to rope, then a markdown table.
 """
 import json
@@ -14,45 +17,65 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
+import ml_collections
 from absl import app, flags, logging
 
 import posenc
 import train
+from configs import sweep_demo
 from configs.default import get_config
+from models.layers import auto_dtype, cpu_description
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("steps", 40, "Training steps per encoding.")
-flags.DEFINE_string("size", "tiny", "Model size argument of configs/default.py.")
+flags.DEFINE_integer("steps", 300, "Training steps per encoding.")
+flags.DEFINE_enum("recipe", "demo", ["demo", "default"], "Whose shape and recipe to time.")
 flags.DEFINE_string("names", "", "Comma list of encodings (default: all registered).")
+flags.DEFINE_enum("dtype", "", ["", "auto", "float32", "bfloat16"], "Override the recipe's dtype.")
 
 
-def measure(name, steps, size):
-  """(tokens/s after the first step, first-step seconds) of a short run."""
-  config = get_config(f"posenc={name},size={size}")
-  config.num_train_steps = config.log_every = steps
-  config.eval_every = config.checkpoint_every = steps
+def encoding_config(name, recipe):
+  """The training config of encoding ``name`` under the chosen recipe."""
+  if recipe == "demo":
+    import demo  # the demo's own config builder, so the timed model is the demo's
+    spec = ml_collections.ConfigDict({"args": f"posenc={name}", "overrides": ""})
+    return demo.run_config(sweep_demo.get_config(), spec)
+  from configs.common import resolve
+  return resolve(get_config(f"posenc={name},size=tiny"))
+
+
+def measure(name, steps, recipe, dtype=""):
+  """(tokens/s after the first logging interval, first-step seconds, dtype) of a short run."""
+  config = encoding_config(name, recipe)
+  config.model.dtype = dtype or config.model.dtype
+  if config.model.dtype == "auto":
+    config.model.dtype = auto_dtype()[0]
+  config.num_train_steps = config.eval_every = config.checkpoint_every = steps
+  config.log_every = max(1, steps // 10)
+  config.optim.warmup_steps = min(config.optim.warmup_steps, steps // 2)
   config.eval_tokens = 4096
   with tempfile.TemporaryDirectory() as workdir:
     train.train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       rows = [json.loads(line) for line in f]
-  rate = [r["train/tokens_per_s"] for r in rows if "train/tokens_per_s" in r][-1]
+  rates = [r["train/tokens_per_s"] for r in rows if "train/tokens_per_s" in r][1:]
   first = [r["train/first_step_s"] for r in rows if "train/first_step_s" in r][0]
-  return rate, first
+  return sorted(rates)[len(rates) // 2], first, config.model.dtype
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  print(json.dumps({"cpu": cpu_description(), "recipe": FLAGS.recipe}), flush=True)
   names = FLAGS.names.split(",") if FLAGS.names else ["rope"] + [
       n for n in posenc.names() if n != "rope"]
   results = {}
   for name in names:
-    rate, first = measure(name, FLAGS.steps, FLAGS.size)
+    rate, first, dtype = measure(name, FLAGS.steps, FLAGS.recipe, FLAGS.dtype)
     results[name] = (rate, first)
     ratio = rate / results["rope"][0] if "rope" in results else None
-    print(json.dumps({"posenc": name, "tokens_per_s": round(rate), "first_step_s": round(first, 2),
-                      "ratio_to_rope": ratio and round(ratio, 3)}), flush=True)
+    print(json.dumps({"posenc": name, "dtype": dtype, "tokens_per_s": round(rate),
+                      "first_step_s": round(first, 2), "ratio_to_rope": ratio and round(ratio, 3)}),
+          flush=True)
   print("\n| encoding | tokens/s | first step (s) | vs rope |\n|---|---|---|---|")
   for name, (rate, first) in results.items():
     ratio = f"{rate / results['rope'][0]:.2f}" if "rope" in results else "-"

@@ -4,5 +4,5 @@
 cd "$(dirname "$0")/.." || exit 1
 for L in ${@:-1024 4096 16384 65536}; do
   .venv/bin/python benchmarks/throughput.py --mode eval --seq-len "$L" --steps 1 \
-      --warmup-steps 0 --peak-size 0
+      --warmup-steps 0 --peak-size 0 --dtype float32
 done

@@ -1,28 +1,37 @@
 #!/bin/bash
-# Peer vs lenx, back to back, one process at a time: 3 train repeats (peer, lenx f32,
-# lenx bf16), 2 eval-16k repeats, then 64k bf16 and the memory sweep (1k..64k, f32).
-# One JSON line per run, prefixed by its row name. The peer runs in its own venv:
-#   PEER_PY=/path/to/venv/bin/python sh benchmarks/side_by_side.sh > results.txt
+# Peer vs lenx, back to back, one process at a time: 3 train repeats at the peer's shape
+# and at the demo model's shape (peer, lenx f32, lenx bf16), 2 eval-16k repeats, then
+# (LONG=1) 64k bf16 and the memory sweep (1k..64k, f32). One JSON line per run, prefixed
+# by its row name; the first line names the CPU and its speed flags. The peer runs in its
+# own venv:   PEER_PY=/path/to/venv/bin/python sh benchmarks/side_by_side.sh > results.txt
 # (venv: python3 -m venv V && V/bin/pip install torch==2.13.0 transformers)
 cd "$(dirname "$0")/.." || exit 1
 PEER_PY=${PEER_PY:-/tmp/hfvenv/bin/python}
 PEER=${PEER:-../shared/bench/peer_torch_llama.py}
 L=.venv/bin/python
 A="--layers 4 --d-model 256 --heads 4 --ffn 688 --seq-len 256 --batch 16"
+D="--layers 2 --d-model 128 --heads 4 --ffn 352 --seq-len 128 --batch 32 --steps 20"
+$L -c "import json; from models.layers import cpu_description, auto_dtype; \
+print('cpu', json.dumps({**cpu_description(), 'auto_dtype': auto_dtype()}))"
 for r in 1 2 3; do
-  echo "## train repeat $r $(date +%T) load $(cut -d' ' -f1 /proc/loadavg)"
-  $PEER_PY "$PEER" --mode train $A 2>/dev/null | tail -1 | sed 's/^/peer_train /'
-  $L benchmarks/throughput.py --mode train $A | sed 's/^/lenx_train_f32 /'
-  $L benchmarks/throughput.py --mode train $A --dtype bfloat16 | sed 's/^/lenx_train_bf16 /'
+  for shape in A D; do
+    S=${!shape}
+    echo "## train $shape repeat $r $(date +%T) load $(cut -d' ' -f1 /proc/loadavg)"
+    $PEER_PY "$PEER" --mode train $S 2>/dev/null | tail -1 | sed "s/^/peer_train_$shape /"
+    $L benchmarks/throughput.py --mode train $S --dtype float32 --peak-size 0 | sed "s/^/lenx_train_${shape}_f32 /"
+    $L benchmarks/throughput.py --mode train $S --dtype bfloat16 | sed "s/^/lenx_train_${shape}_bf16 /"
+  done
 done
 for r in 1 2; do
   echo "## eval repeat $r $(date +%T) load $(cut -d' ' -f1 /proc/loadavg)"
   $PEER_PY "$PEER" --mode eval --seq-len 16384 2>/dev/null | tail -1 | sed 's/^/peer_eval16k /'
-  $L benchmarks/throughput.py --mode eval --seq-len 16384 --peak-size 0 | sed 's/^/lenx_eval16k_f32 /'
+  $L benchmarks/throughput.py --mode eval --seq-len 16384 --dtype float32 --peak-size 0 | sed 's/^/lenx_eval16k_f32 /'
   $L benchmarks/throughput.py --mode eval --seq-len 16384 --dtype bfloat16 | sed 's/^/lenx_eval16k_bf16 /'
 done
-echo "## 64k $(date +%T)"
-$L benchmarks/throughput.py --mode eval --seq-len 65536 --dtype bfloat16 --steps 1 \
-    --warmup-steps 0 --peak-size 0 | sed 's/^/lenx_eval64k_bf16 /'
-sh benchmarks/memory_sweep.sh 1024 4096 16384 65536 | sed 's/^/sweep /'
+if [ -n "$LONG" ]; then
+  echo "## 64k $(date +%T)"
+  $L benchmarks/throughput.py --mode eval --seq-len 65536 --dtype bfloat16 --steps 1 \
+      --warmup-steps 0 --peak-size 0 | sed 's/^/lenx_eval64k_bf16 /'
+  sh benchmarks/memory_sweep.sh 1024 4096 16384 65536 | sed 's/^/sweep /'
+fi
 echo "## done $(date +%T)"

@@ -5,11 +5,13 @@
     python benchmarks/throughput.py                                    # train 4x256, seq 256, batch 16
     python benchmarks/throughput.py --mode eval --seq-len 16384        # forward + loss, batch 1
     python benchmarks/throughput.py --dtype bfloat16                   # bf16 matmul inputs, f32 accum
+                                  # (default --dtype auto: bf16 only with bf16 hardware)
 
 Same model shape as the peer: pre-RMSNorm, SwiGLU (--ffn), RoPE, vocab 256, untied
 head, AdamW. Prints one JSON line with the peer's fields (tokens_per_s,
 step_s_median, params, achieved_gflops, peak_rss_mib, ...) plus compile_s (first
-call minus a steady step: trace + compile, or a cache load with --cache-dir), this
+call minus a steady step: trace + compile, or a cache load with --cache-dir),
+the CPU's model and speed flags (avx2, avx512f, avx512_bf16, amx_bf16, ...), this
 machine's matmul peak measured in the same run (jnp.dot f32, and bf16 inputs with f32
 accumulation) and MFU against it.
 FLOPs per token as the peer (PaLM appendix B): train 6N + 12 L d T, eval 2N + 4 L d T.
@@ -29,6 +31,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from models.layers import cpu_description  # noqa: E402
+
 VOCAB = 256
 
 
@@ -45,12 +49,17 @@ def parse_args(argv=None):
   p.add_argument("--warmup-steps", type=int, default=None, help="untimed steps after compile (default 2 / 1)")
   p.add_argument("--lr", type=float, default=3e-4)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                 help="auto: bf16 matmuls where the hardware has them (models.layers.auto_dtype)")
   p.add_argument("--attention", choices=("auto", "full", "blockwise"), default="auto")
   p.add_argument("--block-size", type=int, default=512)
   p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul peak (0 = skip)")
   p.add_argument("--cache-dir", default="", help="persistent compilation cache dir ('' = off)")
   a = p.parse_args(argv)
+  a.dtype_auto = ""
+  if a.dtype == "auto":
+    from models.layers import auto_dtype
+    a.dtype, a.dtype_auto = auto_dtype()
   train = a.mode == "train"
   a.batch = a.batch if a.batch is not None else (16 if train else 1)
   a.steps = a.steps if a.steps is not None else (8 if train else 3)
@@ -158,7 +167,7 @@ def main(argv=None):
       "peer": "lenx-jax", "mode": a.mode, "jax": jax.__version__,
       "python": platform.python_version(), "cpu_count": os.cpu_count(),
       "backend": jax.default_backend(), "attention": a.attention, "block_size": a.block_size,
-      "dtype": a.dtype,
+      "dtype": a.dtype, "dtype_auto": a.dtype_auto, "cpu": cpu_description(),
       "config": {"layers": a.layers, "d_model": a.d_model, "heads": a.heads, "ffn": a.ffn,
                  "vocab": VOCAB, "seq_len": a.seq_len, "batch": a.batch, "steps": a.steps,
                  "warmup_steps": a.warmup_steps, "lr": a.lr if a.mode == "train" else None},

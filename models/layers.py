@@ -9,6 +9,7 @@ hand-written backward also serves float32 (see ``_dot_bwd``).
 """
 import functools
 import math
+import platform
 
 import jax
 import jax.numpy as jnp
@@ -19,16 +20,32 @@ from posenc.xla_ops import row_major
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def cpu_flags(path="/proc/cpuinfo"):
-  """The CPU feature flags (empty set where /proc/cpuinfo is absent, e.g. macOS)."""
+def _cpuinfo_field(name, path="/proc/cpuinfo"):
+  """The first value of ``name`` in /proc/cpuinfo ('' where the file is absent, e.g. macOS)."""
   try:
     with open(path) as f:
       for line in f:
-        if line.startswith("flags"):
-          return set(line.split(":", 1)[1].split())
+        if line.split(":", 1)[0].strip() == name:
+          return line.split(":", 1)[1].strip()
   except OSError:
     pass
-  return set()
+  return ""
+
+
+def cpu_flags(path="/proc/cpuinfo"):
+  """The CPU feature flags (empty set where /proc/cpuinfo is absent)."""
+  return set(_cpuinfo_field("flags", path).split())
+
+
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_description(path="/proc/cpuinfo"):
+  """{"model": CPU model name, "flags": which of SPEED_FLAGS it has}: what a speed figure
+  must name, since matmul speed (and whether bf16 helps) depends on them."""
+  flags = cpu_flags(path)
+  return {"model": _cpuinfo_field("model name", path) or platform.processor(),
+          "flags": [f for f in SPEED_FLAGS if f in flags]}
 
 
 def auto_dtype(backend=None, flags=None):

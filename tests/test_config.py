@@ -82,3 +82,12 @@ def test_auto_dtype_follows_the_hardware():
   assert r.model.dtype == auto_dtype()[0] and r.model.dtype_auto == auto_dtype()[1]
   assert r.model.dtype == ("bfloat16" if cpu_flags() & {"amx_bf16", "avx512_bf16"}
                            or jax.default_backend() != "cpu" else "float32")
+
+
+def test_cpu_description_names_model_and_speed_flags(tmp_path):
+  from models.layers import cpu_description
+  info = tmp_path / "cpuinfo"
+  info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\n"
+                  "flags\t\t: fpu sse2 avx avx2 fma bmi2\nprocessor\t: 1\n")
+  assert cpu_description(str(info)) == {"model": "AMD EPYC 7B13", "flags": ["avx2", "fma"]}
+  assert cpu_description(str(tmp_path / "absent"))["flags"] == []
