@@ -3,7 +3,7 @@
 # and at the demo model's shape (peer, lenx f32, lenx bf16), 2 eval-16k repeats, then
 # (LONG=1) 64k bf16 and the memory sweep (1k..64k, f32). One JSON line per run, prefixed
 # by its row name; the first line names the CPU and its speed flags. The peer runs in its
-# own venv:   PEER_PY=/path/to/venv/bin/python sh benchmarks/side_by_side.sh > results.txt
+# own venv:   PEER_PY=/path/to/venv/bin/python bash benchmarks/side_by_side.sh > results.txt
 # (venv: python3 -m venv V && V/bin/pip install torch==2.13.0 transformers)
 cd "$(dirname "$0")/.." || exit 1
 PEER_PY=${PEER_PY:-/tmp/hfvenv/bin/python}
