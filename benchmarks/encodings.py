@@ -23,8 +23,9 @@ from absl import app, flags, logging
 import posenc
 import train
 from configs import sweep_demo
+from configs.common import resolve
 from configs.default import get_config
-from models.layers import auto_dtype, cpu_description
+from models.layers import cpu_description
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 300, "Training steps per encoding.")
@@ -34,21 +35,19 @@ flags.DEFINE_enum("dtype", "", ["", "auto", "float32", "bfloat16"], "Override th
 
 
 def encoding_config(name, recipe):
-  """The training config of encoding ``name`` under the chosen recipe."""
+  """The training config of encoding ``name`` under the chosen recipe (unresolved)."""
   if recipe == "demo":
     import demo  # the demo's own config builder, so the timed model is the demo's
     spec = ml_collections.ConfigDict({"args": f"posenc={name}", "overrides": ""})
     return demo.run_config(sweep_demo.get_config(), spec)
-  from configs.common import resolve
-  return resolve(get_config(f"posenc={name},size=tiny"))
+  return get_config(f"posenc={name},size=tiny")
 
 
 def measure(name, steps, recipe, dtype=""):
   """(tokens/s after the first logging interval, first-step seconds, dtype) of a short run."""
   config = encoding_config(name, recipe)
   config.model.dtype = dtype or config.model.dtype
-  if config.model.dtype == "auto":
-    config.model.dtype = auto_dtype()[0]
+  config = resolve(config)  # "auto" -> the dtype that runs, reported below
   config.num_train_steps = config.eval_every = config.checkpoint_every = steps
   config.log_every = max(1, steps // 10)
   config.optim.warmup_steps = min(config.optim.warmup_steps, steps // 2)

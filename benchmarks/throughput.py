@@ -31,7 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from models.layers import cpu_description  # noqa: E402
+from models.layers import auto_dtype, cpu_description  # noqa: E402
 
 VOCAB = 256
 
@@ -58,7 +58,6 @@ def parse_args(argv=None):
   a = p.parse_args(argv)
   a.dtype_auto = ""
   if a.dtype == "auto":
-    from models.layers import auto_dtype
     a.dtype, a.dtype_auto = auto_dtype()
   train = a.mode == "train"
   a.batch = a.batch if a.batch is not None else (16 if train else 1)
