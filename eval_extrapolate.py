@@ -13,6 +13,9 @@ variant that does not apply to a run's encoding is recorded as skipped. A run ma
 pretrained checkpoint: pretrained:NAME (python -m pretrained list), a .gguf file or a Hugging
 Face directory; its train_len is its context length. --mode sliding uses
 --stride (0 = length // 2). --max_tokens bounds the scored tokens per length (0 = whole split).
+--dtype evaluates in another matmul dtype than the run's own (auto | float32 | bfloat16; rows
+record it as eval_dtype and key on it). A variant that computes exactly what "none" computes
+at a length (e.g. factor=auto at or below train_len) reuses none's row (marked same_as).
 Flags may be spelled with '-' or '_' (--max-tokens). A --config file (ml_collections) sets the
 same options (see configs/sweep_demo.py); explicit command-line flags override it, and
 --config.x=y overrides single fields.
@@ -49,10 +52,12 @@ flags.DEFINE_integer("batch_size", None, f"Windows per batch (0 = {sweep.DEFAULT
                      "tokens / length, 1..64).")
 flags.DEFINE_integer("stats_windows", None, "Windows for attention statistics (0 = off).")
 flags.DEFINE_string("out", None, "Output directory.")
+flags.DEFINE_string("dtype", None, "Matmul dtype to evaluate in: auto | float32 | bfloat16 "
+                    "('' = each run's own model.dtype; pretrained checkpoints: float32).")
 flags.DEFINE_bool("replot", False, "Only re-render summary.md and figures from results.jsonl.")
 
 OPTIONS = ("runs", "lengths", "variants", "mode", "stride", "split", "max_tokens", "sample",
-           "batch_size", "stats_windows", "out")
+           "batch_size", "stats_windows", "dtype", "out")
 
 
 def default_options():
@@ -60,7 +65,7 @@ def default_options():
   return ml_collections.ConfigDict(dict(
       runs="", lengths="128,256,512,1024,2048,4096", variants="none", mode="nonoverlapping",
       stride=0, split="validation", max_tokens=131072, sample="spread", batch_size=0,
-      stats_windows=1, out=""))
+      stats_windows=1, dtype="", out=""))
 
 
 def options_from_flags():

@@ -49,6 +49,20 @@ def cluster_se(sums, counts):
   return float(np.sqrt(k / (k - 1) * np.sum((sums - mean * counts) ** 2)) / counts.sum())
 
 
+def paired_difference(row, ref):
+  """(mean NLL of ``row`` minus that of ``ref``, its standard error) over the segments both
+  scored: the per-segment differences of summed NLL are the cluster units, so text
+  difficulty shared by the two rows cancels (a variant vs "none" on the same targets).
+  Rows must carry segment sums on the same segments with the same token counts."""
+  if row.get("segment_ids") is None or row.get("segment_ids") != ref.get("segment_ids") or (
+      row["segment_tokens"] != ref["segment_tokens"]):
+    raise ValueError("paired_difference needs two rows scored on the same segments and "
+                     "targets (same segment_ids and segment_tokens; evaluate with sample=spread)")
+  diffs = np.subtract(row["segment_nll_sums"], ref["segment_nll_sums"])
+  tokens = np.asarray(row["segment_tokens"], np.float64)
+  return float(diffs.sum() / tokens.sum()), cluster_se(diffs, tokens)
+
+
 class Accumulator:
   """Sums over batches of {nll [B,L], correct [B,L] (synthetic)} and the batch dicts."""
 
@@ -100,9 +114,15 @@ class Accumulator:
     """nll_se, its unit and cluster count, and the 95 % perplexity interval it implies."""
     sums, counts = zip(*self.clusters.values()) if self.clusters else ((), ())
     se = cluster_se(sums, counts)
-    return {"nll_se": se, "se_unit": self.cluster, "se_clusters": len(self.clusters),
-            "ppl_ci95": [float(np.exp(min(nll - Z95 * se, 700.0))),
-                         float(np.exp(min(nll + Z95 * se, 700.0)))]}
+    out = {"nll_se": se, "se_unit": self.cluster, "se_clusters": len(self.clusters),
+           "ppl_ci95": [float(np.exp(min(nll - Z95 * se, 700.0))),
+                        float(np.exp(min(nll + Z95 * se, 700.0)))]}
+    if self.cluster == "segment":  # the same segments at every length and variant: paired
+      ids = sorted(self.clusters)  # comparisons between rows (``paired_difference``)
+      out["segment_ids"] = ids
+      out["segment_nll_sums"] = [float(self.clusters[i][0]) for i in ids]
+      out["segment_tokens"] = [int(self.clusters[i][1]) for i in ids]
+    return out
 
   def _add_answers(self, batch, correct):
     answer = np.asarray(batch["answer_mask"], np.float64)

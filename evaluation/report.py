@@ -5,6 +5,7 @@ import os
 import numpy as np
 
 from evaluation import aggregate, plots
+from evaluation.metrics import paired_difference
 from evaluation.results import line_label, ok_rows, write_atomic
 
 _HOW_TO_READ = (
@@ -47,6 +48,35 @@ def _table(rows, lengths, relative):
   return out
 
 
+def _paired_table(rows, lengths):
+  """Each variant minus its run's "none" row, mean NLL difference +- its paired SE (the
+  same segments are the units, so text difficulty cancels); only rows with segment sums."""
+  done = {(r["run_dir"], r["variant"], r["length"]): r for r in ok_rows(rows)
+          if r.get("segment_nll_sums") is not None}
+  out = []
+  for run_dir, variant in sorted({(k[0], k[1]) for k in done if k[1] != "none"}):
+    cells = []
+    for n in lengths:
+      row, ref = done.get((run_dir, variant, n)), done.get((run_dir, "none", n))
+      if row is None or ref is None:
+        cells.append("")
+      elif row.get("same_as") == "none":
+        cells.append("= none")
+      else:
+        diff, se = paired_difference(row, ref)
+        cells.append(f"{diff:+.3f} +- {se:.3f}")
+    if any(c not in ("", "= none") for c in cells):
+      out.append(f"| {line_label(done[next(k for k in done if k[:2] == (run_dir, variant))])} | "
+                 + " | ".join(cells) + " |")
+  if not out:
+    return []
+  return (["Mean NLL minus the same run's `none` (nats per token), +- the paired standard "
+           "error over the segments both scored (text difficulty cancels; `= none`: the "
+           "variant computes exactly what none does at that length, row reused):", "",
+           "| run + variant | " + " | ".join(str(n) for n in lengths) + " |",
+           "|" + "---|" * (len(lengths) + 1)] + out + [""])
+
+
 def _uncertainty_notes(rows):
   """Where the evaluation standard error reaches 1 % of the perplexity."""
   done = ok_rows(rows)
@@ -80,6 +110,7 @@ def summary_markdown(rows):
     text += ["Perplexity relative to each seed's own value at its training length (or the "
              "longest evaluated length below it), then mean +- sd over seeds:", ""]
     text += _table(group, lengths, relative=True) + [""]
+    text += _paired_table(group, lengths)
   text += [_HOW_TO_READ, ""] + _uncertainty_notes(rows) + [""]
   unsupported = sorted({(line_label(r), r["status"]) for r in rows
                         if r["status"].startswith("unsupported")})
@@ -92,10 +123,13 @@ def summary_markdown(rows):
     text += ["Skipped (variant does not apply):", ""]
     text += [f"- {run} + {v}: {s.split(': ', 1)[1]}" for run, v, s in skipped] + [""]
   done = ok_rows(rows)
+  computed = [r for r in done if not r.get("same_as")]
   total = sum(r.get("seconds") or 0.0 for r in rows)
-  compile_s = sum(r.get("compile_s") or 0.0 for r in done)
-  text += [f"{len(done)} rows evaluated in {total:.0f} s "
-           f"(compile {compile_s:.0f} s, run {sum(r.get('run_s') or 0.0 for r in done):.0f} s).", ""]
+  compile_s = sum(r.get("compile_s") or 0.0 for r in computed)
+  reused = f"; {len(done) - len(computed)} reused an identical row" if len(computed) < len(done) else ""
+  text += [f"{len(computed)} rows evaluated in {total:.0f} s "
+           f"(compile {compile_s:.0f} s, run {sum(r.get('run_s') or 0.0 for r in computed):.0f} s)"
+           f"{reused}.", ""]
   return "\n".join(text)
 
 

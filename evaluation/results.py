@@ -11,7 +11,7 @@ import os
 import sys
 
 KEY_FIELDS = ("run_dir", "variant", "length", "mode", "stride", "split", "max_tokens",
-              "segment_len")
+              "segment_len", "eval_dtype")  # eval_dtype: only in rows of a --dtype override
 
 
 def row_key(row):

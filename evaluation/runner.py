@@ -27,6 +27,28 @@ def variant_model(run_model, variant_config):
   return model
 
 
+def _computation(config):
+  """The config without what only names a variant or feeds the RoPE frequencies."""
+  d = config.to_dict()
+  d.pop("variant_resolved", None)
+  enc = d.get("posenc", {}).get(d.get("posenc", {}).get("name"), {})
+  for key in ("scaling", "scaling_json", "eval_len"):
+    enc.pop(key, None)
+  return d
+
+
+def same_computation(run_config, run_model, variant_config, model):
+  """Whether ``model`` (a variant of the run) computes exactly what the run's model does:
+  the configs agree except for the RoPE scaling fields, and the rotary frequencies and
+  attention factor those fields produce are identical (e.g. any ``factor=auto`` scaling at
+  or below the original length, where the factor is 1)."""
+  if _computation(run_config) != _computation(variant_config):
+    return False
+  tables = [(getattr(m.posenc, "inv_freq", None), getattr(m.posenc, "attention_factor", None))
+            for m in (run_model, model)]
+  return tables[0] == tables[1]
+
+
 def make_eval_fn(model, with_correct):
   """jit f(state, inputs, targets, positions) -> {"nll" [B,L], "correct" [B,L]?}."""
   graphdef, state = split_model(model)

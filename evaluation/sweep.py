@@ -18,6 +18,7 @@ import input_pipeline
 from evaluation import report, runner, windows
 from evaluation.results import ResultsFile, row_key
 from evaluation.variants import NotApplicable, apply_variant, parse_variants
+from models.layers import auto_dtype, compute_dtype
 from training import checkpoint
 
 DEFAULT_BATCH_TOKENS = 32768  # batch_size 0: windows per batch = this // length (1..64)
@@ -67,11 +68,27 @@ def batch_size_for(batch_size, length):
   return batch_size or max(1, min(64, DEFAULT_BATCH_TOKENS // length))
 
 
-class _Run:
-  """A run directory, loaded lazily (only when one of its rows is still missing)."""
+def eval_dtype_for(dtype):
+  """--dtype: "" (each run's own model.dtype) or a dtype name, "auto" resolved here."""
+  if not dtype:
+    return ""
+  if dtype == "auto":
+    return auto_dtype()[0]
+  compute_dtype(dtype)  # ValueError naming the valid choices
+  return dtype
 
-  def __init__(self, run_dir):
+
+class _Run:
+  """A run directory, loaded lazily (only when one of its rows is still missing).
+
+  eval_dtype: matmul dtype to evaluate in instead of the run's own (parameters are float32
+  either way; only the variant models built for the rows use it)."""
+
+  def __init__(self, run_dir, eval_dtype=""):
     self.dir, self.config = run_dir, checkpoint.read_config(run_dir)
+    self.eval_dtype = eval_dtype
+    if eval_dtype:
+      self.config.model.dtype = eval_dtype
     self._model = self._task = None
     self.step = checkpoint.latest_step(run_dir)
 
@@ -96,11 +113,19 @@ class _Run:
             "variant": variant.label, "variant_name": variant.name,
             "variant_params": variant.param_dict(), "train_len": c.train_len,
             "length": length, "mode": opts.mode, "stride": stride, "split": opts.split,
-            "max_tokens": opts.max_tokens, "segment_len": segment_len, "step": self.step}
+            "max_tokens": opts.max_tokens, "segment_len": segment_len, "step": self.step,
+            "dtype": c.model.dtype, **({"eval_dtype": self.eval_dtype} if self.eval_dtype else {})}
 
 
-def _compute(run, variant, length, opts, stride, segment_len):
-  """Row fields (without the base) of one job."""
+# fields a row reuses from an identical variant's row (everything measured)
+_OWN_FIELDS = ("status", "variant", "variant_name", "variant_params", "variant_resolved",
+               "seconds")
+
+
+def _compute(run, variant, length, opts, stride, segment_len, reference=None):
+  """Row fields (without the base) of one job. ``reference``: the run's "none" row at this
+  length (or None); a variant that computes exactly the same (``runner.same_computation``)
+  reuses its numbers instead of recomputing them, marked ``same_as``."""
   try:
     config = apply_variant(run.config, variant, length)
   except NotApplicable as e:
@@ -109,6 +134,11 @@ def _compute(run, variant, length, opts, stride, segment_len):
   if opts.mode == "sliding" and not run.task.is_text:
     return {"status": f"skipped: sliding mode needs a text task, {run.config.data.name!r} is not"}
   model = runner.variant_model(run.model, config)
+  if (reference and reference.get("status") == "ok" and variant.label != "none"
+      and runner.same_computation(run.config, run.model, config, model)):
+    reused = {k: v for k, v in reference.items() if k not in _OWN_FIELDS and k not in
+              run.base_row(variant, length, opts, stride, segment_len)}
+    return {"status": "ok", **resolved, **reused, "same_as": "none"}
   try:
     model.posenc.check_positions(length - 1)
   except ValueError as e:
@@ -124,19 +154,23 @@ def _describe(row):
   if row["status"] != "ok":
     return f"{row['run']} {row['variant']} L={row['length']}: {row['status'][:90]}"
   metric = f"bpb {row['bpb']:.3f}" if "bpb" in row else f"excess {row['excess_nll']:.3f}"
+  se = "n/a" if row.get("nll_se") is None else f"{100 * row['nll_se']:.1f} %"
+  cost = (f"same computation as {row['same_as']}: its numbers" if row.get("same_as") else
+          f"compile {row['compile_s']:.1f}s, run {row['run_s']:.1f}s")
   return (f"{row['run']} {row['variant']} L={row['length']}: ppl {row['ppl']:.3f} "
-          f"(se {100 * row['nll_se']:.1f} %) {metric} "
-          f"({row['tokens']} tok, compile {row['compile_s']:.1f}s, run {row['run_s']:.1f}s)")
+          f"(se {se}) {metric} ({row['tokens']} tok, {cost})")
 
 
 def run_sweep(opts, *, verbose=True):
   """Computes the missing rows, then writes summary.md and the figures; returns all rows.
 
   opts: runs, lengths, variants, mode, stride, split, max_tokens, sample (default
-  "first"), batch_size, stats_windows, out (a ConfigDict or any object with these).
+  "first"), batch_size, stats_windows, out, dtype (optional, "" = each run's own) (a
+  ConfigDict or any object with these).
   """
   windows.check_mode(opts.mode, 1, 1)
-  runs = [_Run(d) for d in expand_runs(opts.runs)]
+  eval_dtype = eval_dtype_for(getattr(opts, "dtype", ""))
+  runs = [_Run(d, eval_dtype) for d in expand_runs(opts.runs)]
   lengths, variants = parse_lengths(opts.lengths), parse_variants(opts.variants)
   os.makedirs(opts.out, exist_ok=True)
   results = ResultsFile(os.path.join(opts.out, "results.jsonl"))
@@ -152,7 +186,8 @@ def run_sweep(opts, *, verbose=True):
     bar.set_postfix_str(f"{row['run']} {variant.label} L={length}")
     if row_key(row) not in results:
       t0 = time.perf_counter()
-      row.update(_compute(run, variant, length, opts, stride, segment_len))
+      reference = results.rows.get(row_key({**row, "variant": "none"}))
+      row.update(_compute(run, variant, length, opts, stride, segment_len, reference))
       row["seconds"] = time.perf_counter() - t0
       results.add(row)
       computed += 1

@@ -13,8 +13,9 @@ import train
 from configs import sweep_demo
 from configs.default import get_config
 from evaluation import aggregate, report
-from evaluation.metrics import Accumulator, cluster_se
+from evaluation.metrics import Accumulator, cluster_se, paired_difference
 from input_pipeline import base
+from models.loss import LOGIT_BLOCK, logit_chunk
 from training import checkpoint
 
 
@@ -72,6 +73,27 @@ def test_standard_error_matches_direct_computation_on_hand_made_windows():
   assert acc.row(True)["nll_se"] == pytest.approx(nll.mean(1).std(ddof=1) / math.sqrt(6))
 
 
+def test_paired_difference_cancels_shared_segment_difficulty():
+  # two "variants" on the same 3 segments: b = a + a per-segment shift; segment difficulty
+  # (large) is shared, so the paired SE sees only the spread of the shifts
+  rng = np.random.default_rng(0)
+  segs = np.repeat(np.arange(3), 2)
+  hard = np.array([1.0, 3.0, 5.0])[segs][:, None] + 0.01 * rng.standard_normal((6, 4))
+  shift = np.array([0.10, 0.12, 0.14])[segs][:, None]
+  rows = []
+  for nll in (hard, hard + shift):
+    acc = Accumulator(4, cluster="segment")
+    acc.add(*_batch(nll, segs))
+    rows.append(acc.row(True))
+  diff, se = paired_difference(rows[1], rows[0])
+  assert diff == pytest.approx(0.12) and rows[1]["nll"] - rows[0]["nll"] == pytest.approx(diff)
+  assert se == pytest.approx(np.std([0.10, 0.12, 0.14], ddof=1) / math.sqrt(3))
+  assert se < rows[0]["nll_se"] / 50  # unpaired: the segments' difficulty dominates
+  other = dict(rows[0], segment_ids=[0, 1, 5])
+  with pytest.raises(ValueError, match="same segments"):
+    paired_difference(rows[1], other)
+
+
 def test_standard_error_weights_unequal_clusters_by_tokens():
   # Masked tokens make clusters unequal: the ratio estimator, by hand.
   nll = np.array([[1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 0.0, 0.0], [5.0, 1.0, 1.0, 0.0]])
@@ -120,6 +142,23 @@ def test_summary_mean_and_band_match_the_rows():
   cell = aggregate.cell([r for r in rows if r["length"] == 512])
   assert (cell.mean, cell.lo, cell.hi, cell.seeds) == (10.0, 9.0, 12.0, 3)
   assert "below 1 %" in text
+
+
+def test_summary_pairs_each_variant_with_its_runs_none_row():
+  base = {"run": "m", "group": "m", "seed": 0, "run_dir": "pretrained:m", "train_len": 8,
+          "mode": "m", "split": "test", "max_tokens": 1, "segment_len": 16, "status": "ok",
+          "nll_se": 0.1, "segment_ids": [0, 1, 2], "segment_tokens": [10, 10, 10]}
+  def row(variant, length, sums, **kw):
+    nll = sum(sums) / 30
+    return {**base, "variant": variant, "length": length, "nll": nll, "ppl": math.exp(nll),
+            "segment_nll_sums": sums, **kw}
+  rows = [row("none", 8, [10.0, 20.0, 30.0]), row("none", 16, [12.0, 22.0, 32.0]),
+          row("yarn", 8, [10.0, 20.0, 30.0], same_as="none"),
+          row("yarn", 16, [11.0, 21.5, 31.0])]
+  text = report.summary_markdown(rows)
+  se = np.std([-1.0, -0.5, -1.0], ddof=1) / math.sqrt(3) / 10  # per-token units
+  assert f"| m +yarn | = none | {-2.5 / 30:+.3f} +- {se:.3f} |" in text
+  assert "3 rows evaluated" in text and "1 reused an identical row" in text
 
 
 def test_full_study_config_resolves_every_run():
@@ -221,3 +260,12 @@ def test_output_entropy_equals_a_direct_computation():
   row = acc.row(True)
   assert row["entropy"] == pytest.approx((direct * mask).sum() / mask.sum())
   assert row["position_entropy"][0] == pytest.approx(direct[:, 0].mean())
+
+
+def test_loss_chunk_bounds_the_live_logit_block():
+  assert logit_chunk(4, 256) == 2048  # byte models: as before
+  assert logit_chunk(1, 49152) == 256  # SmolLM2: 48 MB of float32 logits per chunk
+  assert logit_chunk(64, 49152) == 64  # never below 64 positions
+  for b, v in ((1, 49152), (2, 32000), (8, 128256), (32, 256)):
+    c = logit_chunk(b, v)
+    assert c & (c - 1) == 0 and (b * c * v <= LOGIT_BLOCK or c == 64)

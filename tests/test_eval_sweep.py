@@ -76,12 +76,11 @@ def test_rope_variant_on_non_rope_run_is_skipped(smoke):
 
 def _fake_compute(source, calls, fail_at=None):
   """Stands in for sweep._compute: returns the row the smoke sweep computed (fast)."""
-  def compute(run, variant, length, opts, stride, segment_len):
+  def compute(run, variant, length, opts, stride, segment_len, reference=None):
     calls.append((run.dir, variant.label, length))
     if fail_at is not None and len(calls) == fail_at:
       raise KeyboardInterrupt  # the sweep is killed while computing this row
-    key = (sweep.portable_path(run.dir), variant.label, length, opts.mode, stride, opts.split,
-           opts.max_tokens, segment_len)
+    key = results.row_key(run.base_row(variant, length, opts, stride, segment_len))
     return {k: v for k, v in source[key].items() if k not in results.KEY_FIELDS}
   return compute
 
@@ -117,6 +116,45 @@ def test_kill_between_rows_leaves_valid_file_and_resumes(smoke, tmp_path, monkey
   monkeypatch.setattr(sweep, "_compute", _fake_compute(source, calls))
   sweep.run_sweep(cfg, verbose=False)
   assert len(calls) == 13 and set(rows_by_key(str(tmp_path / "results.jsonl"))) == set(source)
+
+
+def _one_run_opts(cfg, tmp_path, **kw):
+  opts = copy.deepcopy(cfg)
+  opts.runs, opts.out = os.path.join(cfg.train.runs_dir, "rope-s0"), str(tmp_path)
+  opts.update(kw)
+  return opts
+
+
+def test_variant_identical_to_none_reuses_its_row_and_matches_a_recompute(smoke, tmp_path):
+  cfg, rows = smoke
+  rope = {(r["variant"], r["length"]): r for r in rows if r["run"] == "rope-s0"}
+  train_len = rope["none", 16]["train_len"]
+  assert train_len == 16
+  at_l, past_l = rope["linear", 16], rope["linear", 32]
+  assert at_l["same_as"] == "none" and at_l["nll"] == rope["none", 16]["nll"]
+  assert at_l["variant_resolved"]["linear"]["factor"] == 1.0
+  assert "same_as" not in past_l and past_l["nll"] != rope["none", 32]["nll"]
+  # without a "none" row to reuse, the same variant is computed: the same numbers
+  alone = sweep.run_sweep(_one_run_opts(cfg, tmp_path, variants="linear"), verbose=False)
+  computed = next(r for r in alone if r["length"] == 16)
+  assert "same_as" not in computed
+  assert computed["nll"] == pytest.approx(at_l["nll"], abs=1e-6)
+
+
+def test_dtype_override_is_recorded_keyed_and_validated(smoke, tmp_path):
+  cfg, rows = smoke
+  own = next(r for r in rows if (r["run"], r["variant"], r["length"]) == ("rope-s0", "none", 32))
+  assert own["dtype"] == "float32" and "eval_dtype" not in own  # the smoke runs' own dtype
+  for dtype in ("bfloat16", "float32"):
+    sweep.run_sweep(_one_run_opts(cfg, tmp_path, variants="none", lengths="32", dtype=dtype),
+                    verbose=False)
+  got = {r["eval_dtype"]: r for r in results.read_rows(str(tmp_path / "results.jsonl"))}
+  assert set(got) == {"bfloat16", "float32"} and got["bfloat16"]["dtype"] == "bfloat16"
+  assert got["float32"]["nll"] == pytest.approx(own["nll"], abs=1e-6)
+  assert got["bfloat16"]["nll"] != got["float32"]["nll"]  # really evaluated in bf16 ...
+  assert got["bfloat16"]["nll"] == pytest.approx(own["nll"], abs=0.02)  # ... and close
+  with pytest.raises(ValueError, match="float16.*valid choices"):
+    sweep.run_sweep(_one_run_opts(cfg, tmp_path, dtype="float16"), verbose=False)
 
 
 def test_replot_from_results_only(smoke, tmp_path):
