@@ -17,7 +17,7 @@ from absl import app, flags
 
 import extensions
 from evaluation import needle, results
-from evaluation.runner import variant_model
+from evaluation.runner import eval_dtype_for, variant_model
 from extensions import NotApplicable
 from input_pipeline import text as text_data
 from input_pipeline.codec import Codec
@@ -37,10 +37,12 @@ def define_flags():
   flags.DEFINE_string("variants", "none", "Comma list of variants (as eval_extrapolate.py).")
   flags.DEFINE_enum("split", "test", ["validation", "test"], "Books split of the filler.")
   flags.DEFINE_integer("seed", 0, "Seed of the trials.")
+  flags.DEFINE_string("dtype", "", "Matmul dtype: auto | float32 | bfloat16 ('' = the run's own).")
   flags.DEFINE_string("out", None, "Output directory.")
 
 
-KEY_FIELDS = ("run_dir", "variant", "length", "depth", "trials", "distractors", "split", "seed")
+KEY_FIELDS = ("run_dir", "variant", "length", "depth", "trials", "distractors", "split", "seed",
+              "eval_dtype")  # eval_dtype: only in rows of a --dtype override
 MAX_FILLER_CHARS = 4_000_000  # BPE filler: tokenise only this much of the split
 
 
@@ -87,6 +89,7 @@ def run_grid(opts, log=print):
   os.makedirs(opts.out, exist_ok=True)
   store = NeedleResults(os.path.join(opts.out, "needle.jsonl"))
   depths = [float(d) for d in opts.depths.split(",")]
+  eval_dtype = eval_dtype_for(getattr(opts, "dtype", ""))
   for run_dir in [r.strip() for r in opts.runs.split(",") if r.strip()]:
     config = checkpoint.read_config(run_dir)
     lengths = parse_lengths(opts.lengths, config.train_len)
@@ -98,7 +101,7 @@ def run_grid(opts, log=print):
                  "run_dir": run_dir, "posenc": config.posenc.name, "variant": variant.label,
                  "train_len": config.train_len, "length": length, "depth": depth,
                  "trials": opts.trials, "distractors": opts.distractors, "split": opts.split,
-                 "seed": opts.seed}
+                 "seed": opts.seed, **({"eval_dtype": eval_dtype} if eval_dtype else {})}
           if store.key(row) in store.rows:
             continue
           if not loaded:
@@ -110,6 +113,8 @@ def run_grid(opts, log=print):
           except NotApplicable as e:
             store.add({**row, "status": f"skipped: {e}"})
             continue
+          if eval_dtype:
+            vconf.model.dtype = eval_dtype
           model = variant_model(loaded["model"], vconf)
           row.update(status="ok", **needle.evaluate_cell(
               model, loaded["filler"], loaded["codec"].encode, length, depth, opts.trials,

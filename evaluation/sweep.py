@@ -18,7 +18,6 @@ import input_pipeline
 from evaluation import report, runner, windows
 from evaluation.results import ResultsFile, row_key
 from evaluation.variants import NotApplicable, apply_variant, parse_variants
-from models.layers import auto_dtype, compute_dtype
 from training import checkpoint
 
 DEFAULT_BATCH_TOKENS = 32768  # batch_size 0: windows per batch = this // length (1..64)
@@ -66,16 +65,6 @@ def portable_path(path):
 
 def batch_size_for(batch_size, length):
   return batch_size or max(1, min(64, DEFAULT_BATCH_TOKENS // length))
-
-
-def eval_dtype_for(dtype):
-  """--dtype: "" (each run's own model.dtype) or a dtype name, "auto" resolved here."""
-  if not dtype:
-    return ""
-  if dtype == "auto":
-    return auto_dtype()[0]
-  compute_dtype(dtype)  # ValueError naming the valid choices
-  return dtype
 
 
 class _Run:
@@ -169,7 +158,7 @@ def run_sweep(opts, *, verbose=True):
   ConfigDict or any object with these).
   """
   windows.check_mode(opts.mode, 1, 1)
-  eval_dtype = eval_dtype_for(getattr(opts, "dtype", ""))
+  eval_dtype = runner.eval_dtype_for(getattr(opts, "dtype", ""))
   runs = [_Run(d, eval_dtype) for d in expand_runs(opts.runs)]
   lengths, variants = parse_lengths(opts.lengths), parse_variants(opts.variants)
   os.makedirs(opts.out, exist_ok=True)
