@@ -25,7 +25,7 @@ import posenc
 from configs import finetune, sweep_demo
 from configs.common import resolve
 from configs.default import get_config
-from models.layers import auto_dtype
+from models.layers import resolve_dtype
 from evaluation import phenomena, results, sweep
 from training import checkpoint
 
@@ -141,7 +141,7 @@ def plan(demo, only=()):
 
 def _print_plan(demo, jobs, notes):
   t = demo.train
-  dtype = auto_dtype()[0] if t.get("dtype", "float32") == "auto" else t.get("dtype", "float32")
+  dtype = resolve_dtype(t.get("dtype", "float32"))[0]
   rate = t.tokens_per_s[dtype]
   secs = lambda j: (j.left() * j.tokens_per_step / (rate * j.speed)
                    + (t.run_overhead_s if j.left() else 0))

@@ -31,7 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from models.layers import auto_dtype, cpu_description  # noqa: E402
+from models.layers import cpu_description, resolve_dtype  # noqa: E402
 
 VOCAB = 256
 
@@ -56,9 +56,7 @@ def parse_args(argv=None):
   p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul peak (0 = skip)")
   p.add_argument("--cache-dir", default="", help="persistent compilation cache dir ('' = off)")
   a = p.parse_args(argv)
-  a.dtype_auto = ""
-  if a.dtype == "auto":
-    a.dtype, a.dtype_auto = auto_dtype()
+  a.dtype, a.dtype_auto = resolve_dtype(a.dtype)  # why "auto" chose it ("" otherwise)
   train = a.mode == "train"
   a.batch = a.batch if a.batch is not None else (16 if train else 1)
   a.steps = a.steps if a.steps is not None else (8 if train else 3)

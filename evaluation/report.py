@@ -53,8 +53,8 @@ def _paired_table(rows, lengths):
   same segments are the units, so text difficulty cancels); only rows with segment sums."""
   done = {(r["run_dir"], r["variant"], r["length"]): r for r in ok_rows(rows)
           if r.get("segment_nll_sums") is not None}
-  out = []
-  for run_dir, variant in sorted({(k[0], k[1]) for k in done if k[1] != "none"}):
+  out, label = [], {k[:2]: line_label(r) for k, r in done.items()}
+  for run_dir, variant in sorted(k for k in label if k[1] != "none"):
     cells = []
     for n in lengths:
       row, ref = done.get((run_dir, variant, n)), done.get((run_dir, "none", n))
@@ -66,8 +66,7 @@ def _paired_table(rows, lengths):
         diff, se = paired_difference(row, ref)
         cells.append(f"{diff:+.3f} +- {se:.3f}")
     if any(c not in ("", "= none") for c in cells):
-      out.append(f"| {line_label(done[next(k for k in done if k[:2] == (run_dir, variant))])} | "
-                 + " | ".join(cells) + " |")
+      out.append(f"| {label[run_dir, variant]} | " + " | ".join(cells) + " |")
   if not out:
     return []
   return (["Mean NLL minus the same run's `none` (nats per token), +- the paired standard "

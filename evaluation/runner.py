@@ -16,19 +16,14 @@ from flax import nnx
 from evaluation import windows
 from evaluation.metrics import Accumulator
 from models import build_model
-from models.layers import auto_dtype, compute_dtype
+from models.layers import resolve_dtype
 from models.loss import nll_and_entropy, per_token
 from training.steps import split_model
 
 
 def eval_dtype_for(dtype):
   """--dtype: "" (each run's own model.dtype) or a dtype name, "auto" resolved here."""
-  if not dtype:
-    return ""
-  if dtype == "auto":
-    return auto_dtype()[0]
-  compute_dtype(dtype)  # ValueError naming the valid choices
-  return dtype
+  return resolve_dtype(dtype)[0] if dtype else ""
 
 
 def variant_model(run_model, variant_config):

@@ -62,6 +62,15 @@ def auto_dtype(backend=None, flags=None):
   return "float32", "CPU has no bf16 matmul instructions (amx_bf16 / avx512_bf16)"
 
 
+def resolve_dtype(name):
+  """(concrete dtype name, why): "auto" -> ``auto_dtype()``; float32 / bfloat16 as given
+  (why ""); anything else a ValueError naming the valid choices."""
+  if name == "auto":
+    return auto_dtype()
+  compute_dtype(name)
+  return name, ""
+
+
 def compute_dtype(name):
   if name not in DTYPES:
     raise ValueError(f"unknown dtype {name!r}; valid choices: {', '.join(DTYPES)}")
