@@ -18,6 +18,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 
 import posenc
@@ -37,6 +38,8 @@ def define_flags():
   next to other scripts that define flags of the same names)."""
   flags.DEFINE_bool("smoke", False, "Micro version: 2 tiny runs, 2 lengths, 2 variants.")
   flags.DEFINE_bool("full", False, "Full study: every registered family (runs/demo_full).")
+  flags.DEFINE_bool("needle", False, "Retrieval study: the quick families trained with the "
+                    "needle mixture, then the needle grid (runs/demo_needle).")
   flags.DEFINE_string("only", "", "Comma list of demo run names to use (default: all).")
   flags.DEFINE_string("runs_dir", "", "Override train.runs_dir.")
   flags.DEFINE_string("out", "", "Override the output directory.")
@@ -74,7 +77,7 @@ def run_config(demo, spec, seed=0, name=""):
   config.eval_every = config.checkpoint_every = t.num_train_steps
   config.log_every = max(1, min(20, t.num_train_steps))
   config.seed, config.name = seed, name
-  for item in filter(None, spec.overrides.split(";")):
+  for item in filter(None, f"{spec.overrides};{t.get('overrides', '')}".split(";")):
     key, _, value = item.partition("=")
     _set(config, key.strip(), value.strip())
   resolve(config)  # validates: unknown encodings / position kinds raise here
@@ -178,6 +181,8 @@ def run_demo(demo, only=()):
   t_train = time.perf_counter() - t0
   # Extension variants apply to the pre-trained runs; a fine-tune is evaluated as trained.
   demo.runs = ",".join(j.workdir for j in jobs if j.source is None)
+  if demo.get("task") == "needle":
+    return _needle_grid(demo, t0, t_train)
   rows = sweep.run_sweep(demo)
   tuned = [j.workdir for j in jobs if j.source is not None]
   if tuned:
@@ -192,11 +197,26 @@ def run_demo(demo, only=()):
   return rows
 
 
+def _needle_grid(demo, t0, t_train):
+  """The retrieval study's evaluation: eval_needle's grid over the trained runs."""
+  import eval_needle  # pylint: disable=g-import-not-at-top
+  opts = ml_collections.ConfigDict({**demo.needle.to_dict(), "runs": demo.runs, "out": demo.out})
+  rows = eval_needle.run_grid(opts)
+  eval_needle.write_report(demo.out, rows)
+  total = time.perf_counter() - t0
+  print(f"needle study wall time {total / 60:.1f} min (training {t_train / 60:.1f}, "
+        f"needle grid {(total - t_train) / 60:.1f}); results in {demo.out}/")
+  return rows
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/lenx/jax"))
-  demo = sweep_demo.get_config("smoke" if FLAGS.smoke else "full" if FLAGS.full else None)
+  kind = "full" if FLAGS.full else "needle" if FLAGS.needle else None
+  if FLAGS.smoke:
+    kind = "needle_smoke" if FLAGS.needle else "smoke"
+  demo = sweep_demo.get_config(kind)
   if FLAGS.runs_dir:
     demo.train.runs_dir = FLAGS.runs_dir
   if FLAGS.out:

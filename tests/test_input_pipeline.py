@@ -212,3 +212,37 @@ def test_needle_training_mixture_inserts_pass_keys_purely_in_seed_and_step():
   assert np.array_equal(off["inputs"], plain["inputs"])  # off = the plain stream, bitwise
   with pytest.raises(ValueError, match="needle_fraction must be in"):
     get_task({"name": "books", "needle_fraction": 1.5}, seed=3)
+
+
+def test_repeat_span_copies_a_random_span_at_a_random_distance():
+  from input_pipeline.text import KEY_SYMBOLS, repeat_span
+  window = np.frombuffer(b"." * 129, np.uint8)  # "." is not among the span's symbols
+  distances = set()
+  for seed in range(40):
+    out = repeat_span(window, np.random.default_rng(seed))
+    changed = np.flatnonzero(out != window)
+    assert np.isin(out[changed], KEY_SYMBOLS).all()  # only letters / digits written
+    text = bytes(out)
+    runs = [r for r in text.split(b".") if r]
+    if len(runs) == 1:  # the copy starts right after the span: one run, two equal halves
+      runs = [runs[0][:len(runs[0]) // 2], runs[0][len(runs[0]) // 2:]]
+    assert len(runs) == 2 and runs[0] == runs[1] and len(runs[0]) >= 8
+    first = text.index(runs[0])
+    distances.add(text.index(runs[0], first + len(runs[0])) - first)
+  assert len(distances) > 20  # not a fixed offset
+
+
+def test_repeat_warmup_then_mixture():
+  from input_pipeline import get_task
+  cfg = {"name": "books", "needle_fraction": 0.5, "repeat_fraction": 0.25,
+         "repeat_warmup_steps": 3}
+  task = get_task(cfg, seed=1)
+  plain = get_task({"name": "books"}, seed=1)
+  warm = task.train_batch(2, 32, 128)["inputs"]
+  assert not any(b" The pass key is " in bytes(r.astype(np.uint8)) for r in warm)
+  assert (warm != plain.train_batch(2, 32, 128)["inputs"]).any(axis=1).all()  # every row a repeat
+  later = [bytes(r.astype(np.uint8)) for s in range(3, 11) for r in task.train_batch(s, 16, 128)["inputs"]]
+  share = np.mean([b" The pass key is " in r for r in later])
+  assert 0.3 < share < 0.7
+  with pytest.raises(ValueError, match="needle_fraction \\+ data.repeat_fraction must be <= 1"):
+    get_task({"name": "books", "needle_fraction": 0.6, "repeat_fraction": 0.6}, seed=1)
