@@ -46,6 +46,7 @@ def define_flags():
 
 
 EVAL_S_PER_ROW = 4.0  # measured (make demo, bf16): 0.4-1 s compile + 1-5 s for 131072 tokens
+NEEDLE_S_PER_CELL = 2.0  # measured (demo.py --needle, bf16): 105 cells of 20 trials in 3.4 min
 
 
 def _set(config, dotted, text):
@@ -156,13 +157,15 @@ def _print_plan(demo, jobs, notes):
     print(f"  {os.path.basename(j.workdir):22s} "
           + ("finished, reused" if not left else f"train {left} steps, ~{secs(j):.0f} s"))
   print("\n".join(notes))
-  n_variants = len(demo.variants.split(","))
+  grid = demo.get("needle") or demo  # what the study evaluates: perplexity rows or needle cells
+  per_row = NEEDLE_S_PER_CELL if "needle" in demo else EVAL_S_PER_ROW
+  n_variants = len(grid.variants.split(","))
   groups = {(j.name, j.source is None) for j in jobs}
   rope = {name for name, spec in t.runs.items() if "posenc=rope" in spec.args}
-  rows = len(seeds_of(demo)) * len(demo.lengths.split(",")) * sum(
-      n_variants if (name in rope and primary) else 1 for name, primary in groups)
+  rows = (len(seeds_of(demo)) * len(grid.lengths.split(",")) * len(grid.get("depths", "-").split(","))
+          * sum(n_variants if (name in rope and primary) else 1 for name, primary in groups))
   print(f"  estimate: training ~{sum(map(secs, jobs)) / 60:.1f} min (at {rate:,.0f} "
-        f"tokens/s, {dtype}), evaluation ~{rows * EVAL_S_PER_ROW / 60:.1f} min ({rows} rows)", flush=True)
+        f"tokens/s, {dtype}), evaluation ~{rows * per_row / 60:.1f} min ({rows} rows)", flush=True)
 
 
 def run_demo(demo, only=()):
@@ -191,10 +194,14 @@ def run_demo(demo, only=()):
     rows = sweep.run_sweep(ft)
   results.write_atomic(os.path.join(demo.out, "phenomena.md"),
                        "# Published phenomena, checked\n\n" + phenomena.markdown(rows) + "\n")
-  total = time.perf_counter() - t0
-  print(f"demo wall time {total / 60:.1f} min (training {t_train / 60:.1f}, "
-        f"evaluation {(total - t_train) / 60:.1f}); results in {demo.out}/")
+  _print_wall_time("demo", t0, t_train, demo.out)
   return rows
+
+
+def _print_wall_time(study, t0, t_train, out):
+  total = time.perf_counter() - t0
+  print(f"{study} wall time {total / 60:.1f} min (training {t_train / 60:.1f}, "
+        f"evaluation {(total - t_train) / 60:.1f}); results in {out}/")
 
 
 def _needle_grid(demo, t0, t_train):
@@ -203,9 +210,7 @@ def _needle_grid(demo, t0, t_train):
   opts = ml_collections.ConfigDict({**demo.needle.to_dict(), "runs": demo.runs, "out": demo.out})
   rows = eval_needle.run_grid(opts)
   eval_needle.write_report(demo.out, rows)
-  total = time.perf_counter() - t0
-  print(f"needle study wall time {total / 60:.1f} min (training {t_train / 60:.1f}, "
-        f"needle grid {(total - t_train) / 60:.1f}); results in {demo.out}/")
+  _print_wall_time("needle study", t0, t_train, demo.out)
   return rows
 
 
@@ -213,10 +218,11 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/lenx/jax"))
-  kind = "full" if FLAGS.full else "needle" if FLAGS.needle else None
-  if FLAGS.smoke:
-    kind = "needle_smoke" if FLAGS.needle else "smoke"
-  demo = sweep_demo.get_config(kind)
+  if FLAGS.full and FLAGS.needle:
+    raise app.UsageError("--full and --needle are two different studies; pick one")
+  kind = "full" if FLAGS.full else "needle" if FLAGS.needle else "quick"
+  demo = sweep_demo.get_config(("needle_smoke" if FLAGS.needle else "smoke") if FLAGS.smoke
+                               else kind)
   if FLAGS.runs_dir:
     demo.train.runs_dir = FLAGS.runs_dir
   if FLAGS.out:
