@@ -46,7 +46,7 @@ def define_flags():
 
 
 EVAL_S_PER_ROW = 4.0  # measured (make demo, bf16): 0.4-1 s compile + 1-5 s for 131072 tokens
-NEEDLE_S_PER_CELL = 2.0  # measured (demo.py --needle, bf16): 105 cells of 20 trials in 3.4 min
+NEEDLE_S_PER_CELL = 2.0  # measured (demo.py --needle, bf16, 2-core Xeon with AMX): 105 cells in 3.4 min
 
 
 def _set(config, dotted, text):

@@ -135,7 +135,8 @@ def _needle_study(c, smoke):
   t.batch_size = 2 if smoke else 16
   t.num_train_steps = 4 if smoke else 5600
   t.overrides = NEEDLE_MIXTURE.format(warm=2 if smoke else 2400)
-  # measured in the study (bf16): 5600 x 16 x 128 tokens in 274-328 s per run; float32
+  # measured in the study (bf16, 2-core Intel Xeon with avx512_bf16 + amx_bf16): 5600 x 16 x
+  # 128 tokens in 274-328 s per run; float32
   # scaled by the quick recipe's float32 / bf16 ratio (not measured at this batch)
   t.tokens_per_s = ml_collections.ConfigDict({"bfloat16": 40000.0, "float32": 25700.0})
   t.finetunes = ml_collections.ConfigDict()
