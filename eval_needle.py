@@ -152,7 +152,8 @@ def write_report(out, rows):
               for i, d in enumerate(depths)]
     ranks = [np.mean([cell[(n, d)]["mean_rank"] for d in depths if (n, d) in cell])
              for n in lengths]
-    lines += ["| mean rank | " + " | ".join(f"{x:.2f}" for x in ranks) + " |", ""]
+    lines += ["| mean rank | " + " | ".join(f"{x:.2f}" for x in ranks) + " |"]
+    lines += [_token_accuracy_line(cell, lengths, depths), ""]
     fig, ax = plt.subplots(figsize=(1 + 0.6 * len(lengths), 1 + 0.35 * len(depths)))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
@@ -166,6 +167,16 @@ def write_report(out, rows):
     fig.savefig(os.path.join(out, f"needle_heatmap_{safe}.png"), dpi=100)
     plt.close(fig)
   results.write_atomic(os.path.join(out, "needle.md"), "\n".join(lines) + "\n")
+
+
+def _token_accuracy_line(cell, lengths, depths):
+  """Teacher-forced accuracy of each answer token (first/second/...), mean over depths:
+  shows which digit of the key a model gets wrong. Rows from before the field: '-'."""
+  def acc(n):
+    per = [cell[(n, d)]["token_accuracy"] for d in depths
+           if (n, d) in cell and "token_accuracy" in cell[(n, d)]]
+    return "/".join(f"{x:.2f}" for x in np.mean(per, axis=0)) if per else "-"
+  return "| per answer token | " + " | ".join(acc(n) for n in lengths) + " |"
 
 
 def main(argv):

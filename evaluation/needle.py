@@ -80,28 +80,33 @@ def log_softmax(x):
 
 
 def score_example(model, example, **cache_kw):
-  """(exact match, rank of the true key among the candidates, 1 = best)."""
+  """(exact match, rank of the true key among the candidates (1 = best), per answer token:
+  whether it is the argmax given the true earlier tokens [k] - which digit fails)."""
   tokens, at, cands = example["tokens"], example["answer_at"], example["candidates"]
   dec = CachedDecoder(model, 1, len(tokens), **cache_kw)
-  first = log_softmax(np.asarray(dec.feed(tokens[None, :at]))[0, -1])  # P(answer[0] | prefix)
+  prefix = dec.feed(tokens[None, :at], last_only=True)
+  first = log_softmax(np.asarray(prefix)[0, -1])  # P(answer[0] | prefix)
   rest = log_softmax(np.asarray(dec.fork(len(cands)).feed(cands[:, :-1])))  # [c, k-1, V]
   steps = np.concatenate([np.broadcast_to(first, (len(cands), 1, first.shape[-1])), rest], 1)
-  exact = bool((steps[0].argmax(-1) == cands[0]).all())
+  correct = steps[0].argmax(-1) == cands[0]
   logp = np.take_along_axis(steps, cands[:, :, None], axis=-1)[..., 0].sum(-1)
-  return exact, 1 + int((logp[1:] > logp[0]).sum())
+  return bool(correct.all()), 1 + int((logp[1:] > logp[0]).sum()), correct
 
 
 def evaluate_cell(model, filler, encode, length, depth, trials, seed=0, distractors=9):
-  """Row fields of one (length, depth) cell: accuracy with its 95 % interval, mean rank."""
-  hits, ranks = 0, []
+  """Row fields of one (length, depth) cell: accuracy with its 95 % interval, mean rank,
+  and the teacher-forced accuracy of each answer token (``token_accuracy``, first to last)."""
+  hits, ranks, correct = 0, [], []
   for t in range(trials):
     rng = np.random.default_rng([seed, length, int(round(depth * 1000)), t])
-    exact, rank = score_example(model, make_example(filler, encode, length, depth, rng,
-                                                    distractors))
+    exact, rank, ok = score_example(model, make_example(filler, encode, length, depth, rng,
+                                                        distractors))
     hits += exact
     ranks.append(rank)
+    correct.append(ok)
   return {"trials": trials, "accuracy": hits / trials, "ci": list(wilson_interval(hits, trials)),
-          "mean_rank": float(np.mean(ranks)), "distractors": distractors}
+          "mean_rank": float(np.mean(ranks)), "distractors": distractors,
+          "token_accuracy": np.mean(correct, axis=0).round(4).tolist()}
 
 
 def effective_length(rows, train_len, threshold=0.85, relative=True):

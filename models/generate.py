@@ -2,6 +2,8 @@
 
 ``CachedDecoder.feed(tokens)`` runs a chunk (a prompt, then one token at a time) through
 the model against the cache and returns the chunk's logits; ``generate`` samples with it.
+The first chunk into an empty cache (the prompt) attends over itself by the model's own
+attention path (blockwise when long), so a 16k prompt never builds a [16k, capacity] matrix.
 The model's own modules do the work: each block's attention is swapped, inside the traced
 copy only, for ``_CachedAttention``, which calls ``Attention.project`` / ``prepare`` and
 ``full_attend`` like the full forward, so every positional hook applies unchanged:
@@ -34,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention import full_attend
+from models.attention import attend, full_attend
 from training.steps import split_model
 
 
@@ -60,31 +62,38 @@ class _CachedAttention:
     q, k, v = self.attn.project(x)
     self.k_buf = _write(self.k_buf, k, self.ctx["sinks"])
     self.v_buf = _write(self.v_buf, v, self.ctx["sinks"])
-    k_pos = self.ctx["k_pos"]
-    q, k, v = self.attn.prepare(q, self.k_buf, self.v_buf, positions, k_pos, enc)
-    out, _ = full_attend(q, k, v, positions, k_pos, enc, key_mask=self.ctx["valid"])
+    if self.ctx["prefill"]:  # empty cache: the chunk's keys are all the valid keys
+      q, k, v = self.attn.prepare(q, k, v, positions, positions, enc)
+      out, _ = attend(q, k, v, positions, positions, enc, impl=self.attn.impl,
+                      block_size=self.attn.block_size)
+    else:
+      k_pos = self.ctx["k_pos"]
+      q, k, v = self.attn.prepare(q, self.k_buf, self.v_buf, positions, k_pos, enc)
+      out, _ = full_attend(q, k, v, positions, k_pos, enc, key_mask=self.ctx["valid"])
     return self.attn.out(out.reshape(b, s, -1)), None
 
 
 def _make_step(graphdef):
-  """jit f(state, k_bufs, v_bufs, tokens, q_pos, k_pos, valid, freqs, sinks) ->
-  (logits [b, s, V] float32, k_bufs, v_bufs)."""
+  """jit f(state, k_bufs, v_bufs, tokens, q_pos, k_pos, valid, freqs, sinks, prefill,
+  last_only) -> (logits [b, s or 1, V] float32, k_bufs, v_bufs)."""
 
-  def step(state, k_bufs, v_bufs, tokens, q_pos, k_pos, valid, freqs, sinks):
+  def step(state, k_bufs, v_bufs, tokens, q_pos, k_pos, valid, freqs, sinks, prefill, last_only):
     model = nnx.merge(graphdef, state)  # a fresh copy: swapping its modules is local
     if freqs is not None:  # length-dependent RoPE: this length's frequencies (module doc)
       object.__setattr__(model.posenc, "inv_freq", freqs[0])
       object.__setattr__(model.posenc, "attention_factor", freqs[1])
-    ctx = {"k_pos": k_pos, "valid": valid, "sinks": sinks}
+    ctx = {"k_pos": k_pos, "valid": valid, "sinks": sinks, "prefill": prefill}
     cached = [_CachedAttention(blk.attn, kb, vb, ctx)
               for blk, kb, vb in zip(model.blocks, k_bufs, v_bufs)]
     for blk, c in zip(model.blocks, cached):
       object.__setattr__(blk, "attn", c)
     hidden, _ = model.features(tokens, q_pos)
+    if last_only:
+      hidden = hidden[:, -1:]
     return (model.logits(hidden), tuple(c.k_buf for c in cached),
             tuple(c.v_buf for c in cached))
 
-  return jax.jit(step, static_argnames=("sinks",))
+  return jax.jit(step, static_argnames=("sinks", "prefill", "last_only"))
 
 
 _STEPS = weakref.WeakKeyDictionary()
@@ -120,8 +129,10 @@ class CachedDecoder:
     self.length = 0  # valid (right-most) slots
     self.seen = 0  # tokens fed so far
 
-  def feed(self, tokens):
-    """Appends tokens [b, s] (int) and returns their logits [b, s, V] (float32)."""
+  def feed(self, tokens, last_only=False):
+    """Appends tokens [b, s] (int) and returns their logits [b, s, V] (float32), or only
+    the last token's [b, 1, V] with ``last_only`` (a long prompt's logits are s x V floats:
+    3.2 GB at 16k tokens of a 49k vocabulary)."""
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2 or tokens.shape[0] != self.batch:
       raise ValueError(f"tokens must be [batch={self.batch}, s], got shape {tokens.shape}")
@@ -131,8 +142,9 @@ class CachedDecoder:
                        "(raise the capacity, or evict with sinks=...)")
     if s > free and s > 1:  # evicting: fill the free slots, then one token per eviction
       chunks = ([tokens[:, :free]] if free else []) + [tokens[:, i:i + 1] for i in range(free, s)]
-      return jnp.concatenate([self.feed(c) for c in chunks], axis=1)
-    return self._feed_chunk(tokens)
+      logits = [self.feed(c, last_only) for c in chunks]
+      return logits[-1] if last_only else jnp.concatenate(logits, axis=1)
+    return self._feed_chunk(tokens, last_only)
 
   def fork(self, n):
     """Copies a batch-1 cache into ``n`` rows (one prefix, n continuations: candidate
@@ -143,7 +155,7 @@ class CachedDecoder:
     self.batch = n
     return self
 
-  def _feed_chunk(self, tokens):
+  def _feed_chunk(self, tokens, last_only):
     s = tokens.shape[1]
     evict = self.sinks if self.length + s > self.capacity else None
     new_length = min(self.length + s, self.capacity)
@@ -162,8 +174,13 @@ class CachedDecoder:
       inv_freq, factor = enc.frequencies(int(q_pos.max()) + 1)
       freqs = (jnp.asarray(inv_freq), jnp.float32(factor))
     bcast = lambda a: jnp.asarray(np.broadcast_to(a, (self.batch, a.shape[-1])))
+    # Prefill (empty cache, nothing evicted): attention over the chunk alone, by the model's
+    # own path (blockwise when long), not over the whole buffer: the 16k needle prompt of a
+    # pretrained model would otherwise build [s, capacity] logits per layer.
+    prefill = self.length == 0 and evict is None
     logits, self.k, self.v = self._step(self.state, self.k, self.v, tokens, bcast(q_pos),
-                                        bcast(self.pos), bcast(valid), freqs, sinks=evict)
+                                        bcast(self.pos), bcast(valid), freqs, sinks=evict,
+                                        prefill=prefill, last_only=last_only)
     self.length, self.seen = new_length, self.seen + s
     return logits
 
@@ -215,7 +232,7 @@ def generate(model, prompt, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1
   dec = CachedDecoder(model, prompt.shape[0], capacity, sinks=sinks,
                       cache_positions=cache_positions)
   rng = jax.random.key(seed)
-  logits = dec.feed(prompt)[:, -1]
+  logits = dec.feed(prompt, last_only=True)[:, -1]
   out = [prompt]
   for i in range(max_new_tokens):
     token = sample(logits, jax.random.fold_in(rng, i), temperature, top_k, top_p)

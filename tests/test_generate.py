@@ -154,6 +154,23 @@ def test_longrope_switches_factors_past_the_original_length(tiny_config):
   assert _max_diff(_full(model_at(24), tokens), _full(model_at(16), tokens)) > 1e-3
 
 
+@pytest.mark.parametrize("name", posenc.names())
+def test_prefill_is_blockwise_and_last_only_is_the_last_row(name, tiny_config):
+  """A prompt into an empty cache runs the model's own attention path: blockwise (block 8,
+  5 blocks) gives the full-attention logits; ``last_only`` returns exactly the last row."""
+  _, model = _model(name, tiny_config, **{"model.attention": "blockwise", "model.block_size": 8})
+  tokens = _tokens(40)
+  for blk in model.blocks:
+    blk.attn.impl = "full"
+  full = _full(model, tokens)
+  for blk in model.blocks:
+    blk.attn.impl = "blockwise"
+  assert _max_diff(CachedDecoder(model, 2, 48).feed(tokens), full) <= F32_TOL
+  last = CachedDecoder(model, 2, 48).feed(tokens, last_only=True)
+  assert last.shape == (2, 1, full.shape[-1])
+  assert _max_diff(last, full[:, -1:]) <= F32_TOL
+
+
 @pytest.mark.parametrize("name", ["rope", "alibi", "t5_bias"])
 def test_streaming_eviction_equals_full_forward_on_kept_tokens(name, tiny_config):
   """One layer (so cached keys do not depend on evicted context): after eviction the

@@ -51,8 +51,9 @@ def test_teacher_forced_exact_match_equals_greedy_decoding(tiny_config):
   prefix, k = ex["tokens"][None, :ex["answer_at"]], len(ex["candidates"][0])
   greedy = generate(model, prefix, k, temperature=0.0)[0, -k:]
   for answer in (ex["candidates"][0], greedy):  # a random key, and the greedy answer itself
-    exact, _ = needle.score_example(model, _with_answer(ex, answer))
-    assert exact == bool((greedy == answer).all())
+    exact, _, correct = needle.score_example(model, _with_answer(ex, answer))
+    assert exact == bool((greedy == answer).all()) == bool(correct.all())
+    assert correct[0] == (greedy[0] == answer[0])  # the first answer token has no teacher forcing
   assert needle.score_example(model, _with_answer(ex, greedy))[0]  # both outcomes exercised
   assert not (greedy == ex["candidates"][0]).all()
 
@@ -60,7 +61,7 @@ def test_teacher_forced_exact_match_equals_greedy_decoding(tiny_config):
 def test_rank_equals_direct_log_probabilities(tiny_config):
   _, model = _model("alibi", tiny_config)
   ex = needle.make_example(FILLER, ENCODE, 100, 0.3, np.random.default_rng(2), distractors=5)
-  _, rank = needle.score_example(model, ex)
+  _, rank, _ = needle.score_example(model, ex)
   at, logps = ex["answer_at"], []
   for cand in ex["candidates"]:  # full forward of each complete sequence
     seq = np.concatenate([ex["tokens"][:at], cand])[None]
