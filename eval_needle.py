@@ -31,7 +31,8 @@ def define_flags():
   next to other scripts that define flags of the same names)."""
   flags.DEFINE_string("runs", None, "Comma list of run dirs / pretrained checkpoints.")
   flags.DEFINE_string("lengths", "x0.5,x1,x2,x4,x8", "Token counts or xF (F x train_len).")
-  flags.DEFINE_string("depths", "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "Needle depths in [0, 1].")
+  flags.DEFINE_string("depths", "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
+                      "Needle depths in [0, 1].")
   flags.DEFINE_integer("trials", 20, "Trials (seeds) per cell.")
   flags.DEFINE_integer("distractors", 9, "Distractor keys for the rank.")
   flags.DEFINE_string("variants", "none", "Comma list of variants (as eval_extrapolate.py).")
@@ -66,28 +67,10 @@ def filler_tokens(config, codec, split):
   return codec.encode(data[:MAX_FILLER_CHARS].decode("utf-8", errors="ignore"))
 
 
-class NeedleResults:
-  """needle.jsonl keyed by KEY_FIELDS (read / atomic write helpers of evaluation.results)."""
-
-  def __init__(self, path):
-    self.path = path
-    self.rows = {self.key(r): r for r in results.read_rows(path)}
-
-  @staticmethod
-  def key(row):
-    return tuple(row.get(k) for k in KEY_FIELDS)
-
-  def add(self, row):
-    self.rows[self.key(row)] = row
-    results.write_atomic(self.path, "".join(
-        results.json.dumps(results._clean(r), sort_keys=True) + "\n"  # pylint: disable=protected-access
-        for r in self.rows.values()))
-
-
 def run_grid(opts, log=print):
   """Computes the missing cells; returns all rows."""
   os.makedirs(opts.out, exist_ok=True)
-  store = NeedleResults(os.path.join(opts.out, "needle.jsonl"))
+  store = results.ResultsFile(os.path.join(opts.out, "needle.jsonl"), KEY_FIELDS)
   depths = [float(d) for d in opts.depths.split(",")]
   eval_dtype = eval_dtype_for(getattr(opts, "dtype", ""))
   for run_dir in [r.strip() for r in opts.runs.split(",") if r.strip()]:
@@ -102,7 +85,7 @@ def run_grid(opts, log=print):
                  "train_len": config.train_len, "length": length, "depth": depth,
                  "trials": opts.trials, "distractors": opts.distractors, "split": opts.split,
                  "seed": opts.seed, **({"eval_dtype": eval_dtype} if eval_dtype else {})}
-          if store.key(row) in store.rows:
+          if store.key(row) in store:
             continue
           if not loaded:
             loaded["config"], loaded["model"] = checkpoint.load_run(run_dir)

@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 
 import extensions
-from evaluation.runner import variant_model
+from evaluation.runner import eval_dtype_for, variant_model
 from input_pipeline import text as text_data
 from input_pipeline.codec import Codec
 from models.generate import generate
@@ -38,6 +38,7 @@ flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same text).")
 flags.DEFINE_string("variant", "none", "Context-extension variant (see eval_extrapolate.py).")
 flags.DEFINE_integer("sinks", None, "StreamingLLM: initial tokens kept when evicting.")
 flags.DEFINE_integer("window", None, "StreamingLLM: recent tokens kept (cache = sinks + window).")
+flags.DEFINE_string("dtype", "", "Matmul dtype: auto | float32 | bfloat16 ('' = the run's own).")
 flags.DEFINE_bool("json", False, "Print one JSON object (prompt, continuation, timings).")
 
 
@@ -45,7 +46,8 @@ def book_prompt(config, codec, spec):
   """The first N tokens of the split's first book (``SPLIT:N``)."""
   split, _, n = spec.partition(":")
   if split not in ("train", "validation", "test") or not n.isdigit():
-    raise ValueError(f"--prompt-from must be SPLIT:N with SPLIT train|validation|test, got {spec!r}")
+    raise ValueError("--prompt-from must be SPLIT:N with SPLIT train|validation|test, "
+                     f"got {spec!r}")
   doc = text_data.books_docs(split, config.data.get("data_dir", ""),
                              config.data.get("books_dir", ""))[0]
   ids = codec.encode(bytes(doc).decode("utf-8", errors="replace")) if codec.bpe else doc
@@ -55,21 +57,26 @@ def book_prompt(config, codec, spec):
 
 
 def continuation(run, prompt_ids, *, max_new_tokens, variant="none", sinks=None, window=None,
-                 **sampling):
-  """(config, new token ids, seconds) of one sampled continuation of ``prompt_ids``."""
+                 dtype="", **sampling):
+  """(config as run: variant and dtype applied, new token ids, seconds) of one sampled
+  continuation of ``prompt_ids``; ``dtype`` overrides the run's matmul dtype (as
+  eval_extrapolate.py --dtype)."""
   config, model = checkpoint.load_run(run)
   spec = extensions.parse_variants(variant)
   if len(spec) != 1:
     raise ValueError(f"--variant takes one variant, got {variant!r}")
   total = len(prompt_ids) + max_new_tokens
-  model = variant_model(model, extensions.apply_variant(config, spec[0], total))
+  vconf = extensions.apply_variant(config, spec[0], total)
+  if eval_dtype_for(dtype):
+    vconf.model.dtype = eval_dtype_for(dtype)
+  model = variant_model(model, vconf)
   if (sinks is None) != (window is None):
     raise ValueError("--sinks and --window go together (StreamingLLM cache = sinks + window)")
   capacity = sinks + window if sinks is not None else None
   start = time.perf_counter()
   out = generate(model, np.asarray(prompt_ids)[None], max_new_tokens, capacity=capacity,
                  sinks=sinks, **sampling)
-  return config, out[0, len(prompt_ids):], time.perf_counter() - start
+  return vconf, out[0, len(prompt_ids):], time.perf_counter() - start
 
 
 def main(argv):
@@ -82,7 +89,7 @@ def main(argv):
             else np.asarray(codec.encode(FLAGS.prompt), np.int32))
   _, new, seconds = continuation(
       FLAGS.run, prompt, max_new_tokens=FLAGS.max_new_tokens, variant=FLAGS.variant,
-      sinks=FLAGS.sinks, window=FLAGS.window, temperature=FLAGS.temperature,
+      sinks=FLAGS.sinks, window=FLAGS.window, dtype=FLAGS.dtype, temperature=FLAGS.temperature,
       top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
   text = codec.decode(new)
   if FLAGS.json:

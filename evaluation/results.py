@@ -55,19 +55,23 @@ def write_atomic(path, text):
 
 
 class ResultsFile:
-  """The rows of one sweep's results.jsonl, keyed for resumption."""
+  """The rows of one results file, keyed for resumption (by ``key_fields``: a sweep's
+  KEY_FIELDS by default; the needle grid passes its own)."""
 
-  def __init__(self, path):
-    self.path = path
+  def __init__(self, path, key_fields=KEY_FIELDS):
+    self.path, self.key_fields = path, key_fields
     self.rows = {}
     for row in read_rows(path):
-      self.rows[row_key(row)] = row  # a duplicate key keeps the last row
+      self.rows[self.key(row)] = row  # a duplicate key keeps the last row
+
+  def key(self, row):
+    return tuple(row.get(k) for k in self.key_fields)
 
   def __contains__(self, key):
     return key in self.rows
 
   def add(self, row):
-    self.rows[row_key(row)] = _clean(row)
+    self.rows[self.key(row)] = _clean(row)
     write_atomic(self.path, "".join(json.dumps(r, sort_keys=True) + "\n"
                                     for r in self.rows.values()))
 

@@ -197,3 +197,28 @@ def test_samples_continue_the_same_passage_at_each_multiple(smoke):
   assert all(shown[-1].endswith(p) for p in shown)  # every prompt ends at the same text
   for k, n in zip((1, 4, 16), (16, 64, 256)):
     assert f"**{k}x ({n} bytes of prompt" in text
+
+
+def test_sample_dtype_override(smoke):
+  import numpy as np
+  import sample
+  cfg, _ = smoke
+  run, prompt = os.path.join(cfg.train.runs_dir, "rope-s0"), np.arange(65, 97, dtype=np.int32)
+  _, own, _ = sample.continuation(run, prompt, max_new_tokens=6, temperature=0.0)
+  conf, f32, _ = sample.continuation(run, prompt, max_new_tokens=6, temperature=0.0,
+                                     dtype="float32")
+  assert conf.model.dtype == "float32" and (f32 == own).all()  # the smoke run's own dtype
+  conf, _, _ = sample.continuation(run, prompt, max_new_tokens=6, temperature=0.0,
+                                   dtype="bfloat16")
+  assert conf.model.dtype == "bfloat16"
+  with pytest.raises(ValueError, match="float16.*valid choices"):
+    sample.continuation(run, prompt, max_new_tokens=2, dtype="float16")
+
+
+def test_samples_rerun_replaces_its_sections_and_keeps_the_others():
+  from evaluation import samples
+  head = ["# T", ""]
+  old = samples.merge("", [("## a (x, train_len 1)", "A1"), ("## b (y, train_len 1)", "B1")], head)
+  new = samples.merge(old, [("## b (y, train_len 1)", "B2"), ("## c (z, train_len 1)", "C")], head)
+  assert new.index("A1") < new.index("B2") < new.index("C") and "B1" not in new
+  assert samples.merge(new, [], head) == new  # a rerun with nothing new changes nothing
