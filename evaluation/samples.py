@@ -22,6 +22,7 @@ import numpy as np
 import extensions
 import sample
 from evaluation.results import write_atomic
+from evaluation.runner import eval_dtype_for
 from input_pipeline import text as text_data
 from input_pipeline.codec import Codec
 from training import checkpoint
@@ -65,7 +66,8 @@ def run_sections(run, *, at, new_tokens, multiples=MULTIPLES, variants=("none",)
   sections = []
   for variant in variants:
     label = name if variant == "none" else f"{name} + {variant}"
-    lines = [f"{new_tokens} new {unit}" + (f", matmul dtype {dtype}" if dtype else ""), ""]
+    matmuls = f", {eval_dtype_for(dtype)} matmuls" if dtype else ""
+    lines = [f"{new_tokens} new {unit}{matmuls}", ""]
     for k in multiples:
       n = int(k * config.train_len)
       if n > len(ids):
