@@ -96,9 +96,7 @@ def run_grid(opts, log=print):
           except NotApplicable as e:
             store.add({**row, "status": f"skipped: {e}"})
             continue
-          if eval_dtype:
-            vconf.model.dtype = eval_dtype
-          model = variant_model(loaded["model"], vconf)
+          model = variant_model(loaded["model"], vconf, eval_dtype)
           row.update(status="ok", **needle.evaluate_cell(
               model, loaded["filler"], loaded["codec"].encode, length, depth, opts.trials,
               opts.seed, opts.distractors))

@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 
 import extensions
-from evaluation.runner import eval_dtype_for, variant_model
+from evaluation.runner import variant_model
 from input_pipeline import text as text_data
 from input_pipeline.codec import Codec
 from models.generate import generate
@@ -42,15 +42,26 @@ flags.DEFINE_string("dtype", "", "Matmul dtype: auto | float32 | bfloat16 ('' = 
 flags.DEFINE_bool("json", False, "Print one JSON object (prompt, continuation, timings).")
 
 
+def book_ids(config, codec, split, end=None):
+  """Token ids of the split's first book up to byte ``end`` (all of it by default): its
+  bytes, or the run's BPE of its text (a character cut at ``end`` is dropped)."""
+  doc = text_data.books_docs(split, config.data.get("data_dir", ""),
+                             config.data.get("books_dir", ""))[0]
+  if end is not None and end > len(doc):
+    raise ValueError(f"byte {end} is past the first {split} book ({len(doc)} bytes)")
+  head = np.asarray(doc[:end])
+  if not codec.bpe:
+    return head.astype(np.int32)
+  return np.asarray(codec.encode(bytes(head).decode("utf-8", errors="ignore")), np.int32)
+
+
 def book_prompt(config, codec, spec):
   """The first N tokens of the split's first book (``SPLIT:N``)."""
   split, _, n = spec.partition(":")
   if split not in ("train", "validation", "test") or not n.isdigit():
     raise ValueError("--prompt-from must be SPLIT:N with SPLIT train|validation|test, "
                      f"got {spec!r}")
-  doc = text_data.books_docs(split, config.data.get("data_dir", ""),
-                             config.data.get("books_dir", ""))[0]
-  ids = codec.encode(bytes(doc).decode("utf-8", errors="replace")) if codec.bpe else doc
+  ids = book_ids(config, codec, split)
   if len(ids) < int(n):
     raise ValueError(f"the first {split} book has {len(ids)} tokens, fewer than {n}")
   return np.asarray(ids[:int(n)], np.int32)
@@ -67,9 +78,7 @@ def continuation(run, prompt_ids, *, max_new_tokens, variant="none", sinks=None,
     raise ValueError(f"--variant takes one variant, got {variant!r}")
   total = len(prompt_ids) + max_new_tokens
   vconf = extensions.apply_variant(config, spec[0], total)
-  if eval_dtype_for(dtype):
-    vconf.model.dtype = eval_dtype_for(dtype)
-  model = variant_model(model, vconf)
+  model = variant_model(model, vconf, dtype)
   if (sinks is None) != (window is None):
     raise ValueError("--sinks and --window go together (StreamingLLM cache = sinks + window)")
   capacity = sinks + window if sinks is not None else None

@@ -14,8 +14,8 @@ KEY_FIELDS = ("run_dir", "variant", "length", "mode", "stride", "split", "max_to
               "segment_len", "eval_dtype")  # eval_dtype: only in rows of a --dtype override
 
 
-def row_key(row):
-  return tuple(row.get(k) for k in KEY_FIELDS)
+def row_key(row, key_fields=KEY_FIELDS):
+  return tuple(row.get(k) for k in key_fields)
 
 
 def _clean(value):
@@ -65,7 +65,7 @@ class ResultsFile:
       self.rows[self.key(row)] = row  # a duplicate key keeps the last row
 
   def key(self, row):
-    return tuple(row.get(k) for k in self.key_fields)
+    return row_key(row, self.key_fields)
 
   def __contains__(self, key):
     return key in self.rows

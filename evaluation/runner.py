@@ -26,8 +26,11 @@ def eval_dtype_for(dtype):
   return resolve_dtype(dtype)[0] if dtype else ""
 
 
-def variant_model(run_model, variant_config):
-  """The model of ``variant_config`` carrying ``run_model``'s trained parameters."""
+def variant_model(run_model, variant_config, dtype=""):
+  """The model of ``variant_config`` carrying ``run_model``'s trained parameters; ``dtype``
+  (as ``eval_dtype_for``) overrides the matmul dtype, recorded in ``variant_config``."""
+  if dtype:
+    variant_config.model.dtype = eval_dtype_for(dtype)
   model = build_model(variant_config)
   nnx.update(model, nnx.state(run_model, nnx.Param))
   return model

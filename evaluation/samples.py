@@ -23,7 +23,6 @@ import extensions
 import sample
 from evaluation.results import write_atomic
 from evaluation.runner import eval_dtype_for
-from input_pipeline import text as text_data
 from input_pipeline.codec import Codec
 from training import checkpoint
 
@@ -33,18 +32,6 @@ HEADER = ["# Samples past the training length", "",
           "training length, or of a checkpoint's context length) end there. Temperature 0.8, "
           "top-k 40, seed {seed}, KV-cached decoding (`models/generate.py`). Shown: the prompt's "
           "last 120 bytes, then `>>>`, then the continuation.", ""]
-
-
-def _book_ids(config, codec, at):
-  """Token ids of the first test book up to byte ``at`` (bytes, or the checkpoint's BPE)."""
-  doc = text_data.books_docs("test", config.data.get("data_dir", ""),
-                             config.data.get("books_dir", ""))[0]
-  if at > len(doc):
-    raise ValueError(f"--at {at} is past the first test book ({len(doc)} bytes)")
-  head = np.asarray(doc[:at])
-  if not codec.bpe:
-    return head.astype(np.int32)
-  return np.asarray(codec.encode(bytes(head).decode("utf-8", errors="ignore")), np.int32)
 
 
 def _show(codec, ids, tail_bytes=None):
@@ -60,13 +47,13 @@ def run_sections(run, *, at, new_tokens, multiples=MULTIPLES, variants=("none",)
   """[(heading, markdown)] of one run: a section per variant, a sample per multiple."""
   config = checkpoint.read_config(run)
   codec = Codec(config)
-  ids = _book_ids(config, codec, at)
+  ids = sample.book_ids(config, codec, "test", at)
   unit = "tokens" if codec.bpe else "bytes"
   name = config.get("name") or run
   sections = []
+  matmuls = f", {eval_dtype_for(dtype)} matmuls" if dtype else ""
   for variant in variants:
     label = name if variant == "none" else f"{name} + {variant}"
-    matmuls = f", {eval_dtype_for(dtype)} matmuls" if dtype else ""
     lines = [f"{new_tokens} new {unit}{matmuls}", ""]
     for k in multiples:
       n = int(k * config.train_len)
