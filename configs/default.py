@@ -63,6 +63,8 @@ def get_config(arg=None):
   c.model.vocab_size = 256  # filled from the data source
   c.model.attention = "auto"  # auto | full | blockwise; auto = blockwise when seq > 2*block_size
   c.model.block_size = 512  # query/key block of blockwise attention (models/blockwise.py)
+  c.model.remat = False  # recompute each block in the backward pass (long fine-tunes: memory
+                         # ~ one block's activations + every block's input, ~1.3x step time)
 
   c.posenc = ml_collections.ConfigDict(posenc.default_configs())  # one sub-config per encoding
   c.posenc.name = args["posenc"]  # which encoding; see posenc.names()

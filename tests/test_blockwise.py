@@ -55,8 +55,14 @@ def test_blockwise_equals_full(name):
     assert rel_err(out, full) < 1e-5, (name, s, block)
 
 
-def test_gradients_match():
-  enc = tiny_model("t5_bias").posenc  # a learned bias table: gradients flow through the hook
+BLOCKWISE = [n for n in posenc.names() if tiny_model(n).posenc.blockwise]
+
+
+@pytest.mark.parametrize("name", BLOCKWISE)
+def test_gradients_match(name):
+  """The hand-written flash backward equals autodiff of full attention, for q, k, v and
+  the encoding's own parameters (T5/Shaw tables, FIRE's MLP, KERPLE's, ...)."""
+  enc = tiny_model(name).posenc
   q, k, v, pos = qkv(enc, 40)
   graphdef, state = nnx.split(enc)
 
@@ -69,7 +75,26 @@ def test_gradients_match():
   g_full = jax.grad(functools.partial(loss, full), argnums=(0, 1, 2, 3))(q, k, v, state)
   g_blk = jax.grad(functools.partial(loss, blk), argnums=(0, 1, 2, 3))(q, k, v, state)
   for a, b in zip(jax.tree.leaves(g_blk), jax.tree.leaves(g_full)):
-    assert rel_err(a, b) < 1e-5
+    # relative, with an absolute floor for gradients that are ~0 (float32 sums of O(1)
+    # terms: e.g. FIRE's threshold, ~1e-6 either way)
+    assert float(jnp.max(jnp.abs(a - b))) < 1e-5 * max(float(jnp.max(jnp.abs(b))), 1.0)
+
+
+def test_backward_memory_is_linear_in_length():
+  """Under grad, blockwise attention's scratch grows like L (q, k, v saved by blocks),
+  not like a key-block copy per (query block, key block) pair."""
+  enc = tiny_model("alibi").posenc
+
+  def temp_per_q_byte(L):
+    q, k, v, pos = qkv(enc, L, b=1)
+    loss = lambda q, k, v, p: jnp.sum(blockwise_attend(q, k, v, p, p, enc, 64))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v, pos).compile()
+    return grad.memory_analysis().temp_size_in_bytes / q.nbytes
+
+  small, large = temp_per_q_byte(1024), temp_per_q_byte(2048)
+  # flash backward: ~5x q's bytes at both lengths; autodiff of the scan with remat: 24x;
+  # autodiff indexing closed-over key blocks: 610 -> 2253
+  assert large < 1.2 * small and large < 10, (small, large)
 
 
 def test_auto_switches_on_length_and_rejects_unknown():
