@@ -330,6 +330,7 @@ def test_finetune_from_a_pretrained_checkpoint(tiny, tmp_path):
   config = configs.finetune.get_config(f"init_from={tiny['hf']},train_len=96,variant=yarn,steps=2")
   assert config.init_from == os.path.abspath(tiny["hf"]) and config.model.num_kv_heads == 2
   assert json.loads(config.posenc.rope.scaling_json)["factor"] == 1.5  # 96 / context 64
+  assert config.optim.learning_rate == 2e-5 and config.model.remat  # the checkpoint recipe
   (tmp_path / "text").mkdir()
   texts = [("train", "the theatre then " * 60), ("validation", "and the tale " * 60)]
   config.data.update(name="text_dir", text_dir=_text_dir(tmp_path / "text", texts))
