@@ -37,7 +37,9 @@ from pretrained import is_checkpoint, run_id
 from training.checkpoint import read_config
 
 DEFAULTS = {"init_from": "", "train_len": 512, "variant": "linear", "steps": 200, "lr": 0.0,
-            "drope": 0}  # lr 0 = the recipe's: 3e-4 for a lenx run, 2e-5 for a checkpoint
+            "drope": 0}  # lr 0 = the recipe's (below)
+RUN_LR = 3e-4  # a lenx run (the byte models' peak lr)
+CHECKPOINT_LR = 2e-5  # PI paper sec. 3.1 (AdamW, the 7B/13B LLaMA); YaRN sec. 4 the same
 
 
 def get_config(arg=None):
@@ -61,8 +63,9 @@ def get_config(arg=None):
   config.train_len = args["train_len"]
   config.num_train_steps = args["steps"]
   config.batch_size = max(1, source.batch_size * source_len // args["train_len"])  # same tokens/step
-  config.optim.learning_rate = args["lr"] or (2e-5 if is_checkpoint(args["init_from"]) else 3e-4)
-  if is_checkpoint(args["init_from"]):
+  from_checkpoint = is_checkpoint(args["init_from"])
+  config.optim.learning_rate = args["lr"] or (CHECKPOINT_LR if from_checkpoint else RUN_LR)
+  if from_checkpoint:
     _pretrained_recipe(config)
   config.optim.warmup_steps = min(20, args["steps"] // 10)
   config.eval_every = config.checkpoint_every = max(1, args["steps"] // 4)
@@ -70,10 +73,9 @@ def get_config(arg=None):
 
 
 def _pretrained_recipe(config):
-  """A checkpoint's fine-tune: peak lr 2e-5 (PI paper sec. 3.1, AdamW for the 7B/13B
-  LLaMA; YaRN sec. 4 the same), every block rematerialised (30 layers x 16k tokens of
-  activations do not fit otherwise: a SmolLM2-135M 16k step peaks at 9.5 GB with it), and
-  bf16 matmuls where the hardware has them (as its evaluation)."""
+  """A checkpoint's fine-tune (besides CHECKPOINT_LR): every block rematerialised (30 layers
+  x 16k tokens of activations do not fit otherwise: a SmolLM2-135M 16k step peaks at 9.5 GB
+  with it), and bf16 matmuls where the hardware has them (as its evaluation)."""
   config.model.remat = True
   config.model.dtype = "auto"
 

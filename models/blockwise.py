@@ -36,7 +36,8 @@ from posenc.xla_ops import row_major
 
 
 def _blocks(x, n, block, mode="edge"):
-  """[b, s, ...] -> [n, b, block, ...], padding the sequence at the end (edge values)."""
+  """[b, s, ...] -> [n, b, block, ...], padding the sequence at the end (``jnp.pad`` mode:
+  edge values for inputs, zeros for the output's cotangent)."""
   pad = n * block - x.shape[1]
   widths = [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
   x = jnp.pad(x, widths, mode=mode) if pad else x
