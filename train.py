@@ -23,6 +23,7 @@ import pretrained
 from input_pipeline import positions
 from configs.common import resolve
 from models import build_model
+from models.layers import cpu_dots
 from training import checkpoint
 from training.mesh import make_mesh, maybe_initialize_distributed, shard_batch, state_sharding
 from training.optim import make_optimizer
@@ -78,6 +79,8 @@ def train_and_evaluate(config, workdir, *, stop_after=None):
   config = resolve(config)
   if config.model.get("dtype_auto"):
     print(f"model.dtype auto -> {config.model.dtype} ({config.model.dtype_auto})", flush=True)
+  if jax.default_backend() == "cpu":
+    print("XLA:CPU dots: {} ({})".format(*cpu_dots()), flush=True)
   task = input_pipeline.get_task(config.data, config.seed)
   config.model.vocab_size = task.vocab_size
   checkpoint.check_compatible(workdir, config)

@@ -31,7 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from models.layers import cpu_description, resolve_dtype  # noqa: E402
+from models.layers import cpu_description, cpu_dots, jit, resolve_dtype  # noqa: E402
 
 VOCAB = 256
 
@@ -77,9 +77,10 @@ def lenx_config(a):
 
 
 def matmul_peak_gflops(n, dtype, reps=5):
-  """Best-of-reps GFLOP/s of an n x n x n jnp.dot (dtype inputs, f32 accumulation)."""
+  """Best-of-reps GFLOP/s of an n x n x n jnp.dot (dtype inputs, f32 accumulation), with
+  the dot library lenx's steps use (``models.layers.cpu_dots``)."""
   x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  f = jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   f(x, x).block_until_ready()
   best = min(_timed(lambda: f(x, x).block_until_ready()) for _ in range(reps))
   return 2 * n ** 3 / best / 1e9
@@ -165,6 +166,7 @@ def main(argv=None):
       "python": platform.python_version(), "cpu_count": os.cpu_count(),
       "backend": jax.default_backend(), "attention": a.attention, "block_size": a.block_size,
       "dtype": a.dtype, "dtype_auto": a.dtype_auto, "cpu": cpu_description(),
+      "cpu_dots": cpu_dots()[0],
       "config": {"layers": a.layers, "d_model": a.d_model, "heads": a.heads, "ffn": a.ffn,
                  "vocab": VOCAB, "seq_len": a.seq_len, "batch": a.batch, "steps": a.steps,
                  "warmup_steps": a.warmup_steps, "lr": a.lr if a.mode == "train" else None},

@@ -16,7 +16,7 @@ from flax import nnx
 from evaluation import windows
 from evaluation.metrics import Accumulator
 from models import build_model
-from models.layers import resolve_dtype
+from models.layers import jit, resolve_dtype
 from models.loss import nll_and_entropy, per_token
 from training.steps import split_model
 
@@ -71,7 +71,7 @@ def make_eval_fn(model, with_correct):
       out["correct"] = jnp.argmax(m.logits(hidden), axis=-1) == targets
     return out
 
-  return jax.jit(f), state
+  return jit(f), state
 
 
 def make_stats_fn(model):
@@ -82,7 +82,7 @@ def make_stats_fn(model):
     _, stats = nnx.merge(graphdef, state).features(inputs, positions, with_stats=True)
     return (jnp.stack([s["entropy"] for s in stats]), jnp.stack([s["distance"] for s in stats]))
 
-  return jax.jit(f), state
+  return jit(f), state
 
 
 STATS_MAX_BYTES = 1 << 30  # attention statistics only where one layer's probabilities fit

@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from models.attention import attend, full_attend
+from models.layers import jit
 from training.steps import split_model
 
 
@@ -93,7 +94,7 @@ def _make_step(graphdef):
     return (model.logits(hidden), tuple(c.k_buf for c in cached),
             tuple(c.v_buf for c in cached))
 
-  return jax.jit(step, static_argnames=("sinks", "prefill", "last_only"))
+  return jit(step, static_argnames=("sinks", "prefill", "last_only"))
 
 
 _STEPS = weakref.WeakKeyDictionary()

@@ -9,6 +9,7 @@ hand-written backward also serves float32 (see ``_dot_bwd``).
 """
 import functools
 import math
+import os
 import platform
 
 import jax
@@ -60,6 +61,41 @@ def auto_dtype(backend=None, flags=None):
   if native:
     return "bfloat16", "CPU has " + " and ".join(native)
   return "float32", "CPU has no bf16 matmul instructions (amx_bf16 / avx512_bf16)"
+
+
+CPU_DOTS = ("auto", "ynnpack", "eigen")
+
+
+def cpu_dots(backend=None, flags=None):
+  """("ynnpack" | "eigen", why): which library runs XLA:CPU's dots in lenx's steps.
+  XLA:CPU hands dots (and the elementwise work around them) to YNNPACK by default, whose
+  kernels are built for AVX-512 / AMX. On a CPU without AVX-512 XLA's Eigen GEMMs are
+  faster inside lenx's steps (AMD EPYC, avx2 + fma, 2 cores; paired A/B, both executables
+  in one process, 24 interleaved steps, median ratio of step times Eigen / YNNPACK, see
+  benchmarks/README.md): train at the peer's shape float32 0.84, bfloat16 0.72; the demo's
+  shape float32 0.94; eval 16k float32 1.00. On the AVX-512 + AMX Xeon YNNPACK won in
+  bf16 (Eigen 1.56x the time), so it stays there. ``LENX_CPU_DOTS=ynnpack|eigen``
+  overrides the choice (benchmarks A/B it that way)."""
+  forced = os.environ.get("LENX_CPU_DOTS", "auto")
+  if forced not in CPU_DOTS:
+    raise ValueError(f"LENX_CPU_DOTS={forced!r}; valid choices: {', '.join(CPU_DOTS)}")
+  if (backend or jax.default_backend()) != "cpu":
+    return "", "not a CPU backend"
+  if forced != "auto":
+    return forced, "LENX_CPU_DOTS"
+  if "avx512f" in (cpu_flags() if flags is None else set(flags)):
+    return "ynnpack", "CPU has avx512f (XLA:CPU's default)"
+  return "eigen", "CPU has no avx512f: Eigen's GEMMs beat YNNPACK's there"
+
+
+def jit(fn=None, **kwargs):
+  """``jax.jit`` with the dot library of ``cpu_dots()`` (usable as a decorator, with or
+  without jit's keyword arguments). An empty ``xla_cpu_experimental_ynn_fusion_type``
+  turns YNNPACK fusions off, which leaves dots to Eigen."""
+  if fn is None:
+    return functools.partial(jit, **kwargs)
+  options = {"xla_cpu_experimental_ynn_fusion_type": ""} if cpu_dots()[0] == "eigen" else {}
+  return jax.jit(fn, compiler_options=options or None, **kwargs)
 
 
 def resolve_dtype(name):

@@ -91,3 +91,32 @@ def test_cpu_description_names_model_and_speed_flags(tmp_path):
                   "flags\t\t: fpu sse2 avx avx2 fma bmi2\nprocessor\t: 1\n")
   assert cpu_description(str(info)) == {"model": "AMD EPYC 7B13", "flags": ["avx2", "fma"]}
   assert cpu_description(str(tmp_path / "absent"))["flags"] == []
+
+
+def test_cpu_dots_follow_the_hardware_and_the_override(monkeypatch):
+  from models.layers import cpu_dots
+  monkeypatch.delenv("LENX_CPU_DOTS", raising=False)
+  assert cpu_dots("cpu", {"avx2", "fma"})[0] == "eigen"
+  assert cpu_dots("cpu", {"avx2", "avx512f", "amx_bf16"})[0] == "ynnpack"
+  assert cpu_dots("gpu", set())[0] == ""
+  monkeypatch.setenv("LENX_CPU_DOTS", "ynnpack")
+  assert cpu_dots("cpu", {"avx2"}) == ("ynnpack", "LENX_CPU_DOTS")
+  monkeypatch.setenv("LENX_CPU_DOTS", "mkl")
+  with pytest.raises(ValueError, match="LENX_CPU_DOTS='mkl'; valid choices: auto, ynnpack, eigen"):
+    cpu_dots("cpu", set())
+
+
+@pytest.mark.parametrize("library", ["eigen", "ynnpack"])
+def test_lenx_jit_compiles_with_the_chosen_dot_library(monkeypatch, library):
+  """Eigen = no YNNPACK fusion in the compiled step; same numbers either way."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from models.layers import jit
+  if jax.default_backend() != "cpu":
+    pytest.skip("an XLA:CPU compiler option")
+  monkeypatch.setenv("LENX_CPU_DOTS", library)
+  x = jax.random.normal(jax.random.key(0), (64, 64))
+  f = jit(lambda a: jnp.tanh(a @ a))
+  assert ("ynn" in f.lower(x).compile().as_text()) == (library == "ynnpack")
+  np.testing.assert_allclose(f(x), jnp.tanh(x @ x), rtol=1e-5, atol=1e-5)

@@ -4,13 +4,13 @@ The model is split once into a static graphdef and a pure dict of parameters;
 steps merge them inside jit, so the compiled function sees only arrays and the
 training state can be donated (updated in place).
 """
-import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from models.layers import jit
 from models.loss import masked_mean, token_nll
 
 
@@ -41,7 +41,7 @@ def make_train_step(graphdef, tx, seed):
     nll = batch_nll(graphdef, params, batch, rng)
     return masked_mean(nll, batch["loss_mask"])
 
-  @functools.partial(jax.jit, donate_argnums=0)
+  @jit(donate_argnums=0)
   def train_step(state, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state["step"])  # dropout = f(seed, step)
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, rng)
@@ -56,7 +56,7 @@ def make_train_step(graphdef, tx, seed):
 def make_eval_step(graphdef):
   """eval(params, batch) -> {"nll_sum", "tokens"} (host divides: exact token weighting)."""
 
-  @jax.jit
+  @jit
   def eval_step(params, batch):
     nll = batch_nll(graphdef, params, batch)
     mask = batch["loss_mask"]
