@@ -112,10 +112,12 @@ def get_config(arg=None):
                            else FINETUNES, 2 if smoke else 400)
   # Steady training tokens/s of rope at this recipe (4 x 128, 2 layers, d_model 128) and
   # each family's speed relative to it, measured with benchmarks/encodings.py
-  # (--steps=300, one dtype after the other, 2-core Xeon with AMX-BF16, 2026-11-30;
-  # families within ~10 % of rope are left at 1.0, the box's noise). The fixed cost of a
-  # run (compile, validation, checkpoint): make demo trained 1.43M tokens in 37-52 s.
-  t.tokens_per_s = ml_collections.ConfigDict({"bfloat16": 60000.0, "float32": 38600.0})
+  # (--steps=300; families within ~10 % of rope are left at 1.0, the box's noise). bf16:
+  # 2-core Xeon with AMX-BF16, 2026-11-30 (where `auto` picks bf16). float32: 2-core AMD
+  # EPYC with AVX2 only, 2026-12-01 (where `auto` picks float32; the Xeon ran f32 at 38.6k).
+  # The fixed cost of a run (compile, validation, checkpoint): make demo trained 1.43M
+  # tokens in 37-52 s.
+  t.tokens_per_s = ml_collections.ConfigDict({"bfloat16": 60000.0, "float32": 19600.0})
   t.speed_vs_rope = ml_collections.ConfigDict(
       {"cope": 0.28, "fire": 0.28, "shaw": 0.7, "transformer_xl": 0.55})
   t.run_overhead_s = 15.0
