@@ -45,8 +45,13 @@ def define_flags():
   flags.DEFINE_string("out", "", "Override the output directory.")
 
 
-EVAL_S_PER_ROW = 4.0  # measured (make demo, bf16): 0.4-1 s compile + 1-5 s for 131072 tokens
-NEEDLE_S_PER_CELL = 2.0  # measured (demo.py --needle, bf16, 2-core Xeon with AMX): 105 cells in 3.4 min
+# Seconds per evaluated row by the dtype the demo runs in. bf16: make demo on the 2-core
+# Xeon with AMX (0.4-1 s compile + 1-5 s for 131072 tokens). float32: 2-core AMD EPYC with
+# AVX2 only (where `auto` picks it), demo.py --only=alibi: 21 rows in 2.7 min.
+EVAL_S_PER_ROW = {"bfloat16": 4.0, "float32": 7.7}
+# demo.py --needle, bf16, the Xeon: 105 cells in 3.4 min; float32 not measured, scaled by
+# the perplexity rows' float32 / bf16 ratio
+NEEDLE_S_PER_CELL = {"bfloat16": 2.0, "float32": 3.9}
 
 
 def _set(config, dotted, text):
@@ -158,7 +163,7 @@ def _print_plan(demo, jobs, notes):
           + ("finished, reused" if not left else f"train {left} steps, ~{secs(j):.0f} s"))
   print("\n".join(notes))
   grid = demo.get("needle") or demo  # what the study evaluates: perplexity rows or needle cells
-  per_row = NEEDLE_S_PER_CELL if "needle" in demo else EVAL_S_PER_ROW
+  per_row = (NEEDLE_S_PER_CELL if "needle" in demo else EVAL_S_PER_ROW)[dtype]
   n_variants = len(grid.variants.split(","))
   groups = {(j.name, j.source is None) for j in jobs}
   rope = {name for name, spec in t.runs.items() if "posenc=rope" in spec.args}
