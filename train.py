@@ -79,8 +79,9 @@ def train_and_evaluate(config, workdir, *, stop_after=None):
   config = resolve(config)
   if config.model.get("dtype_auto"):
     print(f"model.dtype auto -> {config.model.dtype} ({config.model.dtype_auto})", flush=True)
-  if jax.default_backend() == "cpu":
-    print("XLA:CPU dots: {} ({})".format(*cpu_dots()), flush=True)
+  dots, why = cpu_dots()
+  if dots:  # "" off the CPU
+    print(f"XLA:CPU dots: {dots} ({why})", flush=True)
   task = input_pipeline.get_task(config.data, config.seed)
   config.model.vocab_size = task.vocab_size
   checkpoint.check_compatible(workdir, config)

@@ -9,6 +9,7 @@ box's drift (+-20 % between minutes on a shared machine) hits both alike; prints
 median and mean +- SE of the per-pair ratio Eigen / YNNPACK (what ``models.layers.cpu_dots``
 decides from). Compiled here with explicit options, whatever ``LENX_CPU_DOTS`` says.
 """
+import argparse
 import os
 import sys
 import time
@@ -22,11 +23,11 @@ import numpy as np  # noqa: E402
 
 from benchmarks.throughput import batches, lenx_config, parse_args  # noqa: E402
 from models import build_model  # noqa: E402
-from models.layers import cpu_description  # noqa: E402
+from models.layers import EIGEN_DOTS, cpu_description  # noqa: E402
 from training.optim import make_optimizer  # noqa: E402
 from training.steps import make_eval_step, make_train_step, split_model  # noqa: E402
 
-LIBRARIES = {"ynnpack": {}, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+LIBRARIES = {"ynnpack": None, "eigen": EIGEN_DOTS}
 
 
 def compiled_step(a, config, batch, options):
@@ -48,16 +49,13 @@ def compiled_step(a, config, batch, options):
 
 
 def main(argv=None):
-  argv = list(sys.argv[1:] if argv is None else argv)
-  pairs = 24
-  if "--pairs" in argv:
-    i = argv.index("--pairs")
-    pairs = int(argv.pop(i + 1))
-    argv.pop(i)
-  a = parse_args(argv)
+  own = argparse.ArgumentParser(add_help=False)
+  own.add_argument("--pairs", type=int, default=24, help="timed step pairs")
+  ns, rest = own.parse_known_args(argv)
+  pairs, a = ns.pairs, parse_args(rest)  # the rest: throughput.py's flags
   config = lenx_config(a)
   batch = next(batches(a))
-  steps = {name: list(compiled_step(a, config, batch, opts or None))
+  steps = {name: list(compiled_step(a, config, batch, opts))
            for name, opts in LIBRARIES.items()}
   times = {name: [] for name in steps}
   for i in range(pairs + 1):  # the first pair is a warm-up

@@ -33,9 +33,11 @@ def _cpuinfo_field(name, path="/proc/cpuinfo"):
   return ""
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_flags(path="/proc/cpuinfo"):
-  """The CPU feature flags (empty set where /proc/cpuinfo is absent)."""
-  return set(_cpuinfo_field("flags", path).split())
+  """The CPU feature flags (empty where /proc/cpuinfo is absent); read once per path,
+  since every compiled step asks (``cpu_dots``)."""
+  return frozenset(_cpuinfo_field("flags", path).split())
 
 
 SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -64,6 +66,7 @@ def auto_dtype(backend=None, flags=None):
 
 
 CPU_DOTS = ("auto", "ynnpack", "eigen")
+EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no YNNPACK fusions: Eigen dots
 
 
 def cpu_dots(backend=None, flags=None):
@@ -90,12 +93,11 @@ def cpu_dots(backend=None, flags=None):
 
 def jit(fn=None, **kwargs):
   """``jax.jit`` with the dot library of ``cpu_dots()`` (usable as a decorator, with or
-  without jit's keyword arguments). An empty ``xla_cpu_experimental_ynn_fusion_type``
-  turns YNNPACK fusions off, which leaves dots to Eigen."""
+  without jit's keyword arguments)."""
   if fn is None:
     return functools.partial(jit, **kwargs)
-  options = {"xla_cpu_experimental_ynn_fusion_type": ""} if cpu_dots()[0] == "eigen" else {}
-  return jax.jit(fn, compiler_options=options or None, **kwargs)
+  return jax.jit(fn, compiler_options=EIGEN_DOTS if cpu_dots()[0] == "eigen" else None,
+                 **kwargs)
 
 
 def resolve_dtype(name):
