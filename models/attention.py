@@ -12,6 +12,7 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
+from models import cpu_attention
 from models.blockwise import blockwise_attend
 from models.fast_attention import NEG_INF, causal_softmax, softmax_pv
 from models.layers import Dense, compute_dtype
@@ -59,9 +60,11 @@ def full_attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, key_mask=None):
   """Full causal attention. q/k/v [b, s, h, d] (q pre-scaled) -> [b, s, h, d] float32.
 
   Without stats, the softmax and P V run in ``fast_attention.softmax_pv`` (custom
-  VJP); with stats, the plain formulation (probabilities are needed). ``key_mask``
+  VJP), or the whole of it in ``cpu_attention``'s fused kernel where that applies; with stats, the plain formulation (probabilities are needed). ``key_mask``
   [b, sk] (bool, optional) removes keys as well (empty slots of a KV cache).
   """
+  if cpu_attention.use_kernel(q, k, enc, with_stats, key_mask):
+    return cpu_attention.causal_attention(q, k, v), None
   logits = enc.scores(q, k, q_pos, k_pos)
   if key_mask is not None:
     logits = jnp.where(key_mask[:, None, None, :], logits, NEG_INF)

@@ -69,6 +69,15 @@ CPU_DOTS = ("auto", "ynnpack", "eigen")
 EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no YNNPACK fusions: Eigen dots
 
 
+def env_choice(name, choices):
+  """The value of environment variable ``name`` (default choices[0]); anything not in
+  ``choices`` is an error naming them."""
+  value = os.environ.get(name, choices[0])
+  if value not in choices:
+    raise ValueError(f"{name}={value!r}; valid choices: {', '.join(choices)}")
+  return value
+
+
 def cpu_dots(backend=None, flags=None):
   """("ynnpack" | "eigen", why): which library runs XLA:CPU's dots in lenx's steps.
   XLA:CPU hands dots (and the elementwise work around them) to YNNPACK by default, whose
@@ -79,9 +88,7 @@ def cpu_dots(backend=None, flags=None):
   shape float32 0.94; eval 16k float32 1.00. On the AVX-512 + AMX Xeon YNNPACK won in
   bf16 (Eigen 1.56x the time), so it stays there. ``LENX_CPU_DOTS=ynnpack|eigen``
   overrides the choice (benchmarks A/B it that way)."""
-  forced = os.environ.get("LENX_CPU_DOTS", "auto")
-  if forced not in CPU_DOTS:
-    raise ValueError(f"LENX_CPU_DOTS={forced!r}; valid choices: {', '.join(CPU_DOTS)}")
+  forced = env_choice("LENX_CPU_DOTS", CPU_DOTS)
   if (backend or jax.default_backend()) != "cpu":
     return "", "not a CPU backend"
   if forced != "auto":

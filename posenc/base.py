@@ -124,6 +124,15 @@ class PositionalEncoding(nnx.Module):
     del q_pos, k_pos
     return None
 
+  @property
+  def content_only(self):
+    """Whether ``scores`` is exactly ``qk_dot(q, k)`` (no bias, no rule of its own), so that
+    attention may run a fused kernel that forms the logits itself (models/cpu_attention.py).
+    Derived from which hooks a subclass overrides; one that overrides ``scores`` but can be
+    plain (RoPE without a piecewise extension) says so itself."""
+    cls = type(self)
+    return cls.scores is PositionalEncoding.scores and cls.bias is PositionalEncoding.bias
+
   def scores(self, q, k, q_pos, k_pos):
     """Attention logits [b, h, sq, sk] of one (query block, key block); float32."""
     logits = qk_dot(q, k)

@@ -133,6 +133,10 @@ class RoPE(PositionalEncoding):
       return q, k
     return self._rotate(q, q_pos), self._rotate(k, k_pos)
 
+  @property
+  def content_only(self):
+    return not self.scores_rule
+
   def scores(self, q, k, q_pos, k_pos):
     if not self.scores_rule:
       return qk_dot(q, k)

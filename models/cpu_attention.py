@@ -1,0 +1,149 @@
+"""Fused causal attention for XLA:CPU in float32: a C++ kernel behind ``jax.ffi``.
+
+Why: on a CPU without AVX-512 (AMD EPYC, avx2 + fma, 2 cores) XLA:CPU runs attention's
+batched [s, d] x [d, s] dots at ~45 GFLOP/s (the dense layers' GEMMs reach ~130) and the
+softmax, its backward and the causal mask as separate passes over [b, h, s, s]: forward +
+backward of the attention core took ~30 % of a float32 train step at the peer's shape.
+``kernels/causal_attention.cc`` computes the same thing (logits, causal softmax, P V and
+the FlashAttention backward, Dao et al. 2022 app. B.2) per (batch, head) with a register-
+tiled matmul that skips every tile above the causal diagonal (half the FLOPs) and one
+pass per softmax row. Same inputs and outputs as ``qk_dot`` + ``fast_attention.softmax_pv``
+(q pre-scaled, [b, s, h, d]); equal to them to float32 rounding (tests/test_cpu_attention.py).
+
+Where: ``use_kernel`` - CPU backend, one device (a custom call has no sharding rule),
+float32, self-attention with s and d multiples of 8, an encoding whose logits are plain
+q.k (``enc.content_only``), no attention statistics. ``LENX_CPU_ATTENTION=auto|kernel|xla``:
+auto = the kernel on CPUs without avx512f, where it was measured (benchmarks/README.md);
+kernel = wherever it applies; xla = never. The library is compiled on first use with the
+system C++ compiler (``$CXX`` or g++, -O3 -march=native) into ``$LENX_KERNEL_CACHE``
+(default ~/.cache/lenx/kernels), keyed by the source, the jaxlib headers and this CPU's
+flags. Where it cannot be built, auto falls back to XLA with one warning; kernel raises.
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.layers import cpu_flags, env_choice
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "causal_attention.cc")
+CHOICES = ("auto", "kernel", "xla")
+_TARGETS = {"forward": "LenxCausalAttentionForward", "backward": "LenxCausalAttentionBackward"}
+
+
+def _library_path():
+  """Where this source, built for this CPU and these FFI headers, lives."""
+  key = hashlib.sha256()
+  for part in (open(SOURCE, "rb").read(), jax.ffi.include_dir().encode(), jax.__version__.encode(),
+               " ".join(sorted(cpu_flags())).encode()):
+    key.update(part)
+  root = os.environ.get("LENX_KERNEL_CACHE", os.path.expanduser("~/.cache/lenx/kernels"))
+  return os.path.join(root, key.hexdigest()[:16], "libcausal_attention.so")
+
+
+def _build(path):
+  """Compiles SOURCE into path (atomically: a half-written library is never loaded)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+  os.close(fd)
+  cmd = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
+         "-isystem", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+  try:
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+  except (OSError, subprocess.CalledProcessError) as e:
+    os.unlink(tmp)
+    detail = getattr(e, "stderr", "") or str(e)
+    raise RuntimeError(f"building the CPU attention kernel failed ({' '.join(cmd[:2])} ...): "
+                       f"{detail.strip()[-2000:]}") from e
+  os.replace(tmp, path)
+
+
+@functools.lru_cache(maxsize=None)
+def load():
+  """Builds (once per source and CPU) and registers the FFI targets; raises on failure."""
+  path = _library_path()
+  if not os.path.exists(path):
+    _build(path)
+  lib = ctypes.cdll.LoadLibrary(path)
+  for name, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(f"lenx_causal_attention_{name}",
+                                jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+  return path
+
+
+@functools.lru_cache(maxsize=None)
+def _available():
+  try:
+    load()
+    return True
+  except (RuntimeError, OSError) as e:
+    warnings.warn(f"{e}\nfalling back to XLA's attention (LENX_CPU_ATTENTION=xla silences this)")
+    return False
+
+
+def enabled(backend=None, flags=None):
+  """(bool, why): whether full causal attention may run the kernel on this machine."""
+  choice = env_choice("LENX_CPU_ATTENTION", CHOICES)
+  if choice == "xla":
+    return False, "LENX_CPU_ATTENTION=xla"
+  if (backend or jax.default_backend()) != "cpu" or jax.device_count() != 1:
+    return False, "not a single-device CPU backend"
+  if choice == "auto" and "avx512f" in (cpu_flags() if flags is None else set(flags)):
+    return False, "CPU has avx512f (measured only without it; LENX_CPU_ATTENTION=kernel forces)"
+  if choice == "kernel":
+    load()  # a build failure is an error when asked for explicitly
+    return True, "LENX_CPU_ATTENTION=kernel"
+  return _available(), "CPU has no avx512f"
+
+
+def use_kernel(q, k, enc, with_stats=False, key_mask=None):
+  """Whether ``attention.full_attend`` hands (q, k, v) to ``causal_attention``."""
+  s, d = q.shape[1], q.shape[3]
+  shapes_fit = q.shape == k.shape and s % 8 == 0 and d % 8 == 0
+  plain = enc.content_only and not with_stats and key_mask is None
+  return (shapes_fit and plain and q.dtype == jnp.float32 and k.dtype == jnp.float32
+          and enabled()[0])
+
+
+def _threads():
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _call(name, outputs, *args):
+  load()  # registers the targets (once) whoever calls first
+  return jax.ffi.ffi_call(f"lenx_causal_attention_{name}", outputs, vmap_method="sequential")(
+      *args, threads=np.int64(_threads()))
+
+
+@jax.custom_vjp
+def causal_attention(q, k, v):
+  """causal softmax(q k^T) v for q, k, v [b, s, h, d] float32 (q pre-scaled) -> [b, s, h, d]."""
+  return _forward(q, k, v)[0]
+
+
+def _forward(q, k, v):
+  b, s, h, _ = q.shape
+  out, probs = _call("forward", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                                 jax.ShapeDtypeStruct((b, h, s, s), jnp.float32)), q, k, v)
+  return out, (q, k, v, probs)
+
+
+def _backward(res, g):
+  q, k, v, probs = res
+  shape = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+  return tuple(_call("backward", (shape, shape, shape), q, k, v, probs, g.astype(jnp.float32)))
+
+
+causal_attention.defvjp(_forward, _backward)
+
+
+if __name__ == "__main__":  # python -m models.cpu_attention: build now, print where
+  print(load(), file=sys.stdout)

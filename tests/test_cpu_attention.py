@@ -1,0 +1,98 @@
+"""The fused CPU attention kernel (models/cpu_attention.py): same numbers as XLA's path,
+causal, and used exactly where it applies."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import cpu_attention
+from models.fast_attention import softmax_pv
+from posenc.base import qk_dot
+from tests.test_fast_paths import _model_loss, _rel
+
+
+def _xla(q, k, v):
+  return softmax_pv(qk_dot(q, k), v, 0, jnp.float32)
+
+
+def _qkv(shape, seed=0):
+  q, k, v, g = (jax.random.normal(key, shape, jnp.float32) for key in
+                jax.random.split(jax.random.key(seed), 4))
+  return q * 2.0, k, v, g  # logits of a few units, like a trained model's
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 3, 16), (1, 8, 1, 8), (2, 64, 2, 32)])
+def test_kernel_equals_xla_attention_value_and_grads(shape):
+  q, k, v, g = _qkv(shape)
+  out, vjp = jax.vjp(cpu_attention.causal_attention, q, k, v)
+  ref, ref_vjp = jax.vjp(_xla, q, k, v)
+  assert _rel(out, ref) < 2e-6
+  for got, want in zip(vjp(g), ref_vjp(g)):
+    assert _rel(got, want) < 1e-5
+
+
+def test_kernel_is_causal_and_saves_a_causal_softmax():
+  q, k, v, _ = _qkv((1, 16, 2, 8))
+  out = cpu_attention.causal_attention(q, k, v)
+  later = k.at[:, 9:].set(5.0), v.at[:, 9:].set(-3.0)  # change keys/values after t = 8
+  out2 = cpu_attention.causal_attention(q, *later)
+  np.testing.assert_array_equal(out[:, :9], out2[:, :9])
+  assert float(jnp.max(jnp.abs(out[:, 9:] - out2[:, 9:]))) > 1e-2
+  probs = cpu_attention._forward(q, k, v)[1][3]  # residuals (q, k, v, P [b, h, s, s])
+  np.testing.assert_allclose(jnp.sum(probs, -1), 1.0, atol=1e-6)
+  assert float(jnp.max(jnp.abs(jnp.triu(probs, 1)))) == 0.0
+
+
+@pytest.mark.parametrize("posenc, applies", [("rope", True), ("nope", True), ("learned", True),
+                                             ("alibi", False), ("t5_bias", False)])
+def test_model_uses_kernel_only_for_plain_logits_and_matches_xla(monkeypatch, posenc, applies):
+  results = {}
+  for choice in ("xla", "kernel"):
+    monkeypatch.setenv("LENX_CPU_ATTENTION", choice)
+    loss, params = _model_loss(posenc, False)
+    traced = str(jax.make_jaxpr(jax.grad(loss))(params))
+    results[choice] = jax.value_and_grad(loss)(params), "lenx_causal_attention" in traced
+  (loss_x, g_x), used_x = results["xla"]
+  (loss_k, g_k), used_k = results["kernel"]
+  assert not used_x and used_k == applies
+  assert _rel(loss_k, loss_x) < 1e-6
+  flat_k, flat_x = (dict(nnx.traversals.flatten_mapping(g)) for g in (g_k, g_x))
+  for key in flat_x:
+    assert _rel(flat_k[key], flat_x[key]) < 1e-5, key
+
+
+def test_rope_with_a_piecewise_extension_is_not_plain():
+  from tests.conftest import make_tiny_config
+  from configs.common import resolve
+  from models import build_model
+  c = make_tiny_config(posenc="rope", train_len=24)
+  enc = build_model(resolve(c)).posenc
+  assert enc.content_only
+  enc.scores_rule = '{"name": "self_extend"}'  # any rule makes RoPE's scores its own
+  assert not enc.content_only
+
+
+def test_shapes_and_choices_that_keep_xla(monkeypatch):
+  monkeypatch.setenv("LENX_CPU_ATTENTION", "kernel")
+  enc = type("Plain", (), {"content_only": True})()
+  q = jnp.zeros((1, 24, 2, 8))
+  assert cpu_attention.use_kernel(q, q, enc)
+  assert not cpu_attention.use_kernel(jnp.zeros((1, 20, 2, 8)), jnp.zeros((1, 20, 2, 8)), enc)
+  assert not cpu_attention.use_kernel(q, jnp.zeros((1, 32, 2, 8)), enc)  # cached keys
+  assert not cpu_attention.use_kernel(q, q, enc, with_stats=True)
+  assert not cpu_attention.use_kernel(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), enc)
+  monkeypatch.setenv("LENX_CPU_ATTENTION", "auto")
+  assert not cpu_attention.enabled(flags={"avx2", "avx512f"})[0]
+  monkeypatch.setenv("LENX_CPU_ATTENTION", "xla")
+  assert not cpu_attention.use_kernel(q, q, enc)
+  monkeypatch.setenv("LENX_CPU_ATTENTION", "fast")
+  with pytest.raises(ValueError, match="LENX_CPU_ATTENTION='fast'; valid choices: auto, kernel, xla"):
+    cpu_attention.enabled()
+
+
+def test_build_failure_is_a_clear_error(monkeypatch, tmp_path):
+  monkeypatch.setenv("CXX", "/bin/false")
+  with pytest.raises(RuntimeError, match="building the CPU attention kernel failed"):
+    cpu_attention._build(str(tmp_path / "lib.so"))
+  assert list(tmp_path.iterdir()) == []  # no half-written library left behind
