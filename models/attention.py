@@ -50,7 +50,10 @@ def use_blockwise(impl, seq_len, block_size, enc, with_stats=False):
 
 
 def attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, impl="full", block_size=512):
-  """Causal attention, full or blockwise (see ``use_blockwise``); same result either way."""
+  """Causal attention: the fused CPU kernel where it applies (``cpu_attention.use_kernel``),
+  else full or blockwise (see ``use_blockwise``); same result every way."""
+  if cpu_attention.use_kernel(q, k, enc, with_stats):
+    return cpu_attention.causal_attention(q, k, v), None
   if q.shape[1] == k.shape[1] and use_blockwise(impl, q.shape[1], block_size, enc, with_stats):
     return blockwise_attend(q, k, v, q_pos, k_pos, enc, block_size), None
   return full_attend(q, k, v, q_pos, k_pos, enc, with_stats=with_stats)
@@ -60,11 +63,9 @@ def full_attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, key_mask=None):
   """Full causal attention. q/k/v [b, s, h, d] (q pre-scaled) -> [b, s, h, d] float32.
 
   Without stats, the softmax and P V run in ``fast_attention.softmax_pv`` (custom
-  VJP), or the whole of it in ``cpu_attention``'s fused kernel where that applies; with stats, the plain formulation (probabilities are needed). ``key_mask``
+  VJP); with stats, the plain formulation (probabilities are needed). ``key_mask``
   [b, sk] (bool, optional) removes keys as well (empty slots of a KV cache).
   """
-  if cpu_attention.use_kernel(q, k, enc, with_stats, key_mask):
-    return cpu_attention.causal_attention(q, k, v), None
   logits = enc.scores(q, k, q_pos, k_pos)
   if key_mask is not None:
     logits = jnp.where(key_mask[:, None, None, :], logits, NEG_INF)

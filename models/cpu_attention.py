@@ -3,12 +3,14 @@
 Why: on a CPU without AVX-512 (AMD EPYC, avx2 + fma, 2 cores) XLA:CPU runs attention's
 batched [s, d] x [d, s] dots at ~45 GFLOP/s (the dense layers' GEMMs reach ~130) and the
 softmax, its backward and the causal mask as separate passes over [b, h, s, s]: forward +
-backward of the attention core took ~30 % of a float32 train step at the peer's shape.
-``kernels/causal_attention.cc`` computes the same thing (logits, causal softmax, P V and
-the FlashAttention backward, Dao et al. 2022 app. B.2) per (batch, head) with a register-
-tiled matmul that skips every tile above the causal diagonal (half the FLOPs) and one
-pass per softmax row. Same inputs and outputs as ``qk_dot`` + ``fast_attention.softmax_pv``
-(q pre-scaled, [b, s, h, d]); equal to them to float32 rounding (tests/test_cpu_attention.py).
+backward of the attention core took ~30 % of a float32 train step at the peer's shape,
+and attention is most of a 16k-token evaluation. ``kernels/causal_attention.cc`` computes
+the same thing as FlashAttention-2 (Dao 2023, Alg. 1 and 2: online softmax over key
+blocks, the row log-sum-exp saved, P recomputed in the backward) per (batch, head), with a
+register-tiled matmul that skips every tile above the causal diagonal (half the FLOPs):
+O(block) memory at any length, so it serves training and long evaluation alike. Same
+inputs and outputs as ``attention.full_attend`` / ``blockwise_attend`` (q pre-scaled,
+[b, s, h, d]); equal to them to float32 rounding (tests/test_cpu_attention.py).
 
 Where: ``use_kernel`` - CPU backend, one device (a custom call has no sharding rule),
 float32, self-attention with s and d multiples of 8, an encoding whose logits are plain
@@ -105,7 +107,7 @@ def enabled(backend=None, flags=None):
 
 
 def use_kernel(q, k, enc, with_stats=False, key_mask=None):
-  """Whether ``attention.full_attend`` hands (q, k, v) to ``causal_attention``."""
+  """Whether ``attention.attend`` hands (q, k, v) to ``causal_attention``."""
   s, d = q.shape[1], q.shape[3]
   shapes_fit = q.shape == k.shape and s % 8 == 0 and d % 8 == 0
   plain = enc.content_only and not with_stats and key_mask is None
@@ -131,15 +133,14 @@ def causal_attention(q, k, v):
 
 def _forward(q, k, v):
   b, s, h, _ = q.shape
-  out, probs = _call("forward", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                                 jax.ShapeDtypeStruct((b, h, s, s), jnp.float32)), q, k, v)
-  return out, (q, k, v, probs)
+  out, lse = _call("forward", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                               jax.ShapeDtypeStruct((b, h, s), jnp.float32)), q, k, v)
+  return out, (q, k, v, out, lse)
 
 
 def _backward(res, g):
-  q, k, v, probs = res
-  shape = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-  return tuple(_call("backward", (shape, shape, shape), q, k, v, probs, g.astype(jnp.float32)))
+  shape = jax.ShapeDtypeStruct(res[0].shape, jnp.float32)
+  return tuple(_call("backward", (shape, shape, shape), *res, g.astype(jnp.float32)))
 
 
 causal_attention.defvjp(_forward, _backward)

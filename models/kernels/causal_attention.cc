@@ -1,21 +1,23 @@
 // Fused causal self-attention for XLA:CPU (float32), forward and backward, as XLA FFI
-// handlers. Built and loaded by models/cpu_attention.py; see its docstring for why.
+// handlers: FlashAttention-2 (Dao 2023, Alg. 1 forward, Alg. 2 backward) on CPU cores.
+// Built and loaded by models/cpu_attention.py; see its docstring for why.
 //
-// Per (batch, head) problem, with S = sequence length, D = head dim, q pre-scaled:
-//   forward   L = Q K^T (lower triangle only), P = softmax_row(L) with P[i, j > i] = 0,
-//             O = P V                                   (the row softmax is exact, no online
-//             rescaling: P is an output, saved for the backward pass like
-//             models/fast_attention.py does)
-//   backward  dP = dO V^T, D_i = sum_j P_ij dP_ij, dS = P * (dP - D)       (Dao et al. 2022,
-//             FlashAttention, app. B.2 / Alg. 4 with P saved instead of recomputed)
-//             dQ = dS K, dK = dS^T Q, dV = P^T dO
-// Every product skips the tiles above the causal diagonal (half the FLOPs of the dense
-// batched dots XLA runs) and the softmax is one pass over the row. Layout: q, k, v, o and
-// their cotangents are [b, s, h, d] row-major (the model's own layout, read in place with a
-// row stride of h * d); P is [b, h, s, s]. Needs s % 8 == 0 and d % 8 == 0 (the Python side
-// checks). The matmul micro-kernel is a register tile of up to 6 rows x 16 columns written
-// with GCC vector extensions, so -march=native picks AVX2 + FMA (or AVX-512, or SSE).
+// Per (batch, head) problem (one thread each), q pre-scaled, queries in blocks of kBq rows,
+// keys in blocks of kBk (a multiple of kBq, so a visited key block never starts after its
+// query block), only blocks on or below the causal diagonal:
+//   forward   S = Q_i K_j^T, m' = max(m, rowmax S), P = exp(S - m'),
+//             l' = l e^(m - m') + rowsum P, O_i' = O_i e^(m - m') + P V_j;
+//             O_i = O_i / l, LSE_i = m + log l                    (saved for the backward)
+//   backward  D = rowsum(dO o O); per tile P = exp(S - LSE), dP = dO_i V_j^T,
+//             dS = P o (dP - D), dQ_i += dS K_j, dK_j += dS^T Q_i, dV_j += P^T dO_i
+// Memory: O(block) scratch per thread, never an s x s matrix. Inside the diagonal tile the
+// products skip the 6-row x 16-column register tiles above the diagonal (half the FLOPs
+// of the dense batched dots XLA runs). Layout: q, k, v, o and their cotangents are
+// [b, s, h, d] row-major (the model's layout, read in place with a row stride of h * d);
+// LSE is [b, h, s]. Needs s % 8 == 0 and d % 8 == 0 (the Python side checks). The matmul
+// micro-kernel uses GCC vector extensions, so -march=native picks AVX2 + FMA (or AVX-512).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <thread>
@@ -68,13 +70,16 @@ struct View {
 constexpr int kRows = 6;   // rows of a register tile
 constexpr int kCols = 16;  // columns of a packed B panel (two 8-lane vectors)
 
-// C[r, 0:8*NV] = sum_{k < kn} A[r, k] B[k, 0:8*NV], r < R, with A read in place (element
-// (r, k) at a[r * ars + k * aks]) and B from a packed [kn][kCols] panel (contiguous: read in
-// place, a row stride of h * d floats = 1 KB maps a whole panel onto 4 of L1's 64 sets).
+// C[r, 0:8*NV] (+)= sum_{k < kn} A[r, k] B[k, 0:8*NV], r < R, with A read in place
+// (element (r, k) at a[r * ars + k * aks]) and B from a packed [kn][kCols] panel
+// (contiguous; read in place, a row stride of h * d floats = 1 KB maps a whole panel onto 4
+// of L1's 64 sets).
 template <int R, int NV>
 void tile(const float* a, int64_t ars, int64_t aks, const float* bp, int64_t kn, float* c,
-          int64_t ldc) {
-  v8 acc[R][NV] = {};
+          int64_t ldc, bool accumulate) {
+  v8 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load8(c + r * ldc + 8 * v) : v8{};
   for (int64_t k = 0; k < kn; ++k) {
     v8 bk[NV];
     for (int v = 0; v < NV; ++v) bk[v] = load8(bp + k * kCols + 8 * v);
@@ -87,22 +92,23 @@ void tile(const float* a, int64_t ars, int64_t aks, const float* bp, int64_t kn,
 
 template <int NV>
 void tile_rows(int rows, const float* a, int64_t ars, int64_t aks, const float* bp, int64_t kn,
-               float* c, int64_t ldc) {
+               float* c, int64_t ldc, bool acc) {
   switch (rows) {
-    case 6: return tile<6, NV>(a, ars, aks, bp, kn, c, ldc);
-    case 5: return tile<5, NV>(a, ars, aks, bp, kn, c, ldc);
-    case 4: return tile<4, NV>(a, ars, aks, bp, kn, c, ldc);
-    case 3: return tile<3, NV>(a, ars, aks, bp, kn, c, ldc);
-    case 2: return tile<2, NV>(a, ars, aks, bp, kn, c, ldc);
-    default: return tile<1, NV>(a, ars, aks, bp, kn, c, ldc);
+    case 6: return tile<6, NV>(a, ars, aks, bp, kn, c, ldc, acc);
+    case 5: return tile<5, NV>(a, ars, aks, bp, kn, c, ldc, acc);
+    case 4: return tile<4, NV>(a, ars, aks, bp, kn, c, ldc, acc);
+    case 3: return tile<3, NV>(a, ars, aks, bp, kn, c, ldc, acc);
+    case 2: return tile<2, NV>(a, ars, aks, bp, kn, c, ldc, acc);
+    default: return tile<1, NV>(a, ars, aks, bp, kn, c, ldc, acc);
   }
 }
 
-// Which part of a product a row block [r0, r0 + rows) needs.
+// Which part of a product over one (query block, key block) tile is causal. Query row r
+// sees key column c when c <= r + diag (diag = first query - first key of the tile).
 enum class Part {
-  kLowerCols,  // columns 0 .. r0 + rows (rounded up to 8): L = Q K^T and dP = dO V^T
-  kLowerK,     // contraction 0 .. r0 + rows: P V and dS K (A is zero right of the diagonal)
-  kUpperK,     // contraction r0 .. kdim: dS^T Q and P^T dO (A is zero left of the diagonal)
+  kCols,    // C [queries x keys], columns c < r + diag + 1: S = Q K^T, dP = dO V^T
+  kKeys,    // C [queries x d] = A [queries x keys] B, contraction c < r + diag + 1: P V, dS K
+  kTrKeys,  // C [keys x d] = A^T B, A [queries x keys], contraction r >= c - diag: dS^T Q, P^T dO
 };
 
 int64_t panels(int64_t n) { return (n + kCols - 1) / kCols; }
@@ -110,72 +116,88 @@ int64_t panels(int64_t n) { return (n + kCols - 1) / kCols; }
 // Floats of scratch ``causal_matmul`` needs for a contraction of kdim and n columns.
 int64_t matmul_scratch(int64_t kdim, int64_t n) { return kdim * panels(n) * kCols; }
 
-// C = A B (m x n, n % 8 == 0, contraction kdim), only the causal part; C row-major (ldc).
-// B is packed once into column panels; A is read in place.
-void causal_matmul(Part part, int64_t m, int64_t n, int64_t kdim, View a, View b, float* c,
-                   int64_t ldc, float* scratch) {
+// C (+)= A B (m x n, n % 8 == 0, contraction kdim), only the causal part (see Part); C
+// row-major (ldc). B is packed once into column panels; A is read in place.
+void causal_matmul(Part part, int64_t diag, bool accumulate, int64_t m, int64_t n, int64_t kdim,
+                   View a, View b, float* c, int64_t ldc, float* scratch) {
   float* bp = scratch;  // panel j: [kdim][kCols] at bp + j * kdim * kCols, zero padded
-  for (int64_t col = 0; col < n; col += kCols) {
+  const int64_t n_used = part == Part::kCols ? std::min(n, (m + diag + 7) / 8 * 8) : n;
+  const int64_t k_used = part == Part::kKeys ? std::min(kdim, m + diag) : kdim;
+  for (int64_t col = 0; col < n_used; col += kCols) {  // pack only what the causal part reads
     float* panel = bp + (col / kCols) * kdim * kCols;
-    for (int64_t k = 0; k < kdim; ++k)
+    for (int64_t k = 0; k < k_used; ++k)
       for (int64_t j = 0; j < kCols; ++j) panel[k * kCols + j] = col + j < n ? b.at(k, col + j) : 0.0f;
   }
   for (int64_t r0 = 0; r0 < m; r0 += kRows) {
     int rows = static_cast<int>(std::min<int64_t>(kRows, m - r0));
-    int64_t k0 = part == Part::kUpperK ? r0 : 0;
-    int64_t k1 = part == Part::kLowerK ? std::min(kdim, r0 + rows) : kdim;
-    int64_t cols = part == Part::kLowerCols ? std::min<int64_t>(n, (r0 + rows + 7) / 8 * 8) : n;
+    int64_t k0 = part == Part::kTrKeys ? std::max<int64_t>(0, r0 - diag) : 0;
+    int64_t k1 = part == Part::kKeys ? std::min(kdim, r0 + rows + diag) : kdim;
+    int64_t cols = part == Part::kCols ? std::min(n, (r0 + rows + diag + 7) / 8 * 8) : n;
+    if (k1 <= k0 || cols <= 0) continue;  // nothing visible (C keeps its values)
     const float* ar = a.data + r0 * a.rs + k0 * a.cs;
     float* cr = c + r0 * ldc;
     for (int64_t col = 0; col < cols; col += kCols) {
       const float* panel = bp + (col / kCols) * kdim * kCols + k0 * kCols;
-      if (cols - col >= kCols) tile_rows<2>(rows, ar, a.rs, a.cs, panel, k1 - k0, cr + col, ldc);
-      else tile_rows<1>(rows, ar, a.rs, a.cs, panel, k1 - k0, cr + col, ldc);
+      if (cols - col >= kCols)
+        tile_rows<2>(rows, ar, a.rs, a.cs, panel, k1 - k0, cr + col, ldc, accumulate);
+      else
+        tile_rows<1>(rows, ar, a.rs, a.cs, panel, k1 - k0, cr + col, ldc, accumulate);
     }
   }
 }
 
-// Row i of the s x s logits: P[i, :] = softmax(L[i, 0..i]), zeros right of the diagonal.
-void softmax_rows(int64_t s, float* p) {
-  for (int64_t i = 0; i < s; ++i) {
-    float* row = p + i * s;
-    int64_t n = i + 1, full = n / 8 * 8, padded = (n + 7) / 8 * 8;
-    for (int64_t j = n; j < padded; ++j) row[j] = -3.0e38f;  // masked lanes of the last vector
-    v8 mv = v8{} - 3.0e38f;
-    for (int64_t j = 0; j < padded; j += 8) { v8 x = load8(row + j); mv = x > mv ? x : mv; }
-    float mx = hmax(mv);
-    v8 sv{};
-    for (int64_t j = 0; j < padded; j += 8) {
-      v8 e = exp8(load8(row + j) - mx);
-      if (j >= full) for (int t = static_cast<int>(n - j); t < 8; ++t) e[t] = 0.0f;
-      store8(row + j, e);
-      sv += e;
-    }
-    float inv = 1.0f / hsum(sv);
-    for (int64_t j = 0; j < padded; j += 8) store8(row + j, load8(row + j) * inv);
-    std::fill(row + padded, row + s, 0.0f);
+constexpr int64_t kBq = 128;  // query rows per block (measured best of 64 / 128 / 256 at 16k)
+constexpr int64_t kBk = 256;  // keys per block (a multiple of kBq)
+constexpr int64_t kLd = kBk + 16;  // row stride of the S / dP tiles: 1 KB rows would alias in L1
+constexpr float kNegInf = -3.0e38f;
+
+// Keys of row r visible in a tile of nk keys: c < r + diag + 1 (at least one: diag >= 0).
+inline int64_t visible(int64_t r, int64_t diag, int64_t nk) { return std::min(nk, r + diag + 1); }
+
+// Online softmax step for row r of S (in place -> P = exp(S - m'), zeros after the visible
+// keys); returns the rescale factor e^(m - m') of the row's running output.
+inline float online_softmax_row(float* row, int64_t n, int64_t nk, float& m, float& l) {
+  int64_t padded = (n + 7) / 8 * 8;
+  for (int64_t j = n; j < padded; ++j) row[j] = kNegInf;
+  v8 mv = v8{} + kNegInf;
+  for (int64_t j = 0; j < padded; j += 8) { v8 x = load8(row + j); mv = x > mv ? x : mv; }
+  float m_new = std::max(m, hmax(mv));
+  v8 sv{};
+  for (int64_t j = 0; j < padded; j += 8) {
+    v8 e = exp8(load8(row + j) - m_new);
+    if (j + 8 > n) for (int64_t t = n - j; t < 8; ++t) e[t] = 0.0f;
+    store8(row + j, e);
+    sv += e;
   }
+  std::fill(row + padded, row + nk, 0.0f);
+  float alpha = exp8(v8{} + (m - m_new))[0];
+  l = l * alpha + hsum(sv);
+  m = m_new;
+  return alpha;
 }
 
-// dS = P * (dP - D), D_i = sum_j P_ij dP_ij; in place over dP (lower triangle, zeros above).
-void softmax_backward_rows(int64_t s, const float* p, float* dp) {
-  for (int64_t i = 0; i < s; ++i) {
-    const float* prow = p + i * s;
-    float* row = dp + i * s;
-    int64_t padded = (i + 8) / 8 * 8;  // P is zero right of the diagonal, so padding is exact
-    v8 dv{};
-    for (int64_t j = 0; j < padded; j += 8) dv += load8(prow + j) * load8(row + j);
-    float delta = hsum(dv);
-    for (int64_t j = 0; j < padded; j += 8)
-      store8(row + j, load8(prow + j) * (load8(row + j) - delta));
-    std::fill(row + padded, row + s, 0.0f);
+// dS = P o (dP - D) for row r, P = exp(S - lse) recomputed in place of S; zeros after n.
+inline void softmax_grad_row(float* p, float* dp, int64_t n, int64_t nk, float lse, float delta) {
+  int64_t padded = (n + 7) / 8 * 8;
+  for (int64_t j = 0; j < padded; j += 8) {
+    v8 e = exp8(load8(p + j) - lse);
+    if (j + 8 > n) for (int64_t t = n - j; t < 8; ++t) e[t] = 0.0f;
+    store8(p + j, e);
+    store8(dp + j, e * (load8(dp + j) - delta));
   }
+  std::fill(p + padded, p + nk, 0.0f);
+  std::fill(dp + padded, dp + nk, 0.0f);
 }
 
 struct Shape {
   int64_t b, s, h, d;
   int64_t stride() const { return h * d; }  // between rows of one head in [b, s, h, d]
   int64_t offset(int64_t prob) const { return (prob / h) * s * h * d + (prob % h) * d; }
+  // scratch floats per thread: B panels, two [kBq x kBk] tiles, per-row statistics
+  int64_t scratch() const {
+    int64_t panels = std::max({matmul_scratch(d, kBk), matmul_scratch(kBk, d), matmul_scratch(kBq, d)});
+    return panels + 2 * kBq * kLd + 3 * kBq;
+  }
 };
 
 Shape shape_of(const ffi::Buffer<ffi::F32>& x) {
@@ -197,45 +219,101 @@ void for_each_problem(int64_t problems, int64_t threads, size_t scratch_floats, 
   for (auto& th : pool) th.join();
 }
 
+// One problem's forward: O (rows of out, stride ld) and LSE (lse[0 .. s)).
+void forward_problem(const Shape& sh, const float* q, const float* k, const float* v, float* o,
+                     float* lse, float* work) {
+  const int64_t s = sh.s, d = sh.d, ld = sh.stride();
+  float *st = work + sh.scratch() - 2 * kBq * kLd - 3 * kBq, *m = st + 2 * kBq * kLd, *l = m + kBq;
+  for (int64_t i0 = 0; i0 < s; i0 += kBq) {
+    const int64_t nq = std::min(kBq, s - i0);
+    std::fill(m, m + nq, kNegInf);
+    std::fill(l, l + nq, 0.0f);
+    for (int64_t r = 0; r < nq; ++r) std::fill(o + (i0 + r) * ld, o + (i0 + r) * ld + d, 0.0f);
+    for (int64_t j0 = 0; j0 < i0 + nq; j0 += kBk) {
+      const int64_t nk = std::min(kBk, s - j0), diag = i0 - j0;
+      causal_matmul(Part::kCols, diag, false, nq, nk, d, {q + i0 * ld, ld, 1}, {k + j0 * ld, 1, ld},
+                    st, kLd, work);                                              // S = Q K^T
+      for (int64_t r = 0; r < nq; ++r) {
+        float alpha = online_softmax_row(st + r * kLd, visible(r, diag, nk), nk, m[r], l[r]);
+        float* orow = o + (i0 + r) * ld;
+        if (alpha != 1.0f) for (int64_t t = 0; t < d; ++t) orow[t] *= alpha;
+      }
+      causal_matmul(Part::kKeys, diag, true, nq, d, nk, {st, kLd, 1}, {v + j0 * ld, ld, 1},
+                    o + i0 * ld, ld, work);                                      // O += P V
+    }
+    for (int64_t r = 0; r < nq; ++r) {
+      float inv = 1.0f / l[r], *orow = o + (i0 + r) * ld;
+      for (int64_t t = 0; t < d; ++t) orow[t] *= inv;
+      lse[i0 + r] = m[r] + std::log(l[r]);
+    }
+  }
+}
+
+// One problem's backward: dq, dk, dv (rows with stride ld), zeroed here, then accumulated.
+void backward_problem(const Shape& sh, const float* q, const float* k, const float* v,
+                      const float* o, const float* lse, const float* g, float* dq, float* dk,
+                      float* dv, float* work) {
+  const int64_t s = sh.s, d = sh.d, ld = sh.stride();
+  float *st = work + sh.scratch() - 2 * kBq * kLd - 3 * kBq, *dp = st + kBq * kLd;
+  float* delta = dp + kBq * kLd + kBq;
+  for (float* x : {dq, dk, dv})
+    for (int64_t r = 0; r < s; ++r) std::fill(x + r * ld, x + r * ld + d, 0.0f);
+  for (int64_t i0 = 0; i0 < s; i0 += kBq) {
+    const int64_t nq = std::min(kBq, s - i0);
+    for (int64_t r = 0; r < nq; ++r) {  // D = rowsum(dO o O)
+      float acc = 0.0f;
+      for (int64_t t = 0; t < d; ++t) acc += g[(i0 + r) * ld + t] * o[(i0 + r) * ld + t];
+      delta[r] = acc;
+    }
+    const View qi{q + i0 * ld, ld, 1}, gi{g + i0 * ld, ld, 1};
+    for (int64_t j0 = 0; j0 < i0 + nq; j0 += kBk) {
+      const int64_t nk = std::min(kBk, s - j0), diag = i0 - j0;
+      causal_matmul(Part::kCols, diag, false, nq, nk, d, qi, {k + j0 * ld, 1, ld}, st, kLd, work);
+      causal_matmul(Part::kCols, diag, false, nq, nk, d, gi, {v + j0 * ld, 1, ld}, dp, kLd, work);
+      for (int64_t r = 0; r < nq; ++r)                                        // P, dS
+        softmax_grad_row(st + r * kLd, dp + r * kLd, visible(r, diag, nk), nk, lse[i0 + r], delta[r]);
+      causal_matmul(Part::kKeys, diag, true, nq, d, nk, {dp, kLd, 1}, {k + j0 * ld, ld, 1},
+                    dq + i0 * ld, ld, work);                                  // dQ += dS K
+      causal_matmul(Part::kTrKeys, diag, true, nk, d, nq, {dp, 1, kLd}, qi, dk + j0 * ld, ld,
+                    work);                                                    // dK += dS^T Q
+      causal_matmul(Part::kTrKeys, diag, true, nk, d, nq, {st, 1, kLd}, gi, dv + j0 * ld, ld,
+                    work);                                                    // dV += P^T dO
+    }
+  }
+}
+
+ffi::Error check(const Shape& sh) {
+  if (sh.s % 8 || sh.d % 8)
+    return ffi::Error::InvalidArgument("sequence length and head dim must be multiples of 8");
+  return ffi::Error::Success();
+}
+
 ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> probs,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
                    int64_t threads) {
   const Shape sh = shape_of(q);
-  const int64_t s = sh.s, d = sh.d, ld = sh.stride();
-  if (s % 8 || d % 8) return ffi::Error::InvalidArgument("seq len and head dim must be multiples of 8");
-  const float *qd = q.typed_data(), *kd = k.typed_data(), *vd = v.typed_data();
-  float *od = out->typed_data(), *pd = probs->typed_data();
-  const int64_t scratch = std::max(matmul_scratch(d, s), matmul_scratch(s, d));
-  for_each_problem(sh.b * sh.h, threads, scratch, [&](int64_t prob, float* work) {
+  if (auto err = check(sh); err.failure()) return err;
+  for_each_problem(sh.b * sh.h, threads, sh.scratch(), [&](int64_t prob, float* work) {
     const int64_t off = sh.offset(prob);
-    float* p = pd + prob * s * s;
-    causal_matmul(Part::kLowerCols, s, s, d, {qd + off, ld, 1}, {kd + off, 1, ld}, p, s, work);  // L = Q K^T
-    softmax_rows(s, p);
-    causal_matmul(Part::kLowerK, s, d, s, {p, s, 1}, {vd + off, ld, 1}, od + off, ld, work);  // O = P V
+    forward_problem(sh, q.typed_data() + off, k.typed_data() + off, v.typed_data() + off,
+                    out->typed_data() + off, lse->typed_data() + prob * sh.s, work);
   });
   return ffi::Error::Success();
 }
 
 ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::F32> probs, ffi::Buffer<ffi::F32> dout,
-                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv, int64_t threads) {
+                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                    int64_t threads) {
   const Shape sh = shape_of(q);
-  const int64_t s = sh.s, d = sh.d, ld = sh.stride();
-  if (s % 8 || d % 8) return ffi::Error::InvalidArgument("seq len and head dim must be multiples of 8");
-  const float *qd = q.typed_data(), *kd = k.typed_data(), *vd = v.typed_data();
-  const float *pd = probs.typed_data(), *gd = dout.typed_data();
-  float *dqd = dq->typed_data(), *dkd = dk->typed_data(), *dvd = dv->typed_data();
-  const int64_t scratch = std::max(matmul_scratch(d, s), matmul_scratch(s, d));
-  for_each_problem(sh.b * sh.h, threads, scratch + s * s, [&](int64_t prob, float* work) {
+  if (auto err = check(sh); err.failure()) return err;
+  for_each_problem(sh.b * sh.h, threads, sh.scratch(), [&](int64_t prob, float* work) {
     const int64_t off = sh.offset(prob);
-    const float* p = pd + prob * s * s;
-    float* ds = work + scratch;
-    causal_matmul(Part::kLowerCols, s, s, d, {gd + off, ld, 1}, {vd + off, 1, ld}, ds, s, work);  // dP = dO V^T
-    softmax_backward_rows(s, p, ds);                                                             // dS
-    causal_matmul(Part::kLowerK, s, d, s, {ds, s, 1}, {kd + off, ld, 1}, dqd + off, ld, work);   // dQ = dS K
-    causal_matmul(Part::kUpperK, s, d, s, {ds, 1, s}, {qd + off, ld, 1}, dkd + off, ld, work);   // dK = dS^T Q
-    causal_matmul(Part::kUpperK, s, d, s, {p, 1, s}, {gd + off, ld, 1}, dvd + off, ld, work);    // dV = P^T dO
+    backward_problem(sh, q.typed_data() + off, k.typed_data() + off, v.typed_data() + off,
+                     out.typed_data() + off, lse.typed_data() + prob * sh.s,
+                     dout.typed_data() + off, dq->typed_data() + off, dk->typed_data() + off,
+                     dv->typed_data() + off, work);
   });
   return ffi::Error::Success();
 }
@@ -253,6 +331,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LenxCausalAttentionForward, Forward,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LenxCausalAttentionBackward, Backward,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
