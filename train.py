@@ -22,7 +22,7 @@ import input_pipeline
 import pretrained
 from input_pipeline import positions
 from configs.common import resolve
-from models import build_model
+from models import build_model, cpu_attention
 from models.layers import cpu_dots
 from training import checkpoint
 from training.mesh import make_mesh, maybe_initialize_distributed, shard_batch, state_sharding
@@ -82,6 +82,10 @@ def train_and_evaluate(config, workdir, *, stop_after=None):
   dots, why = cpu_dots()
   if dots:  # "" off the CPU
     print(f"XLA:CPU dots: {dots} ({why})", flush=True)
+  if dots and config.model.dtype == "float32":
+    use, why = cpu_attention.enabled()
+    print(f"CPU attention kernel: {'on' if use else 'off'} ({why}; float32 attention with "
+          "plain q.k logits)", flush=True)
   task = input_pipeline.get_task(config.data, config.seed)
   config.model.vocab_size = task.vocab_size
   checkpoint.check_compatible(workdir, config)

@@ -12,7 +12,8 @@ L=.venv/bin/python
 A="--layers 4 --d-model 256 --heads 4 --ffn 688 --seq-len 256 --batch 16"
 D="--layers 2 --d-model 128 --heads 4 --ffn 352 --seq-len 128 --batch 32 --steps 20"
 $L -c "import json; from models.layers import cpu_description, auto_dtype, cpu_dots; \
-print('cpu', json.dumps({**cpu_description(), 'auto_dtype': auto_dtype(), 'cpu_dots': cpu_dots()}))"
+from models.cpu_attention import enabled; print('cpu', json.dumps({**cpu_description(), \
+'auto_dtype': auto_dtype(), 'cpu_dots': cpu_dots(), 'cpu_attention_kernel': enabled()}))"
 for r in 1 2 3; do
   for shape in A D; do
     S=${!shape}

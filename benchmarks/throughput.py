@@ -31,6 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from models import cpu_attention  # noqa: E402
 from models.layers import cpu_description, cpu_dots, jit, resolve_dtype  # noqa: E402
 
 VOCAB = 256
@@ -166,7 +167,7 @@ def main(argv=None):
       "python": platform.python_version(), "cpu_count": os.cpu_count(),
       "backend": jax.default_backend(), "attention": a.attention, "block_size": a.block_size,
       "dtype": a.dtype, "dtype_auto": a.dtype_auto, "cpu": cpu_description(),
-      "cpu_dots": cpu_dots()[0],
+      "cpu_dots": cpu_dots()[0], "cpu_attention_kernel": cpu_attention.enabled()[0],
       "config": {"layers": a.layers, "d_model": a.d_model, "heads": a.heads, "ffn": a.ffn,
                  "vocab": VOCAB, "seq_len": a.seq_len, "batch": a.batch, "steps": a.steps,
                  "warmup_steps": a.warmup_steps, "lr": a.lr if a.mode == "train" else None},

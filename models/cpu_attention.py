@@ -92,7 +92,7 @@ def _available():
 
 
 def enabled(backend=None, flags=None):
-  """(bool, why): whether full causal attention may run the kernel on this machine."""
+  """(bool, why): whether causal self-attention may run the kernel on this machine."""
   choice = env_choice("LENX_CPU_ATTENTION", CHOICES)
   if choice == "xla":
     return False, "LENX_CPU_ATTENTION=xla"
@@ -103,14 +103,16 @@ def enabled(backend=None, flags=None):
   if choice == "kernel":
     load()  # a build failure is an error when asked for explicitly
     return True, "LENX_CPU_ATTENTION=kernel"
-  return _available(), "CPU has no avx512f"
+  if not _available():
+    return False, "the kernel could not be built (see the warning)"
+  return True, "CPU has no avx512f"
 
 
-def use_kernel(q, k, enc, with_stats=False, key_mask=None):
+def use_kernel(q, k, enc, with_stats=False):
   """Whether ``attention.attend`` hands (q, k, v) to ``causal_attention``."""
   s, d = q.shape[1], q.shape[3]
   shapes_fit = q.shape == k.shape and s % 8 == 0 and d % 8 == 0
-  plain = enc.content_only and not with_stats and key_mask is None
+  plain = enc.content_only and not with_stats
   return (shapes_fit and plain and q.dtype == jnp.float32 and k.dtype == jnp.float32
           and enabled()[0])
 

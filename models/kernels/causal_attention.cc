@@ -111,23 +111,32 @@ enum class Part {
   kTrKeys,  // C [keys x d] = A^T B, A [queries x keys], contraction r >= c - diag: dS^T Q, P^T dO
 };
 
-int64_t panels(int64_t n) { return (n + kCols - 1) / kCols; }
+int64_t padded16(int64_t n) { return (n + kCols - 1) / kCols * kCols; }
 
-// Floats of scratch ``causal_matmul`` needs for a contraction of kdim and n columns.
-int64_t matmul_scratch(int64_t kdim, int64_t n) { return kdim * panels(n) * kCols; }
+// B packed into column panels of kCols: panel j at data + j * stride, its row k at + k * kCols
+// (contiguous, zero padded). Packed once per problem and shared by every tile.
+struct Panels {
+  const float* data;
+  int64_t stride;
+  Panels at(int64_t row0, int64_t col0) const {  // col0 a multiple of kCols
+    return {data + (col0 / kCols) * stride + row0 * kCols, stride};
+  }
+};
 
-// C (+)= A B (m x n, n % 8 == 0, contraction kdim), only the causal part (see Part); C
-// row-major (ldc). B is packed once into column panels; A is read in place.
-void causal_matmul(Part part, int64_t diag, bool accumulate, int64_t m, int64_t n, int64_t kdim,
-                   View a, View b, float* c, int64_t ldc, float* scratch) {
-  float* bp = scratch;  // panel j: [kdim][kCols] at bp + j * kdim * kCols, zero padded
-  const int64_t n_used = part == Part::kCols ? std::min(n, (m + diag + 7) / 8 * 8) : n;
-  const int64_t k_used = part == Part::kKeys ? std::min(kdim, m + diag) : kdim;
-  for (int64_t col = 0; col < n_used; col += kCols) {  // pack only what the causal part reads
-    float* panel = bp + (col / kCols) * kdim * kCols;
-    for (int64_t k = 0; k < k_used; ++k)
+// Packs the kdim x n matrix b into dst (padded16(n) * kdim floats).
+Panels pack(View b, int64_t kdim, int64_t n, float* dst) {
+  for (int64_t col = 0; col < n; col += kCols) {
+    float* panel = dst + (col / kCols) * kdim * kCols;
+    for (int64_t k = 0; k < kdim; ++k)
       for (int64_t j = 0; j < kCols; ++j) panel[k * kCols + j] = col + j < n ? b.at(k, col + j) : 0.0f;
   }
+  return {dst, kdim * kCols};
+}
+
+// C (+)= A B (m x n, n % 8 == 0, contraction kdim), only the causal part (see Part); C
+// row-major (ldc), A read in place, B packed.
+void causal_matmul(Part part, int64_t diag, bool accumulate, int64_t m, int64_t n, int64_t kdim,
+                   View a, Panels b, float* c, int64_t ldc) {
   for (int64_t r0 = 0; r0 < m; r0 += kRows) {
     int rows = static_cast<int>(std::min<int64_t>(kRows, m - r0));
     int64_t k0 = part == Part::kTrKeys ? std::max<int64_t>(0, r0 - diag) : 0;
@@ -137,7 +146,7 @@ void causal_matmul(Part part, int64_t diag, bool accumulate, int64_t m, int64_t 
     const float* ar = a.data + r0 * a.rs + k0 * a.cs;
     float* cr = c + r0 * ldc;
     for (int64_t col = 0; col < cols; col += kCols) {
-      const float* panel = bp + (col / kCols) * kdim * kCols + k0 * kCols;
+      const float* panel = b.at(k0, col).data;
       if (cols - col >= kCols)
         tile_rows<2>(rows, ar, a.rs, a.cs, panel, k1 - k0, cr + col, ldc, accumulate);
       else
@@ -193,10 +202,14 @@ struct Shape {
   int64_t b, s, h, d;
   int64_t stride() const { return h * d; }  // between rows of one head in [b, s, h, d]
   int64_t offset(int64_t prob) const { return (prob / h) * s * h * d + (prob % h) * d; }
-  // scratch floats per thread: B panels, two [kBq x kBk] tiles, per-row statistics
-  int64_t scratch() const {
-    int64_t panels = std::max({matmul_scratch(d, kBk), matmul_scratch(kBk, d), matmul_scratch(kBq, d)});
-    return panels + 2 * kBq * kLd + 3 * kBq;
+  // packed operands of one problem: key panels [d][s] (K^T, V^T) and d panels [s][d]
+  int64_t key_panels() const { return d * padded16(s); }
+  int64_t d_panels() const { return s * padded16(d); }
+  // scratch floats per thread: packed operands (forward: K^T, V; backward: K^T, V^T, K, Q,
+  // dO), two tiles, row statistics
+  int64_t scratch(bool backward) const {
+    return (backward ? 2 * key_panels() + 3 * d_panels() : key_panels() + d_panels()) +
+           2 * kBq * kLd + 3 * kBq;
   }
 };
 
@@ -223,7 +236,9 @@ void for_each_problem(int64_t problems, int64_t threads, size_t scratch_floats, 
 void forward_problem(const Shape& sh, const float* q, const float* k, const float* v, float* o,
                      float* lse, float* work) {
   const int64_t s = sh.s, d = sh.d, ld = sh.stride();
-  float *st = work + sh.scratch() - 2 * kBq * kLd - 3 * kBq, *m = st + 2 * kBq * kLd, *l = m + kBq;
+  const Panels kt = pack({k, 1, ld}, d, s, work);                    // K^T
+  const Panels vp = pack({v, ld, 1}, s, d, work + sh.key_panels());  // V
+  float *st = work + sh.key_panels() + sh.d_panels(), *m = st + 2 * kBq * kLd, *l = m + kBq;
   for (int64_t i0 = 0; i0 < s; i0 += kBq) {
     const int64_t nq = std::min(kBq, s - i0);
     std::fill(m, m + nq, kNegInf);
@@ -231,15 +246,15 @@ void forward_problem(const Shape& sh, const float* q, const float* k, const floa
     for (int64_t r = 0; r < nq; ++r) std::fill(o + (i0 + r) * ld, o + (i0 + r) * ld + d, 0.0f);
     for (int64_t j0 = 0; j0 < i0 + nq; j0 += kBk) {
       const int64_t nk = std::min(kBk, s - j0), diag = i0 - j0;
-      causal_matmul(Part::kCols, diag, false, nq, nk, d, {q + i0 * ld, ld, 1}, {k + j0 * ld, 1, ld},
-                    st, kLd, work);                                              // S = Q K^T
+      causal_matmul(Part::kCols, diag, false, nq, nk, d, {q + i0 * ld, ld, 1}, kt.at(0, j0), st,
+                    kLd);                                                     // S = Q K^T
       for (int64_t r = 0; r < nq; ++r) {
         float alpha = online_softmax_row(st + r * kLd, visible(r, diag, nk), nk, m[r], l[r]);
         float* orow = o + (i0 + r) * ld;
         if (alpha != 1.0f) for (int64_t t = 0; t < d; ++t) orow[t] *= alpha;
       }
-      causal_matmul(Part::kKeys, diag, true, nq, d, nk, {st, kLd, 1}, {v + j0 * ld, ld, 1},
-                    o + i0 * ld, ld, work);                                      // O += P V
+      causal_matmul(Part::kKeys, diag, true, nq, d, nk, {st, kLd, 1}, vp.at(j0, 0), o + i0 * ld,
+                    ld);                                                      // O += P V
     }
     for (int64_t r = 0; r < nq; ++r) {
       float inv = 1.0f / l[r], *orow = o + (i0 + r) * ld;
@@ -253,9 +268,12 @@ void forward_problem(const Shape& sh, const float* q, const float* k, const floa
 void backward_problem(const Shape& sh, const float* q, const float* k, const float* v,
                       const float* o, const float* lse, const float* g, float* dq, float* dk,
                       float* dv, float* work) {
-  const int64_t s = sh.s, d = sh.d, ld = sh.stride();
-  float *st = work + sh.scratch() - 2 * kBq * kLd - 3 * kBq, *dp = st + kBq * kLd;
-  float* delta = dp + kBq * kLd + kBq;
+  const int64_t s = sh.s, d = sh.d, ld = sh.stride(), kp = sh.key_panels(), dp_ = sh.d_panels();
+  const Panels kt = pack({k, 1, ld}, d, s, work), vt = pack({v, 1, ld}, d, s, work + kp);
+  const Panels kn = pack({k, ld, 1}, s, d, work + 2 * kp);           // K, Q, dO: d panels
+  const Panels qn = pack({q, ld, 1}, s, d, work + 2 * kp + dp_);
+  const Panels gn = pack({g, ld, 1}, s, d, work + 2 * kp + 2 * dp_);
+  float *st = work + 2 * kp + 3 * dp_, *dp = st + kBq * kLd, *delta = dp + kBq * kLd + kBq;
   for (float* x : {dq, dk, dv})
     for (int64_t r = 0; r < s; ++r) std::fill(x + r * ld, x + r * ld + d, 0.0f);
   for (int64_t i0 = 0; i0 < s; i0 += kBq) {
@@ -268,16 +286,16 @@ void backward_problem(const Shape& sh, const float* q, const float* k, const flo
     const View qi{q + i0 * ld, ld, 1}, gi{g + i0 * ld, ld, 1};
     for (int64_t j0 = 0; j0 < i0 + nq; j0 += kBk) {
       const int64_t nk = std::min(kBk, s - j0), diag = i0 - j0;
-      causal_matmul(Part::kCols, diag, false, nq, nk, d, qi, {k + j0 * ld, 1, ld}, st, kLd, work);
-      causal_matmul(Part::kCols, diag, false, nq, nk, d, gi, {v + j0 * ld, 1, ld}, dp, kLd, work);
+      causal_matmul(Part::kCols, diag, false, nq, nk, d, qi, kt.at(0, j0), st, kLd);  // S
+      causal_matmul(Part::kCols, diag, false, nq, nk, d, gi, vt.at(0, j0), dp, kLd);  // dO V^T
       for (int64_t r = 0; r < nq; ++r)                                        // P, dS
         softmax_grad_row(st + r * kLd, dp + r * kLd, visible(r, diag, nk), nk, lse[i0 + r], delta[r]);
-      causal_matmul(Part::kKeys, diag, true, nq, d, nk, {dp, kLd, 1}, {k + j0 * ld, ld, 1},
-                    dq + i0 * ld, ld, work);                                  // dQ += dS K
-      causal_matmul(Part::kTrKeys, diag, true, nk, d, nq, {dp, 1, kLd}, qi, dk + j0 * ld, ld,
-                    work);                                                    // dK += dS^T Q
-      causal_matmul(Part::kTrKeys, diag, true, nk, d, nq, {st, 1, kLd}, gi, dv + j0 * ld, ld,
-                    work);                                                    // dV += P^T dO
+      causal_matmul(Part::kKeys, diag, true, nq, d, nk, {dp, kLd, 1}, kn.at(j0, 0), dq + i0 * ld,
+                    ld);                                                      // dQ += dS K
+      causal_matmul(Part::kTrKeys, diag, true, nk, d, nq, {dp, 1, kLd}, qn.at(i0, 0),
+                    dk + j0 * ld, ld);                                        // dK += dS^T Q
+      causal_matmul(Part::kTrKeys, diag, true, nk, d, nq, {st, 1, kLd}, gn.at(i0, 0),
+                    dv + j0 * ld, ld);                                        // dV += P^T dO
     }
   }
 }
@@ -293,7 +311,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
                    int64_t threads) {
   const Shape sh = shape_of(q);
   if (auto err = check(sh); err.failure()) return err;
-  for_each_problem(sh.b * sh.h, threads, sh.scratch(), [&](int64_t prob, float* work) {
+  for_each_problem(sh.b * sh.h, threads, sh.scratch(false), [&](int64_t prob, float* work) {
     const int64_t off = sh.offset(prob);
     forward_problem(sh, q.typed_data() + off, k.typed_data() + off, v.typed_data() + off,
                     out->typed_data() + off, lse->typed_data() + prob * sh.s, work);
@@ -308,7 +326,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
                     int64_t threads) {
   const Shape sh = shape_of(q);
   if (auto err = check(sh); err.failure()) return err;
-  for_each_problem(sh.b * sh.h, threads, sh.scratch(), [&](int64_t prob, float* work) {
+  for_each_problem(sh.b * sh.h, threads, sh.scratch(true), [&](int64_t prob, float* work) {
     const int64_t off = sh.offset(prob);
     backward_problem(sh, q.typed_data() + off, k.typed_data() + off, v.typed_data() + off,
                      out.typed_data() + off, lse.typed_data() + prob * sh.s,
