@@ -35,6 +35,15 @@ from training.steps import make_eval_step, make_train_step, split_model  # noqa:
 DOT_OPTIONS = {"ynnpack": None, "eigen": EIGEN_DOTS}
 
 
+def _parse_like(current, text):
+  """text as the type of the field's current value ('False' is False for a bool field)."""
+  if isinstance(current, bool):
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"{text!r} is not a bool; use true or false")
+    return text.lower() in ("true", "1")
+  return text if current is None else type(current)(text)
+
+
 def parse_variant(spec, base):
   """'dots=eigen,block_size=64' -> (compiler options, model config, environment); unknown
   keys fail."""
@@ -48,7 +57,7 @@ def parse_variant(spec, base):
         raise ValueError(f"dots={value!r}; valid choices: {', '.join(DOT_OPTIONS)}")
       options = DOT_OPTIONS[value]
     elif key in config.model:
-      config.model[key] = type(config.model[key])(value) if config.model[key] is not None else value
+      config.model[key] = _parse_like(config.model[key], value)
     else:
       raise ValueError(f"unknown variant key {key!r}; valid: dots, kernel, "
                        f"{', '.join(config.model)}")
