@@ -15,6 +15,7 @@ the median and mean +- SE of the per-pair ratio b / a. Dots are compiled with ex
 options, whatever ``LENX_CPU_DOTS`` says.
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -64,6 +65,21 @@ def parse_variant(spec, base):
   return options, config, env
 
 
+@contextlib.contextmanager
+def _environment(env):
+  """os.environ updated with env inside the block, restored after it."""
+  saved = {key: os.environ.get(key) for key in env}
+  os.environ.update(env)
+  try:
+    yield
+  finally:
+    for key, value in saved.items():
+      if value is None:
+        os.environ.pop(key)
+      else:
+        os.environ[key] = value
+
+
 def compiled_step(a, config, batch, options):
   """(step, state): step maps state -> state (train) or params -> params (eval)."""
   graphdef, params = split_model(build_model(config))
@@ -93,11 +109,8 @@ def main(argv=None):
   steps = {}
   for label, spec in (("a", ns.a), ("b", ns.b)):
     options, config, env = parse_variant(spec, base)
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    steps[label] = list(compiled_step(a, config, batch, options))
-    for key, value in saved.items():
-      os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    with _environment(env):  # read while the step is traced
+      steps[label] = list(compiled_step(a, config, batch, options))
   times = {label: [] for label in steps}
   for i in range(ns.pairs + 1):  # the first pair is a warm-up
     for label, entry in steps.items():

@@ -300,62 +300,47 @@ void backward_problem(const Shape& sh, const float* q, const float* k, const flo
   }
 }
 
-ffi::Error check(const Shape& sh) {
+using F32 = ffi::Buffer<ffi::F32>;
+using F32Out = ffi::ResultBuffer<ffi::F32>;
+
+// Checks the shape of q [b, s, h, d], then runs fn(shape, problem, offset of its rows,
+// scratch) for every (batch, head) problem on `threads` threads.
+template <typename Fn>
+ffi::Error for_each_head(const F32& q, int64_t threads, bool backward, Fn fn) {
+  const Shape sh = shape_of(q);
   if (sh.s % 8 || sh.d % 8)
     return ffi::Error::InvalidArgument("sequence length and head dim must be multiples of 8");
+  for_each_problem(sh.b * sh.h, threads, sh.scratch(backward),
+                   [&](int64_t prob, float* work) { fn(sh, prob, sh.offset(prob), work); });
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
-                   int64_t threads) {
-  const Shape sh = shape_of(q);
-  if (auto err = check(sh); err.failure()) return err;
-  for_each_problem(sh.b * sh.h, threads, sh.scratch(false), [&](int64_t prob, float* work) {
-    const int64_t off = sh.offset(prob);
+ffi::Error Forward(F32 q, F32 k, F32 v, F32Out out, F32Out lse, int64_t threads) {
+  return for_each_head(q, threads, false, [&](const Shape& sh, int64_t prob, int64_t off, float* work) {
     forward_problem(sh, q.typed_data() + off, k.typed_data() + off, v.typed_data() + off,
                     out->typed_data() + off, lse->typed_data() + prob * sh.s, work);
   });
-  return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
-                    ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
-                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
-                    int64_t threads) {
-  const Shape sh = shape_of(q);
-  if (auto err = check(sh); err.failure()) return err;
-  for_each_problem(sh.b * sh.h, threads, sh.scratch(true), [&](int64_t prob, float* work) {
-    const int64_t off = sh.offset(prob);
+ffi::Error Backward(F32 q, F32 k, F32 v, F32 out, F32 lse, F32 dout, F32Out dq, F32Out dk,
+                    F32Out dv, int64_t threads) {
+  return for_each_head(q, threads, true, [&](const Shape& sh, int64_t prob, int64_t off, float* work) {
     backward_problem(sh, q.typed_data() + off, k.typed_data() + off, v.typed_data() + off,
                      out.typed_data() + off, lse.typed_data() + prob * sh.s,
                      dout.typed_data() + off, dq->typed_data() + off, dk->typed_data() + off,
                      dv->typed_data() + off, work);
   });
-  return ffi::Error::Success();
 }
 
 }  // namespace
 
+// q, k, v -> out, lse
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LenxCausalAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads"));
+                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>()
+                                  .Ret<F32>().Ret<F32>().Attr<int64_t>("threads"));
 
+// q, k, v, out, lse, d_out -> dq, dk, dv
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LenxCausalAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
+                                  .Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>().Ret<F32>()
                                   .Attr<int64_t>("threads"));
