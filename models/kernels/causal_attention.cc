@@ -64,7 +64,6 @@ inline v8 exp8(v8 x) {
 struct View {
   const float* data;
   int64_t rs, cs;
-  float at(int64_t r, int64_t c) const { return data[r * rs + c * cs]; }
 };
 
 constexpr int kRows = 6;   // rows of a register tile
@@ -123,14 +122,55 @@ struct Panels {
   }
 };
 
-// Packs the kdim x n matrix b into dst (padded16(n) * kdim floats).
-Panels pack(View b, int64_t kdim, int64_t n, float* dst) {
-  for (int64_t col = 0; col < n; col += kCols) {
-    float* panel = dst + (col / kCols) * kdim * kCols;
-    for (int64_t k = 0; k < kdim; ++k)
-      for (int64_t j = 0; j < kCols; ++j) panel[k * kCols + j] = col + j < n ? b.at(k, col + j) : 0.0f;
+// The 8 x 8 block rows[0..8) transposed in registers (unpack, then 2- and 4-lane shuffles).
+inline void transpose8(v8 r[8]) {
+  const v8i lo1{0, 8, 1, 9, 4, 12, 5, 13}, hi1{2, 10, 3, 11, 6, 14, 7, 15};
+  const v8i lo2{0, 1, 8, 9, 4, 5, 12, 13}, hi2{2, 3, 10, 11, 6, 7, 14, 15};
+  const v8i lo4{0, 1, 2, 3, 8, 9, 10, 11}, hi4{4, 5, 6, 7, 12, 13, 14, 15};
+  v8 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shuffle(r[i], r[i + 1], lo1);
+    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi1);
   }
-  return {dst, kdim * kCols};
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shuffle(t[i], t[i + 2], lo2);
+    u[i + 1] = __builtin_shuffle(t[i], t[i + 2], hi2);
+    u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], lo2);
+    u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], hi2);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = __builtin_shuffle(u[i], u[i + 4], lo4);
+    r[i + 4] = __builtin_shuffle(u[i], u[i + 4], hi4);
+  }
+}
+
+// Packs the kdim x n matrix b into dst (padded16(n) * kdim floats, the last panel's padding
+// zero), reading the source along its contiguous axis: rows of b when cs == 1 (16-float
+// copies); else b is a transposed view (rs == 1, e.g. K^T of K) and 8 x 8 blocks are
+// transposed in registers (needs kdim % 8 == 0 and n % 8 == 0).
+Panels pack(View b, int64_t kdim, int64_t n, float* dst) {
+  const int64_t stride = kdim * kCols, full = n / kCols * kCols;
+  if (n % kCols) std::fill(dst + full * kdim, dst + padded16(n) * kdim, 0.0f);
+  if (b.cs == 1) {
+    for (int64_t k = 0; k < kdim; ++k) {
+      const float* src = b.data + k * b.rs;
+      for (int64_t col = 0; col < full; col += kCols)
+        std::memcpy(dst + (col / kCols) * stride + k * kCols, src + col, kCols * sizeof(float));
+      if (full < n)
+        std::memcpy(dst + full * kdim + k * kCols, src + full, (n - full) * sizeof(float));
+    }
+    return {dst, stride};
+  }
+  for (int64_t c = 0; c < n; c += 8) {
+    float* out = dst + (c / kCols) * stride + c % kCols;
+    for (int64_t k = 0; k < kdim; k += 8) {
+      v8 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = load8(b.data + (c + i) * b.cs + k);
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) store8(out + (k + i) * kCols, r[i]);
+    }
+  }
+  return {dst, stride};
 }
 
 // C (+)= A B (m x n, n % 8 == 0, contraction kdim), only the causal part (see Part); C
@@ -163,6 +203,21 @@ constexpr float kNegInf = -3.0e38f;
 // Keys of row r visible in a tile of nk keys: c < r + diag + 1 (at least one: diag >= 0).
 inline int64_t visible(int64_t r, int64_t diag, int64_t nk) { return std::min(nk, r + diag + 1); }
 
+// Zeros a row of P / dS from `padded` (its visible keys rounded up to 8, already zero past
+// the visible ones) as far as the products read it: a 6-row register tile of P V, dS K,
+// dS^T Q or P^T dO contracts over the keys visible to its last row, at most 5 past this
+// row's own.
+inline void zero_tail(float* row, int64_t padded, int64_t nk) {
+  if (padded < nk) store8(row + padded, v8{});  // nk is a multiple of 8
+}
+
+// Zeros `rows` rows of d floats (d % 8 == 0) at stride ld: vector stores, where a memset
+// call per 128-byte row of a small head cost ~6 % of the kernel.
+inline void zero_rows(float* x, int64_t rows, int64_t d, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t t = 0; t < d; t += 8) store8(x + r * ld + t, v8{});
+}
+
 // Online softmax step for row r of S (in place -> P = exp(S - m'), zeros after the visible
 // keys); returns the rescale factor e^(m - m') of the row's running output.
 inline float online_softmax_row(float* row, int64_t n, int64_t nk, float& m, float& l) {
@@ -178,7 +233,7 @@ inline float online_softmax_row(float* row, int64_t n, int64_t nk, float& m, flo
     store8(row + j, e);
     sv += e;
   }
-  std::fill(row + padded, row + nk, 0.0f);
+  zero_tail(row, padded, nk);
   float alpha = exp8(v8{} + (m - m_new))[0];
   l = l * alpha + hsum(sv);
   m = m_new;
@@ -194,8 +249,8 @@ inline void softmax_grad_row(float* p, float* dp, int64_t n, int64_t nk, float l
     store8(p + j, e);
     store8(dp + j, e * (load8(dp + j) - delta));
   }
-  std::fill(p + padded, p + nk, 0.0f);
-  std::fill(dp + padded, dp + nk, 0.0f);
+  zero_tail(p, padded, nk);
+  zero_tail(dp, padded, nk);
 }
 
 struct Shape {
@@ -243,7 +298,7 @@ void forward_problem(const Shape& sh, const float* q, const float* k, const floa
     const int64_t nq = std::min(kBq, s - i0);
     std::fill(m, m + nq, kNegInf);
     std::fill(l, l + nq, 0.0f);
-    for (int64_t r = 0; r < nq; ++r) std::fill(o + (i0 + r) * ld, o + (i0 + r) * ld + d, 0.0f);
+    zero_rows(o + i0 * ld, nq, d, ld);
     for (int64_t j0 = 0; j0 < i0 + nq; j0 += kBk) {
       const int64_t nk = std::min(kBk, s - j0), diag = i0 - j0;
       causal_matmul(Part::kCols, diag, false, nq, nk, d, {q + i0 * ld, ld, 1}, kt.at(0, j0), st,
@@ -274,14 +329,14 @@ void backward_problem(const Shape& sh, const float* q, const float* k, const flo
   const Panels qn = pack({q, ld, 1}, s, d, work + 2 * kp + dp_);
   const Panels gn = pack({g, ld, 1}, s, d, work + 2 * kp + 2 * dp_);
   float *st = work + 2 * kp + 3 * dp_, *dp = st + kBq * kLd, *delta = dp + kBq * kLd + kBq;
-  for (float* x : {dq, dk, dv})
-    for (int64_t r = 0; r < s; ++r) std::fill(x + r * ld, x + r * ld + d, 0.0f);
+  for (float* x : {dq, dk, dv}) zero_rows(x, s, d, ld);
   for (int64_t i0 = 0; i0 < s; i0 += kBq) {
     const int64_t nq = std::min(kBq, s - i0);
-    for (int64_t r = 0; r < nq; ++r) {  // D = rowsum(dO o O)
-      float acc = 0.0f;
-      for (int64_t t = 0; t < d; ++t) acc += g[(i0 + r) * ld + t] * o[(i0 + r) * ld + t];
-      delta[r] = acc;
+    for (int64_t r = 0; r < nq; ++r) {  // D = rowsum(dO o O), 8 lanes (a scalar chain: ~10 %)
+      const float *gr = g + (i0 + r) * ld, *orow = o + (i0 + r) * ld;
+      v8 acc{};
+      for (int64_t t = 0; t < d; t += 8) acc += load8(gr + t) * load8(orow + t);
+      delta[r] = hsum(acc);
     }
     const View qi{q + i0 * ld, ld, 1}, gi{g + i0 * ld, ld, 1};
     for (int64_t j0 = 0; j0 < i0 + nq; j0 += kBk) {
