@@ -17,9 +17,24 @@ from models.layers import RMSNorm, mixed_dot, swiglu
 from training.steps import split_model
 
 
+def _normal(seed, shape):
+  """Standard normal float32 test data from numpy: eager jax.random compiles a generator
+  for every new shape (seconds each on XLA:CPU)."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 def _rel(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+
+
+def _value_and_vjp(fn, args, g):
+  """(fn(*args), its VJP of g) in one compiled call: eagerly, autodiff of these small
+  graphs compiles and runs every op on its own (~5x the time)."""
+  def run(args, g):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(g)
+  return jax.jit(run)(args, g)
 
 
 def _plain_softmax_pv(logits, v, offset):
@@ -28,17 +43,16 @@ def _plain_softmax_pv(logits, v, offset):
 
 @pytest.mark.parametrize("sq,sk", [(16, 16), (5, 12), (1, 7)])
 def test_softmax_pv_value_and_grads_equal_autodiff(sq, sk):
-  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-  logits = 3.0 * jax.random.normal(k1, (2, 3, sq, sk))
-  v = jax.random.normal(k2, (2, sk, 3, 8))
-  g = jax.random.normal(k3, (2, sq, 3, 8))
-  fast, fast_vjp = jax.vjp(lambda l, x: softmax_pv(l, x, sk - sq, jnp.float32), logits, v)
-  plain, plain_vjp = jax.vjp(lambda l, x: _plain_softmax_pv(l, x, sk - sq), logits, v)
+  logits = 3.0 * _normal(0, (2, 3, sq, sk))
+  v, g = _normal(1, (2, sk, 3, 8)), _normal(2, (2, sq, 3, 8))
+  fast, fast_grads = _value_and_vjp(lambda l, x: softmax_pv(l, x, sk - sq, jnp.float32),
+                                    (logits, v), g)
+  plain, plain_grads = _value_and_vjp(lambda l, x: _plain_softmax_pv(l, x, sk - sq), (logits, v), g)
   assert _rel(fast, plain) < 1e-5
-  for a, b in zip(fast_vjp(g), plain_vjp(g)):
+  for a, b in zip(fast_grads, plain_grads):
     assert _rel(a, b) < 1e-5
   # causality: the logit of a future key gets exactly zero gradient
-  d_logits = fast_vjp(g)[0]
+  d_logits = fast_grads[0]
   future = np.arange(sk)[None, :] > (sk - sq) + np.arange(sq)[:, None]
   assert np.all(np.asarray(d_logits)[..., future] == 0.0)
 
@@ -46,20 +60,18 @@ def test_softmax_pv_value_and_grads_equal_autodiff(sq, sk):
 @pytest.mark.parametrize("sq,sk", [(16, 16), (5, 12)])
 def test_qk_dot_value_and_grads_equal_autodiff(sq, sk):
   from posenc.base import qk_dot
-  k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
-  q, k = jax.random.normal(k1, (2, sq, 3, 8)), jax.random.normal(k2, (2, sk, 3, 8))
-  g = jax.random.normal(k3, (2, 3, sq, sk))
+  q, k = _normal(3, (2, sq, 3, 8)), _normal(4, (2, sk, 3, 8))
+  g = _normal(5, (2, 3, sq, sk))
   plain = lambda a, b: jnp.einsum("bqhd,bkhd->bhqk", a, b)
-  fast, fast_vjp = jax.vjp(qk_dot, q, k)
-  ref, ref_vjp = jax.vjp(plain, q, k)
+  fast, fast_grads = _value_and_vjp(qk_dot, (q, k), g)
+  ref, ref_grads = _value_and_vjp(plain, (q, k), g)
   assert _rel(fast, ref) < 1e-6
-  for a, b in zip(fast_vjp(g), ref_vjp(g)):
+  for a, b in zip(fast_grads, ref_grads):
     assert _rel(a, b) < 1e-5
   # bfloat16 inputs: the backward products take dS rounded to bfloat16 (f32 accumulation)
-  qb, kb = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
-  dq, dk = jax.vjp(qk_dot, qb, kb)[1](g)
+  _, (dq, dk) = _value_and_vjp(qk_dot, (q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)), g)
   assert dq.dtype == dk.dtype == jnp.bfloat16
-  assert _rel(dq, ref_vjp(g)[0]) < 2e-2 and _rel(dk, ref_vjp(g)[1]) < 2e-2
+  assert _rel(dq, ref_grads[0]) < 2e-2 and _rel(dk, ref_grads[1]) < 2e-2
 
 
 def _model_loss(posenc, with_stats, dtype="float32"):
@@ -68,7 +80,7 @@ def _model_loss(posenc, with_stats, dtype="float32"):
   c = resolve(make_tiny_config(posenc=posenc, train_len=24, **{"model.num_layers": 2,
                                                                 "model.dtype": dtype}))
   graphdef, params = split_model(build_model(c))
-  tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, c.model.vocab_size)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, c.model.vocab_size, (2, 24)))
   positions = jnp.broadcast_to(jnp.arange(24), (2, 24))
 
   def loss(p):
@@ -80,7 +92,7 @@ def _model_loss(posenc, with_stats, dtype="float32"):
 
 def _model_grads(posenc, with_stats):
   loss, params = _model_loss(posenc, with_stats)
-  return jax.value_and_grad(loss)(params)
+  return jax.jit(jax.value_and_grad(loss))(params)
 
 
 @pytest.mark.parametrize("posenc", ["rope", "t5_bias"])
@@ -99,10 +111,10 @@ def test_model_gradients_equal_plain_attention(posenc):
 
 
 def test_rmsnorm_matches_flax_and_autodiff():
-  x = jax.random.normal(jax.random.key(2), (3, 5, 16)) * 2.0 + 0.5
-  g = jax.random.normal(jax.random.key(3), (3, 5, 16))
+  x = _normal(2, (3, 5, 16)) * 2.0 + 0.5
+  g = _normal(3, (3, 5, 16))
   ours, ref = RMSNorm(16, rngs=nnx.Rngs(0)), nnx.RMSNorm(16, epsilon=1e-6, rngs=nnx.Rngs(0))
-  scale = jax.random.normal(jax.random.key(4), (16,))
+  scale = _normal(4, (16,))
   ours.scale[...] = scale
   ref.scale[...] = scale
 
@@ -116,15 +128,15 @@ def test_rmsnorm_matches_flax_and_autodiff():
 
 
 def test_swiglu_grad_equals_autodiff_of_plain_formula():
-  h = 3.0 * jax.random.normal(jax.random.key(7), (2, 5, 24))
-  g = jax.random.normal(jax.random.key(8), (2, 5, 12))
+  h = 3.0 * _normal(7, (2, 5, 24))
+  g = _normal(8, (2, 5, 12))
 
   def plain(h):
     gate, up = jnp.split(h, 2, axis=-1)
     return jax.nn.silu(gate) * up
-  out, f = jax.vjp(swiglu, h)
-  ref, f_ref = jax.vjp(plain, h)
-  assert _rel(out, ref) < 1e-6 and _rel(f(g)[0], f_ref(g)[0]) < 1e-5
+  out, (dh,) = _value_and_vjp(swiglu, (h,), g)
+  ref, (dh_ref,) = _value_and_vjp(plain, (h,), g)
+  assert _rel(out, ref) < 1e-6 and _rel(dh, dh_ref) < 1e-5
 
 
 def _eqns(jaxpr):
@@ -135,8 +147,8 @@ def _eqns(jaxpr):
 
 
 def test_mixed_dot_float32_is_plain_dot_and_bf16_backward_runs_in_bf16():
-  x = jax.random.normal(jax.random.key(5), (4, 6, 32))
-  w = jax.random.normal(jax.random.key(6), (32, 8))
+  x = _normal(5, (4, 6, 32))
+  w = _normal(6, (32, 8))
   np.testing.assert_array_equal(mixed_dot(x, w, jnp.float32), jnp.dot(x, w))
   loss = lambda dt: (lambda x, w: jnp.sum(jnp.sin(mixed_dot(x, w, dt))))
   g16, g32 = jax.grad(loss(jnp.bfloat16), (0, 1))(x, w), jax.grad(loss(jnp.float32), (0, 1))(x, w)

@@ -280,18 +280,6 @@ def test_smollm2_moby_dick_perplexity_matches_transformers(smollm2):
   assert math.exp(nll.mean()) == pytest.approx(28.56, abs=0.02)
 
 
-def test_smollm2_greedy_continuation_matches_transformers(smollm2):
-  _, model = smollm2
-  tok = tokenizer.load(SMOLLM2)
-  ids, size = list(tok.encode("The whale")), 24
-  import jax
-  step = jax.jit(lambda x: jnp.argmax(model(x, jnp.arange(size)[None])[0], axis=-1))
-  while len(ids) < size:  # causal: padding after the prompt does not change its logits
-    ids.append(int(step(jnp.asarray([ids + [0] * (size - len(ids))]))[len(ids) - 1]))
-  assert tok.decode(ids).startswith(
-      "The whale's ability to navigate the ocean's depths is a testament to")
-
-
 def sweep_opts(**kw):
   """eval_extrapolate's options (its module defines absl flags that train.py defines too)."""
   return ml_collections.ConfigDict({"mode": "nonoverlapping", "stride": 0, "split": "test",
