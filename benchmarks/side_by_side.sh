@@ -1,6 +1,8 @@
 #!/bin/bash
-# Peer vs lenx, back to back, one process at a time: 3 train repeats at the peer's shape
-# and at the demo model's shape (peer, lenx f32, lenx bf16), 2 eval-16k repeats, then
+# Peer vs lenx, back to back, one process at a time: 3 train repeats at the peer's shape (A),
+# the demo model at issue 14's batch (D: 32 x 128) and at the batch the demo's recipe trains
+# with (R: 4 x 128, configs/sweep_demo.py) (peer, then lenx in each of $DTYPES, default
+# "float32 bfloat16"), 2 eval-16k repeats, then
 # (LONG=1) 64k bf16 and the memory sweep (1k..64k, f32). One JSON line per run, prefixed
 # by its row name; the first line names the CPU and its speed flags. The peer runs in its
 # own venv:   PEER_PY=/path/to/venv/bin/python bash benchmarks/side_by_side.sh > results.txt
@@ -11,23 +13,27 @@ PEER=${PEER:-../shared/bench/peer_torch_llama.py}
 L=.venv/bin/python
 A="--layers 4 --d-model 256 --heads 4 --ffn 688 --seq-len 256 --batch 16"
 D="--layers 2 --d-model 128 --heads 4 --ffn 352 --seq-len 128 --batch 32 --steps 20"
+R="--layers 2 --d-model 128 --heads 4 --ffn 352 --seq-len 128 --batch 4 --steps 100 --warmup-steps 10"
+DTYPES=${DTYPES:-"float32 bfloat16"}
 $L -c "import json; from models.layers import cpu_description, auto_dtype, cpu_dots; \
 from models.cpu_attention import enabled; print('cpu', json.dumps({**cpu_description(), \
 'auto_dtype': auto_dtype(), 'cpu_dots': cpu_dots(), 'cpu_attention_kernel': enabled()}))"
 for r in 1 2 3; do
-  for shape in A D; do
+  for shape in A D R; do
     S=${!shape}
     echo "## train $shape repeat $r $(date +%T) load $(cut -d' ' -f1 /proc/loadavg)"
     $PEER_PY "$PEER" --mode train $S 2>/dev/null | tail -1 | sed "s/^/peer_train_$shape /"
-    $L benchmarks/throughput.py --mode train $S --dtype float32 --peak-size 0 | sed "s/^/lenx_train_${shape}_f32 /"
-    $L benchmarks/throughput.py --mode train $S --dtype bfloat16 | sed "s/^/lenx_train_${shape}_bf16 /"
+    for dt in $DTYPES; do
+      $L benchmarks/throughput.py --mode train $S --dtype $dt --peak-size 0 | sed "s/^/lenx_train_${shape}_$dt /"
+    done
   done
 done
 for r in 1 2; do
   echo "## eval repeat $r $(date +%T) load $(cut -d' ' -f1 /proc/loadavg)"
   $PEER_PY "$PEER" --mode eval --seq-len 16384 2>/dev/null | tail -1 | sed 's/^/peer_eval16k /'
-  $L benchmarks/throughput.py --mode eval --seq-len 16384 --dtype float32 --peak-size 0 | sed 's/^/lenx_eval16k_f32 /'
-  $L benchmarks/throughput.py --mode eval --seq-len 16384 --dtype bfloat16 | sed 's/^/lenx_eval16k_bf16 /'
+  for dt in $DTYPES; do
+    $L benchmarks/throughput.py --mode eval --seq-len 16384 --dtype $dt --peak-size 0 | sed "s/^/lenx_eval16k_$dt /"
+  done
 done
 if [ -n "$LONG" ]; then
   echo "## 64k $(date +%T)"
