@@ -18,22 +18,28 @@ DTYPES=${DTYPES:-"float32 bfloat16"}
 $L -c "import json; from models.layers import cpu_description, auto_dtype, cpu_dots; \
 from models.cpu_attention import enabled; print('cpu', json.dumps({**cpu_description(), \
 'auto_dtype': auto_dtype(), 'cpu_dots': cpu_dots(), 'cpu_attention_kernel': enabled()}))"
+# lenx ROW ARGS...: one throughput.py run per dtype in $DTYPES; the first one of each call
+# also measures this machine's matmul peaks (f32 and bf16: MFU), the others skip it
+lenx() {
+  local row=$1 peak=""
+  shift
+  for dt in $DTYPES; do
+    $L benchmarks/throughput.py "$@" --dtype "$dt" $peak | sed "s/^/lenx_${row}_$dt /"
+    peak="--peak-size 0"
+  done
+}
 for r in 1 2 3; do
   for shape in A D R; do
     S=${!shape}
     echo "## train $shape repeat $r $(date +%T) load $(cut -d' ' -f1 /proc/loadavg)"
     $PEER_PY "$PEER" --mode train $S 2>/dev/null | tail -1 | sed "s/^/peer_train_$shape /"
-    for dt in $DTYPES; do
-      $L benchmarks/throughput.py --mode train $S --dtype $dt --peak-size 0 | sed "s/^/lenx_train_${shape}_$dt /"
-    done
+    lenx "train_$shape" --mode train $S
   done
 done
 for r in 1 2; do
   echo "## eval repeat $r $(date +%T) load $(cut -d' ' -f1 /proc/loadavg)"
   $PEER_PY "$PEER" --mode eval --seq-len 16384 2>/dev/null | tail -1 | sed 's/^/peer_eval16k /'
-  for dt in $DTYPES; do
-    $L benchmarks/throughput.py --mode eval --seq-len 16384 --dtype $dt --peak-size 0 | sed "s/^/lenx_eval16k_$dt /"
-  done
+  lenx eval16k --mode eval --seq-len 16384
 done
 if [ -n "$LONG" ]; then
   echo "## 64k $(date +%T)"
