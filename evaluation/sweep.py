@@ -135,7 +135,8 @@ def _compute(run, variant, length, opts, stride, segment_len, reference=None):
   fields = runner.evaluate(
       model, run.task, length=length, mode=opts.mode, stride=stride, split=opts.split,
       batch_size=batch_size_for(opts.batch_size, length), max_tokens=opts.max_tokens or None,
-      stats_windows=opts.stats_windows, segment_len=segment_len)
+      stats_windows=opts.stats_windows, segment_len=segment_len,
+      key=runner.program_key(config))
   return {"status": "ok", **resolved, **fields}
 
 

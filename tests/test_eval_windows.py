@@ -125,3 +125,29 @@ def test_nonoverlapping_weights_every_token_equally(model):
   window_mean = np.mean([np.mean(v) for v in by_window.values()])
   assert abs(window_mean - token_mean) > 1e-3
   assert row["nll"] != pytest.approx(window_mean, rel=1e-5)
+
+
+def test_rows_with_the_same_program_share_one_compile():
+  """A second seed (same config, other parameters) reuses the first's executable, and gets
+  its own numbers; a config that changes the program (RoPE base) compiles its own."""
+  def config(seed, base=10000.0):
+    c = get_config(f"posenc=rope,train_len={L}")
+    c.model.num_layers, c.model.d_model, c.model.num_heads, c.seed = 1, 32, 2, seed
+    c.posenc.rope.base = base
+    return resolve(c)
+
+  def row(c, key):
+    return runner.evaluate(build_model(c), FakeText(0), length=L, batch_size=4,
+                           stats_windows=1, key=key)
+
+  first = row(config(0), runner.program_key(config(0)))
+  reused = row(config(1), runner.program_key(config(1)))
+  fresh = row(config(1), None)
+  assert runner.program_key(config(0)) == runner.program_key(config(1))
+  assert reused["compile_s"] == 0.0 and fresh["compile_s"] > 0.0
+  assert reused["nll"] == fresh["nll"] != first["nll"]
+  assert reused["attn_entropy"] == fresh["attn_entropy"] != first["attn_entropy"]
+  other = config(1, base=10.0)
+  assert runner.program_key(other) != runner.program_key(config(1))
+  moved = row(other, runner.program_key(other))
+  assert moved["compile_s"] > 0.0 and moved["nll"] != reused["nll"]
