@@ -53,6 +53,7 @@ def parse_args(argv=None):
   p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                  help="auto: bf16 matmuls where the hardware has them (models.layers.auto_dtype)")
   p.add_argument("--attention", choices=("auto", "full", "blockwise"), default="auto")
+  p.add_argument("--posenc", default="rope", help="positional encoding (the peer has RoPE)")
   p.add_argument("--block-size", type=int, default=512)
   p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul peak (0 = skip)")
   p.add_argument("--cache-dir", default="", help="persistent compilation cache dir ('' = off)")
@@ -68,7 +69,7 @@ def parse_args(argv=None):
 def lenx_config(a):
   from configs.common import resolve
   from configs.default import get_config
-  c = get_config(f"posenc=rope,data=copy,train_len={a.seq_len}")
+  c = get_config(f"posenc={a.posenc},data=copy,train_len={a.seq_len}")
   c.model.update(num_layers=a.layers, d_model=a.d_model, num_heads=a.heads, mlp_dim=a.ffn,
                  tie_embeddings=False, dtype=a.dtype, attention=a.attention,
                  block_size=a.block_size, vocab_size=VOCAB)

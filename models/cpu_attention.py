@@ -14,7 +14,9 @@ inputs and outputs as ``attention.full_attend`` / ``blockwise_attend`` (q pre-sc
 
 Where: ``use_kernel`` - CPU backend, one device (a custom call has no sharding rule),
 float32, self-attention with s and d multiples of 8, an encoding whose logits are plain
-q.k (``enc.content_only``), no attention statistics. ``LENX_CPU_ATTENTION=auto|kernel|xla``:
+q.k (``enc.content_only``) or q.k plus a bias of the query - key distance that the kernel
+forms itself from the positions (``enc.distance_bias()``: ALiBi's slopes, T5's bucket
+table), no attention statistics. ``LENX_CPU_ATTENTION=auto|kernel|xla``:
 auto = the kernel on CPUs without avx512f, where it was measured (benchmarks/README.md);
 kernel = wherever it applies; xla = never. The library is compiled on first use with the
 system C++ compiler (``$CXX`` or g++, -O3 -march=native) into ``$LENX_KERNEL_CACHE``
@@ -112,7 +114,7 @@ def use_kernel(q, k, enc, with_stats=False):
   """Whether ``attention.attend`` hands (q, k, v) to ``causal_attention``."""
   s, d = q.shape[1], q.shape[3]
   shapes_fit = q.shape == k.shape and s % 8 == 0 and d % 8 == 0
-  plain = enc.content_only and not with_stats
+  plain = (enc.content_only or enc.distance_bias() is not None) and not with_stats
   return (shapes_fit and plain and q.dtype == jnp.float32 and k.dtype == jnp.float32
           and enabled()[0])
 
@@ -121,31 +123,58 @@ def _threads():
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _call(name, outputs, *args):
+def _call(name, outputs, *args, **attrs):
   load()  # registers the targets (once) whoever calls first
   return jax.ffi.ffi_call(f"lenx_causal_attention_{name}", outputs, vmap_method="sequential")(
-      *args, threads=np.int64(_threads()))
+      *args, threads=np.int64(_threads()), **attrs)
 
 
-@jax.custom_vjp
-def causal_attention(q, k, v):
-  """causal softmax(q k^T) v for q, k, v [b, s, h, d] float32 (q pre-scaled) -> [b, s, h, d]."""
-  return _forward(q, k, v)[0]
+def causal_attention(q, k, v, bias=None):
+  """causal softmax(q k^T + bias) v for q, k, v [b, s, h, d] float32 (q pre-scaled) ->
+  [b, s, h, d]. bias: None, or (q_pos, k_pos [b or 1, s] int, slopes [h] or None, table
+  [h, T] or None) for bias_ij = -slopes_h |i - j| + table_h[clamp(i - j, 0, T - 1)] at the
+  positions i, j of query and key (``PositionalEncoding.distance_bias``); slopes and table
+  are differentiable."""
+  b, s, h, _ = q.shape
+  if bias is None:
+    pos, none = jnp.zeros((1, 1), jnp.int32), jnp.zeros((h, 1), jnp.float32)
+    return _attention(q, k, v, pos, pos, none[:, 0], none, 0)
+  q_pos, k_pos, slopes, table = bias
+  parts = (slopes is not None) | 2 * (table is not None)
+  q_pos, k_pos = (jnp.broadcast_to(p, (b, s)).astype(jnp.int32) for p in (q_pos, k_pos))
+  slopes = jnp.zeros((h,), jnp.float32) if slopes is None else slopes.astype(jnp.float32)
+  table = jnp.zeros((h, 1), jnp.float32) if table is None else table.astype(jnp.float32)
+  return _attention(q, k, v, q_pos, k_pos, slopes, table, parts)
 
 
-def _forward(q, k, v):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attention(q, k, v, q_pos, k_pos, slopes, table, parts):
+  return _forward(q, k, v, q_pos, k_pos, slopes, table, parts)[0]
+
+
+def _forward(q, k, v, q_pos, k_pos, slopes, table, parts):
   b, s, h, _ = q.shape
   out, lse = _call("forward", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                               jax.ShapeDtypeStruct((b, h, s), jnp.float32)), q, k, v)
-  return out, (q, k, v, out, lse)
+                               jax.ShapeDtypeStruct((b, h, s), jnp.float32)),
+                   q, k, v, q_pos, k_pos, slopes, table, parts=np.int64(parts))
+  return out, (q, k, v, out, lse, q_pos, k_pos, slopes, table)
 
 
-def _backward(res, g):
-  shape = jax.ShapeDtypeStruct(res[0].shape, jnp.float32)
-  return tuple(_call("backward", (shape, shape, shape), *res, g.astype(jnp.float32)))
+def _backward(parts, res, g):
+  q, k, v, out, lse, q_pos, k_pos, slopes, table = res
+  b, _, h, _ = q.shape
+  shape = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+  per_row = (jax.ShapeDtypeStruct((b, h), jnp.float32),
+             jax.ShapeDtypeStruct((b, h, table.shape[1]), jnp.float32))
+  dq, dk, dv, dslopes, dtable = _call("backward", (shape, shape, shape) + per_row, q, k, v, out,
+                                      lse, g.astype(jnp.float32), q_pos, k_pos, slopes, table,
+                                      parts=np.int64(parts))
+  dslopes = jnp.sum(dslopes, axis=0) if parts & 1 else jnp.zeros_like(slopes)
+  dtable = jnp.sum(dtable, axis=0) if parts & 2 else jnp.zeros_like(table)
+  return dq, dk, dv, None, None, dslopes, dtable
 
 
-causal_attention.defvjp(_forward, _backward)
+_attention.defvjp(_forward, _backward)
 
 
 if __name__ == "__main__":  # python -m models.cpu_attention: build now, print where

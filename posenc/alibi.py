@@ -36,6 +36,9 @@ class ALiBi(PositionalEncoding):
 
   relative = True
 
+  def distance_bias(self):
+    return jnp.asarray(alibi_slopes(self.num_heads)), None  # -m_h |i - j|, as ``bias``
+
   def bias(self, q_pos, k_pos):
     slopes = jnp.asarray(alibi_slopes(self.num_heads))[None, :, None, None]
     distance = jnp.abs(q_pos[:, None, :, None] - k_pos[:, None, None, :]).astype(jnp.float32)

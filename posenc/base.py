@@ -133,6 +133,14 @@ class PositionalEncoding(nnx.Module):
     cls = type(self)
     return cls.scores is PositionalEncoding.scores and cls.bias is PositionalEncoding.bias
 
+  def distance_bias(self):
+    """(slopes [h] or None, table [h, T] or None) when ``bias`` is exactly
+    -slopes_h |i - j| + table_h[clamp(i - j, 0, T - 1)] for query position i and key position
+    j, whatever the positions; None (the default) otherwise. Such a bias is formed inside the
+    fused CPU attention kernel from the positions (models/cpu_attention.py), with gradients for
+    slopes and table, instead of as a [b, h, sq, sk] array."""
+    return None
+
   def scores(self, q, k, q_pos, k_pos):
     """Attention logits [b, h, sq, sk] of one (query block, key block); float32."""
     logits = qk_dot(q, k)

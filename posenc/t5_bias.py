@@ -12,6 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from posenc.base import PositionalEncoding, register
@@ -57,6 +58,22 @@ class T5Bias(PositionalEncoding):
     # transformers' T5 init: normal(std = d_model^-0.5) for relative_attention_bias
     init = jax.nn.initializers.normal(model_config.d_model ** -0.5)
     self.embedding = nnx.Param(init(rngs.params(), (config.num_buckets, model_config.num_heads)))
+
+  def distance_bias(self):
+    """Causal buckets depend only on n = max(i - j, 0) and are the last one from some n on
+    (bucket ids never decrease with n): the table over n = 0 .. (first n in the last bucket)
+    is exact for any distance. None where bidirectional or never saturating (max_distance
+    <= num_buckets / 2)."""
+    if self.config.bidirectional:
+      return None
+    nb, md = self.config.num_buckets, self.config.max_distance
+    with jax.ensure_compile_time_eval():  # config-only: concrete even under jit
+      buckets = np.asarray(relative_position_bucket(-jnp.arange(2 * md + 1), False, nb, md))
+    last = np.flatnonzero(buckets == nb - 1)
+    if md <= nb // 2 or not len(last):
+      return None
+    table = jnp.take(self.embedding[...], jnp.asarray(buckets[:last[0] + 1]), axis=0)
+    return None, table.T  # [h, T]
 
   def bias(self, q_pos, k_pos):
     rel = k_pos[:, None, :] - q_pos[:, :, None]  # [b, sq, sk]

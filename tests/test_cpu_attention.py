@@ -40,13 +40,16 @@ def test_kernel_is_causal_and_saves_the_row_log_sum_exp():
   out2 = cpu_attention.causal_attention(q, *later)
   np.testing.assert_array_equal(out[:, :9], out2[:, :9])
   assert float(jnp.max(jnp.abs(out[:, 9:] - out2[:, 9:]))) > 1e-2
-  lse = cpu_attention._forward(q, k, v)[1][4]  # residuals (q, k, v, out, LSE [b, h, s])
+  none = jnp.zeros((2, 1))
+  pos = jnp.zeros((1, 1), jnp.int32)
+  lse = cpu_attention._forward(q, k, v, pos, pos, none[:, 0], none, 0)[1][4]  # LSE [b, h, s]
   logits = jnp.where(jnp.tril(jnp.ones((16, 16), bool)), qk_dot(q, k), -jnp.inf)
   np.testing.assert_allclose(lse, jax.nn.logsumexp(logits, axis=-1), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("posenc, applies", [("rope", True), ("nope", True), ("learned", True),
-                                             ("alibi", False), ("t5_bias", False)])
+                                             ("alibi", True), ("t5_bias", True),
+                                             ("kerple_log", False), ("fire", False)])
 def test_model_uses_kernel_only_for_plain_logits_and_matches_xla(monkeypatch, posenc, applies):
   results = {}
   for choice in ("xla", "kernel"):
@@ -61,6 +64,63 @@ def test_model_uses_kernel_only_for_plain_logits_and_matches_xla(monkeypatch, po
   flat_k, flat_x = (dict(nnx.traversals.flatten_mapping(g)) for g in (g_k, g_x))
   for key in flat_x:
     assert _rel(flat_k[key], flat_x[key]) < 1e-5, key
+
+
+def _positions(b, s, seed):
+  """Sorted positions with gaps and an offset (randomized / PoSE-style ids), [b, s]."""
+  gaps = jax.random.randint(jax.random.key(seed), (b, s), 1, 40)
+  return 100 + jnp.cumsum(gaps, axis=1) - gaps[:, :1]
+
+
+@pytest.mark.parametrize("parts", ["slopes", "table", "both"])
+@pytest.mark.parametrize("shape", [(2, 24, 3, 16), (1, 520, 2, 16)])
+def test_kernel_distance_bias_equals_the_bias_added_to_xla_logits(shape, parts):
+  """The kernel's bias (-slope |i - j| + table[clamp(i - j, 0, T - 1)] at the positions)
+  against the same bias materialised and added to q.k, for values and for the gradients of
+  q, k, v, the slopes and the table; positions with gaps reach past the table's end."""
+  b, s, h, _ = shape
+  q, k, v, g = _qkv(shape)
+  pos = _positions(b, s, 1)
+  kt, ks = jax.random.split(jax.random.key(2))
+  slopes = jax.random.uniform(ks, (h,), minval=0.01, maxval=0.5) if parts != "table" else None
+  table = jax.random.normal(kt, (h, 37)) if parts != "slopes" else None
+
+  def xla(q, k, v, slopes, table):
+    dist = pos[:, :, None] - pos[:, None, :]  # [b, sq, sk], i - j
+    bias = jnp.zeros((b, h, s, s))
+    if slopes is not None:
+      bias -= slopes[None, :, None, None] * jnp.abs(dist)[:, None].astype(jnp.float32)
+    if table is not None:
+      bias += jnp.moveaxis(table.T[jnp.clip(dist, 0, table.shape[1] - 1)], -1, 1)
+    return softmax_pv(qk_dot(q, k) + bias, v, 0, jnp.float32)
+
+  def kernel(q, k, v, slopes, table):
+    return cpu_attention.causal_attention(q, k, v, (pos, pos, slopes, table))
+
+  out, vjp = jax.vjp(kernel, q, k, v, slopes, table)
+  ref, ref_vjp = jax.vjp(xla, q, k, v, slopes, table)
+  assert _rel(out, ref) < 2e-6
+  for got, want in zip(vjp(g), ref_vjp(g)):
+    if want is not None:
+      assert _rel(got, want) < 1e-5
+  assert _rel(out, cpu_attention.causal_attention(q, k, v)) > 1e-2  # the bias matters
+
+
+def test_t5_distance_table_is_exact_past_max_distance():
+  """T5's kernel table stops at the first distance in the last bucket; every longer
+  distance (to 4 x max_distance) has the same bias as the table's last entry."""
+  from tests.conftest import make_tiny_config
+  from configs.common import resolve
+  from models import build_model
+  c = make_tiny_config(posenc="t5_bias", train_len=24)
+  enc = build_model(resolve(c)).posenc
+  slopes, table = enc.distance_bias()
+  n = 4 * c.posenc.t5_bias.max_distance
+  full = enc.bias(jnp.arange(n)[None], jnp.zeros((1, 1), jnp.int32))[0, :, :, 0]  # [h, n]
+  assert slopes is None and table.shape[1] < n
+  np.testing.assert_array_equal(table[:, jnp.clip(jnp.arange(n), 0, table.shape[1] - 1)], full)
+  c.posenc.t5_bias.bidirectional = True
+  assert build_model(resolve(c)).posenc.distance_bias() is None
 
 
 def test_rope_with_a_piecewise_extension_is_not_plain():

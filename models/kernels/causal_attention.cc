@@ -14,7 +14,11 @@
 // products skip the 6-row x 16-column register tiles above the diagonal (half the FLOPs
 // of the dense batched dots XLA runs). Layout: q, k, v, o and their cotangents are
 // [b, s, h, d] row-major (the model's layout, read in place with a row stride of h * d);
-// LSE is [b, h, s]. Needs s % 8 == 0 and d % 8 == 0 (the Python side checks). The matmul
+// LSE is [b, h, s]. Needs s % 8 == 0 and d % 8 == 0 (the Python side checks). Optional
+// distance bias (ALiBi, T5 buckets: posenc.base.PositionalEncoding.distance_bias), added to
+// S in both passes from the positions: bias = -slope_h |i - j| + table_h[clamp(i - j, 0, T-1)];
+// the backward also returns its gradients, d slope_h = -sum dS |i - j|, d table_h[n] = sum of
+// dS over the pairs whose clamped distance is n. The matmul
 // micro-kernel uses GCC vector extensions, so -march=native picks AVX2 + FMA (or AVX-512).
 #include <algorithm>
 #include <cmath>
@@ -253,6 +257,40 @@ inline void softmax_grad_row(float* p, float* dp, int64_t n, int64_t nk, float l
   zero_tail(dp, padded, nk);
 }
 
+// The distance bias of one problem (batch row, head); off when neither part is given.
+struct Bias {
+  const int32_t *pq = nullptr, *pk = nullptr;  // positions of this batch row's queries / keys
+  bool has_slope = false;                      // ALiBi part: -slope |i - j|
+  float slope = 0.0f;
+  const float* table = nullptr;                // bucket part: table[clamp(i - j, 0, T - 1)]
+  int64_t table_len = 0;
+  bool on() const { return pq != nullptr; }
+  int64_t bucket(int64_t dist) const { return std::min(std::max<int64_t>(dist, 0), table_len - 1); }
+
+  // S[r, c] += bias for the n visible keys of query i (keys from key index j0).
+  void add_row(float* row, int64_t n, int64_t i, int64_t j0) const {
+    const int32_t qp = pq[i], *kp = pk + j0;
+    if (slope != 0.0f)
+      for (int64_t c = 0; c < n; ++c)
+        row[c] -= slope * static_cast<float>(std::abs(qp - kp[c]));
+    if (table)
+      for (int64_t c = 0; c < n; ++c) row[c] += table[bucket(qp - kp[c])];
+  }
+
+  // Accumulates the bias gradients of one row of dS.
+  void grad_row(const float* ds, int64_t n, int64_t i, int64_t j0, float& dslope,
+                float* dtable) const {
+    const int32_t qp = pq[i], *kp = pk + j0;
+    if (has_slope) {
+      float acc = 0.0f;
+      for (int64_t c = 0; c < n; ++c) acc += ds[c] * static_cast<float>(std::abs(qp - kp[c]));
+      dslope -= acc;
+    }
+    if (table)
+      for (int64_t c = 0; c < n; ++c) dtable[bucket(qp - kp[c])] += ds[c];
+  }
+};
+
 struct Shape {
   int64_t b, s, h, d;
   int64_t stride() const { return h * d; }  // between rows of one head in [b, s, h, d]
@@ -289,7 +327,7 @@ void for_each_problem(int64_t problems, int64_t threads, size_t scratch_floats, 
 
 // One problem's forward: O (rows of out, stride ld) and LSE (lse[0 .. s)).
 void forward_problem(const Shape& sh, const float* q, const float* k, const float* v, float* o,
-                     float* lse, float* work) {
+                     float* lse, const Bias& bias, float* work) {
   const int64_t s = sh.s, d = sh.d, ld = sh.stride();
   const Panels kt = pack({k, 1, ld}, d, s, work);                    // K^T
   const Panels vp = pack({v, ld, 1}, s, d, work + sh.key_panels());  // V
@@ -304,6 +342,7 @@ void forward_problem(const Shape& sh, const float* q, const float* k, const floa
       causal_matmul(Part::kCols, diag, false, nq, nk, d, {q + i0 * ld, ld, 1}, kt.at(0, j0), st,
                     kLd);                                                     // S = Q K^T
       for (int64_t r = 0; r < nq; ++r) {
+        if (bias.on()) bias.add_row(st + r * kLd, visible(r, diag, nk), i0 + r, j0);
         float alpha = online_softmax_row(st + r * kLd, visible(r, diag, nk), nk, m[r], l[r]);
         float* orow = o + (i0 + r) * ld;
         if (alpha != 1.0f) for (int64_t t = 0; t < d; ++t) orow[t] *= alpha;
@@ -322,7 +361,7 @@ void forward_problem(const Shape& sh, const float* q, const float* k, const floa
 // One problem's backward: dq, dk, dv (rows with stride ld), zeroed here, then accumulated.
 void backward_problem(const Shape& sh, const float* q, const float* k, const float* v,
                       const float* o, const float* lse, const float* g, float* dq, float* dk,
-                      float* dv, float* work) {
+                      float* dv, const Bias& bias, float* dslope, float* dtable, float* work) {
   const int64_t s = sh.s, d = sh.d, ld = sh.stride(), kp = sh.key_panels(), dp_ = sh.d_panels();
   const Panels kt = pack({k, 1, ld}, d, s, work), vt = pack({v, 1, ld}, d, s, work + kp);
   const Panels kn = pack({k, ld, 1}, s, d, work + 2 * kp);           // K, Q, dO: d panels
@@ -330,6 +369,10 @@ void backward_problem(const Shape& sh, const float* q, const float* k, const flo
   const Panels gn = pack({g, ld, 1}, s, d, work + 2 * kp + 2 * dp_);
   float *st = work + 2 * kp + 3 * dp_, *dp = st + kBq * kLd, *delta = dp + kBq * kLd + kBq;
   for (float* x : {dq, dk, dv}) zero_rows(x, s, d, ld);
+  if (bias.on()) {
+    *dslope = 0.0f;
+    std::fill(dtable, dtable + bias.table_len, 0.0f);
+  }
   for (int64_t i0 = 0; i0 < s; i0 += kBq) {
     const int64_t nq = std::min(kBq, s - i0);
     for (int64_t r = 0; r < nq; ++r) {  // D = rowsum(dO o O), 8 lanes (a scalar chain: ~10 %)
@@ -343,8 +386,12 @@ void backward_problem(const Shape& sh, const float* q, const float* k, const flo
       const int64_t nk = std::min(kBk, s - j0), diag = i0 - j0;
       causal_matmul(Part::kCols, diag, false, nq, nk, d, qi, kt.at(0, j0), st, kLd);  // S
       causal_matmul(Part::kCols, diag, false, nq, nk, d, gi, vt.at(0, j0), dp, kLd);  // dO V^T
-      for (int64_t r = 0; r < nq; ++r)                                        // P, dS
-        softmax_grad_row(st + r * kLd, dp + r * kLd, visible(r, diag, nk), nk, lse[i0 + r], delta[r]);
+      for (int64_t r = 0; r < nq; ++r) {                                      // P, dS
+        const int64_t n = visible(r, diag, nk);
+        if (bias.on()) bias.add_row(st + r * kLd, n, i0 + r, j0);
+        softmax_grad_row(st + r * kLd, dp + r * kLd, n, nk, lse[i0 + r], delta[r]);
+        if (bias.on()) bias.grad_row(dp + r * kLd, n, i0 + r, j0, *dslope, dtable);
+      }
       causal_matmul(Part::kKeys, diag, true, nq, d, nk, {dp, kLd, 1}, kn.at(j0, 0), dq + i0 * ld,
                     ld);                                                      // dQ += dS K
       causal_matmul(Part::kTrKeys, diag, true, nk, d, nq, {dp, 1, kLd}, qn.at(i0, 0),
@@ -356,6 +403,7 @@ void backward_problem(const Shape& sh, const float* q, const float* k, const flo
 }
 
 using F32 = ffi::Buffer<ffi::F32>;
+using S32 = ffi::Buffer<ffi::S32>;
 using F32Out = ffi::ResultBuffer<ffi::F32>;
 
 // Checks the shape of q [b, s, h, d], then runs fn(shape, problem, offset of its rows,
@@ -370,32 +418,55 @@ ffi::Error for_each_head(const F32& q, int64_t threads, bool backward, Fn fn) {
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(F32 q, F32 k, F32 v, F32Out out, F32Out lse, int64_t threads) {
+// The bias of problem `prob` from the positions [b, s], slopes [h] and table [h, T];
+// `parts`: 1 = slopes, 2 = table (bits), 0 = no bias (the arrays are placeholders).
+Bias bias_of(const Shape& sh, int64_t prob, const S32& pq, const S32& pk, const F32& slopes,
+             const F32& table, int64_t parts) {
+  Bias bias;
+  if (!parts) return bias;
+  const int64_t row = prob / sh.h, head = prob % sh.h, len = table.dimensions()[1];
+  bias.pq = pq.typed_data() + row * sh.s;
+  bias.pk = pk.typed_data() + row * sh.s;
+  if (parts & 1) bias.has_slope = true, bias.slope = slopes.typed_data()[head];
+  if (parts & 2) bias.table = table.typed_data() + head * len, bias.table_len = len;
+  return bias;
+}
+
+ffi::Error Forward(F32 q, F32 k, F32 v, S32 pq, S32 pk, F32 slopes, F32 table, F32Out out,
+                   F32Out lse, int64_t threads, int64_t parts) {
   return for_each_head(q, threads, false, [&](const Shape& sh, int64_t prob, int64_t off, float* work) {
     forward_problem(sh, q.typed_data() + off, k.typed_data() + off, v.typed_data() + off,
-                    out->typed_data() + off, lse->typed_data() + prob * sh.s, work);
+                    out->typed_data() + off, lse->typed_data() + prob * sh.s,
+                    bias_of(sh, prob, pq, pk, slopes, table, parts), work);
   });
 }
 
-ffi::Error Backward(F32 q, F32 k, F32 v, F32 out, F32 lse, F32 dout, F32Out dq, F32Out dk,
-                    F32Out dv, int64_t threads) {
+ffi::Error Backward(F32 q, F32 k, F32 v, F32 out, F32 lse, F32 dout, S32 pq, S32 pk, F32 slopes,
+                    F32 table, F32Out dq, F32Out dk, F32Out dv, F32Out dslopes, F32Out dtable,
+                    int64_t threads, int64_t parts) {
+  const int64_t len = table.dimensions()[1];
   return for_each_head(q, threads, true, [&](const Shape& sh, int64_t prob, int64_t off, float* work) {
     backward_problem(sh, q.typed_data() + off, k.typed_data() + off, v.typed_data() + off,
                      out.typed_data() + off, lse.typed_data() + prob * sh.s,
                      dout.typed_data() + off, dq->typed_data() + off, dk->typed_data() + off,
-                     dv->typed_data() + off, work);
+                     dv->typed_data() + off, bias_of(sh, prob, pq, pk, slopes, table, parts),
+                     dslopes->typed_data() + prob, dtable->typed_data() + prob * len, work);
   });
 }
 
 }  // namespace
 
-// q, k, v -> out, lse
+// q, k, v, q_pos, k_pos, slopes, table -> out, lse
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LenxCausalAttentionForward, Forward,
-                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>()
-                                  .Ret<F32>().Ret<F32>().Attr<int64_t>("threads"));
+                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<S32>()
+                                  .Arg<S32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>()
+                                  .Attr<int64_t>("threads").Attr<int64_t>("parts"));
 
-// q, k, v, out, lse, d_out -> dq, dk, dv
+// q, k, v, out, lse, d_out, q_pos, k_pos, slopes, table -> dq, dk, dv, d_slopes [b, h],
+// d_table [b, h, T]
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LenxCausalAttentionBackward, Backward,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
-                                  .Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>().Ret<F32>()
-                                  .Attr<int64_t>("threads"));
+                                  .Arg<F32>().Arg<F32>().Arg<S32>().Arg<S32>().Arg<F32>()
+                                  .Arg<F32>().Ret<F32>().Ret<F32>().Ret<F32>().Ret<F32>()
+                                  .Ret<F32>().Attr<int64_t>("threads")
+                                  .Attr<int64_t>("parts"));
