@@ -29,6 +29,7 @@ from configs.default import get_config
 from models.layers import resolve_dtype
 from evaluation import phenomena, results, sweep
 from training import checkpoint
+from training.allocator import reexec_with_huge_pages
 
 FLAGS = flags.FLAGS
 
@@ -238,5 +239,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()  # first: glibc reads its tunables at start (training/allocator.py)
   define_flags()
   app.run(main, argv=[a.replace("--runs-dir", "--runs_dir") for a in sys.argv])

@@ -32,6 +32,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from evaluation import report, results, sweep
+from training.allocator import reexec_with_huge_pages
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Sweep config (runs, lengths, variants, ...).",
@@ -113,4 +114,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()  # first: glibc reads its tunables at start (training/allocator.py)
   app.run(main, argv=normalize_argv(sys.argv))

@@ -22,6 +22,7 @@ from extensions import NotApplicable
 from input_pipeline import text as text_data
 from input_pipeline.codec import Codec
 from training import checkpoint
+from training.allocator import reexec_with_huge_pages
 
 FLAGS = flags.FLAGS
 
@@ -169,5 +170,6 @@ def main(argv):
 
 
 if __name__ == "__main__":  # flag names are single words: no --a-b spelling to normalise
+  reexec_with_huge_pages()  # first: glibc reads its tunables at start (training/allocator.py)
   define_flags()
   app.run(main)

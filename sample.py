@@ -25,6 +25,7 @@ from input_pipeline import text as text_data
 from input_pipeline.codec import Codec
 from models.generate import generate
 from training import checkpoint
+from training.allocator import reexec_with_huge_pages
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run", None, "Run directory or pretrained checkpoint (pretrained:NAME).")
@@ -111,5 +112,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()  # first: glibc reads its tunables at start (training/allocator.py)
   from eval_extrapolate import normalize_argv  # pylint: disable=g-import-not-at-top (its flags)
   app.run(main, argv=normalize_argv(sys.argv))

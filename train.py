@@ -29,6 +29,7 @@ from training.mesh import make_mesh, maybe_initialize_distributed, shard_batch, 
 from training.optim import make_optimizer
 from training.steps import make_eval_step, make_train_step, split_model
 from training.logging import MetricWriter, progress_bar
+from training.allocator import reexec_with_huge_pages
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -162,5 +163,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()  # first: glibc reads its tunables at start (training/allocator.py)
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -8,7 +8,8 @@
 
 A variant is comma-separated key=value: ``dots`` (ynnpack | eigen: XLA:CPU's dot library,
 ``models.layers.cpu_dots``), ``kernel`` (kernel | xla: ``LENX_CPU_ATTENTION`` while the
-variant is traced, ``models.cpu_attention``) and any ``config.model`` field (attention,
+variant is traced, ``models.cpu_attention``), ``xla:<option>`` (any XLA compiler option,
+e.g. ``xla:xla_cpu_enable_fast_math=true``) and any ``config.model`` field (attention,
 block_size, remat, ...). Both executables are compiled in one process and run alternately, one step each,
 so the box's drift (+-20 % between minutes on a shared machine) hits both alike; prints
 the median and mean +- SE of the per-pair ratio b / a. Dots are compiled with explicit
@@ -32,6 +33,7 @@ from models import build_model  # noqa: E402
 from models.layers import EIGEN_DOTS, cpu_description  # noqa: E402
 from training.optim import make_optimizer  # noqa: E402
 from training.steps import make_eval_step, make_train_step, split_model  # noqa: E402
+from training.allocator import reexec_with_huge_pages  # noqa: E402
 
 DOT_OPTIONS = {"ynnpack": None, "eigen": EIGEN_DOTS}
 
@@ -49,9 +51,12 @@ def parse_variant(spec, base):
   """'dots=eigen,block_size=64' -> (compiler options, model config, environment); unknown
   keys fail."""
   config, options, env = base.copy_and_resolve_references(), DOT_OPTIONS["ynnpack"], {}
+  extra = {}
   for item in filter(None, spec.split(",")):
     key, _, value = item.partition("=")
-    if key == "kernel":
+    if key.startswith("xla:"):  # XLA parses bool options from Python bools only
+      extra[key[4:]] = {"true": True, "false": False}.get(value.lower(), value)
+    elif key == "kernel":
       env["LENX_CPU_ATTENTION"] = value
     elif key == "dots":
       if value not in DOT_OPTIONS:
@@ -60,9 +65,9 @@ def parse_variant(spec, base):
     elif key in config.model:
       config.model[key] = _parse_like(config.model[key], value)
     else:
-      raise ValueError(f"unknown variant key {key!r}; valid: dots, kernel, "
+      raise ValueError(f"unknown variant key {key!r}; valid: dots, kernel, xla:<option>, "
                        f"{', '.join(config.model)}")
-  return options, config, env
+  return ({**(options or {}), **extra} or None), config, env
 
 
 @contextlib.contextmanager
@@ -128,4 +133,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()  # first: glibc reads its tunables at start (training/allocator.py)
   main()

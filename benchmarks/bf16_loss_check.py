@@ -20,6 +20,7 @@ from configs.default import get_config  # noqa: E402
 from models import build_model  # noqa: E402
 from training.optim import make_optimizer  # noqa: E402
 from training.steps import make_train_step, split_model  # noqa: E402
+from training.allocator import reexec_with_huge_pages  # noqa: E402
 
 
 def curve(dtype, a):
@@ -52,4 +53,5 @@ def main():
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()  # first: glibc reads its tunables at start (training/allocator.py)
   main()

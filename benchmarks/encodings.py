@@ -26,6 +26,7 @@ from configs import sweep_demo
 from configs.common import resolve
 from configs.default import get_config
 from models.layers import cpu_description
+from training.allocator import reexec_with_huge_pages
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 300, "Training steps per encoding.")
@@ -82,4 +83,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()  # first: glibc reads its tunables at start (training/allocator.py)
   app.run(main)

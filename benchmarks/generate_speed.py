@@ -17,6 +17,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 from models.generate import CachedDecoder
 from training import checkpoint
+from training.allocator import reexec_with_huge_pages
 
 
 def cached_tps(model, tokens, new):
@@ -61,4 +62,5 @@ def main():
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()  # first: glibc reads its tunables at start (training/allocator.py)
   main()

@@ -29,6 +29,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 
 from benchmarks.throughput import batches, build_step, lenx_config, parse_args  # noqa: E402
+from training.allocator import reexec_with_huge_pages  # noqa: E402
 
 
 def op_kind(name, contents):
@@ -122,4 +123,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()  # first: glibc reads its tunables at start (training/allocator.py)
   main()

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 
 from models import cpu_attention  # noqa: E402
 from models.layers import cpu_description, cpu_dots, jit, resolve_dtype  # noqa: E402
+from training.allocator import reexec_with_huge_pages  # noqa: E402
 
 VOCAB = 256
 
@@ -169,6 +170,7 @@ def main(argv=None):
       "backend": jax.default_backend(), "attention": a.attention, "block_size": a.block_size,
       "dtype": a.dtype, "dtype_auto": a.dtype_auto, "cpu": cpu_description(),
       "cpu_dots": cpu_dots()[0], "cpu_attention_kernel": cpu_attention.enabled()[0],
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # training/allocator.py
       "config": {"layers": a.layers, "d_model": a.d_model, "heads": a.heads, "ffn": a.ffn,
                  "vocab": VOCAB, "seq_len": a.seq_len, "batch": a.batch, "steps": a.steps,
                  "warmup_steps": a.warmup_steps, "lr": a.lr if a.mode == "train" else None},
@@ -189,4 +191,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()  # first: glibc reads its tunables at start (training/allocator.py)
   sys.exit(main())

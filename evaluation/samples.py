@@ -25,6 +25,7 @@ from evaluation.results import write_atomic
 from evaluation.runner import eval_dtype_for
 from input_pipeline.codec import Codec
 from training import checkpoint
+from training.allocator import reexec_with_huge_pages
 
 MULTIPLES = (1, 4, 16)
 HEADER = ["# Samples past the training length", "",
@@ -112,4 +113,5 @@ def main():
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()  # first: glibc reads its tunables at start (training/allocator.py)
   main()
