@@ -47,13 +47,13 @@ def define_flags():
 
 
 # Seconds per evaluated row by the dtype the demo runs in. bf16: make demo on the 2-core
-# Xeon with AMX (0.4-1 s compile + 1-5 s for 131072 tokens). float32: 2-core AMD EPYC with
-# AVX2 only (where `auto` picks it), the demo's 7 lengths x 131072 tokens with the fused CPU
-# attention kernel (2026-12-01): rope 6.6 s per row, alibi 7.8, t5_bias 12.0 (both on XLA's
-# attention); weighted by the demo's rows (62 of 76 per seed take the kernel) 7.2 s.
-EVAL_S_PER_ROW = {"bfloat16": 4.0, "float32": 7.2}
+# Xeon with AMX (0.4-1 s compile + 1-5 s for 131072 tokens). float32: the whole quick demo
+# on a 2-core AMD EPYC with AVX2 only (where `auto` picks it), 2026-12-01, with the fused CPU
+# attention kernel for every quick family (ALiBi / T5 biases included) and one compile per
+# program across seeds: 231 rows in 14.9 min (it was 7.2 s per row before those two changes).
+EVAL_S_PER_ROW = {"bfloat16": 4.0, "float32": 3.9}
 # demo.py --needle, bf16, the Xeon: 105 cells in 3.4 min; float32 not measured, scaled by
-# the perplexity rows' float32 / bf16 ratio
+# the perplexity rows' float32 / bf16 ratio of the previous session (7.2 / 4.0 s per row)
 NEEDLE_S_PER_CELL = {"bfloat16": 2.0, "float32": 3.9}
 
 

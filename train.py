@@ -86,7 +86,7 @@ def train_and_evaluate(config, workdir, *, stop_after=None):
   if dots and config.model.dtype == "float32":
     use, why = cpu_attention.enabled()
     print(f"CPU attention kernel: {'on' if use else 'off'} ({why}; float32 attention with "
-          "plain q.k logits)", flush=True)
+          "plain q.k logits or a distance bias)", flush=True)
   task = input_pipeline.get_task(config.data, config.seed)
   config.model.vocab_size = task.vocab_size
   checkpoint.check_compatible(workdir, config)

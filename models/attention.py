@@ -53,7 +53,7 @@ def attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, impl="full", block_s
   """Causal attention: the fused CPU kernel where it applies (``cpu_attention.use_kernel``),
   else full or blockwise (see ``use_blockwise``); same result every way."""
   if cpu_attention.use_kernel(q, k, enc, with_stats):
-    bias = enc.distance_bias()
+    bias = enc.kernel_bias()
     return cpu_attention.causal_attention(q, k, v, bias and (q_pos, k_pos, *bias)), None
   if q.shape[1] == k.shape[1] and use_blockwise(impl, q.shape[1], block_size, enc, with_stats):
     return blockwise_attend(q, k, v, q_pos, k_pos, enc, block_size), None

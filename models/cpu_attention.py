@@ -15,7 +15,7 @@ inputs and outputs as ``attention.full_attend`` / ``blockwise_attend`` (q pre-sc
 Where: ``use_kernel`` - CPU backend, one device (a custom call has no sharding rule),
 float32, self-attention with s and d multiples of 8, an encoding whose logits are plain
 q.k (``enc.content_only``) or q.k plus a bias of the query - key distance that the kernel
-forms itself from the positions (``enc.distance_bias()``: ALiBi's slopes, T5's bucket
+forms itself from the positions (``enc.kernel_bias()``: ALiBi's slopes, T5's bucket
 table), no attention statistics. ``LENX_CPU_ATTENTION=auto|kernel|xla``:
 auto = the kernel on CPUs without avx512f, where it was measured (benchmarks/README.md);
 kernel = wherever it applies; xla = never. The library is compiled on first use with the
@@ -114,7 +114,7 @@ def use_kernel(q, k, enc, with_stats=False):
   """Whether ``attention.attend`` hands (q, k, v) to ``causal_attention``."""
   s, d = q.shape[1], q.shape[3]
   shapes_fit = q.shape == k.shape and s % 8 == 0 and d % 8 == 0
-  plain = (enc.content_only or enc.distance_bias() is not None) and not with_stats
+  plain = (enc.content_only or enc.kernel_bias() is not None) and not with_stats
   return (shapes_fit and plain and q.dtype == jnp.float32 and k.dtype == jnp.float32
           and enabled()[0])
 

@@ -141,6 +141,12 @@ class PositionalEncoding(nnx.Module):
     slopes and table, instead of as a [b, h, sq, sk] array."""
     return None
 
+  def kernel_bias(self):
+    """``distance_bias()`` where the logits are exactly q.k plus that bias (``scores`` is
+    this base class's), else None: what a fused kernel may compute in place of ``scores``
+    (a subclass that changes ``scores`` keeps the XLA path even if it inherits a bias)."""
+    return self.distance_bias() if type(self).scores is PositionalEncoding.scores else None
+
   def scores(self, q, k, q_pos, k_pos):
     """Attention logits [b, h, sq, sk] of one (query block, key block); float32."""
     logits = qk_dot(q, k)

@@ -119,8 +119,12 @@ def test_t5_distance_table_is_exact_past_max_distance():
   full = enc.bias(jnp.arange(n)[None], jnp.zeros((1, 1), jnp.int32))[0, :, :, 0]  # [h, n]
   assert slopes is None and table.shape[1] < n
   np.testing.assert_array_equal(table[:, jnp.clip(jnp.arange(n), 0, table.shape[1] - 1)], full)
+  assert enc.kernel_bias() is not None
   c.posenc.t5_bias.bidirectional = True
   assert build_model(resolve(c)).posenc.distance_bias() is None
+  own_scores = type("OwnScores", (type(enc),), {"scores": lambda self, q, k, qp, kp: None})
+  enc.__class__ = own_scores  # a subclass with its own rule for the logits keeps XLA's path
+  assert enc.distance_bias() is not None and enc.kernel_bias() is None
 
 
 def test_rope_with_a_piecewise_extension_is_not_plain():
@@ -136,7 +140,7 @@ def test_rope_with_a_piecewise_extension_is_not_plain():
 
 def test_shapes_and_choices_that_keep_xla(monkeypatch):
   monkeypatch.setenv("LENX_CPU_ATTENTION", "kernel")
-  enc = type("Plain", (), {"content_only": True})()
+  enc = type("Plain", (), {"content_only": True, "kernel_bias": lambda self: None})()
   q = jnp.zeros((1, 24, 2, 8))
   assert cpu_attention.use_kernel(q, q, enc)
   assert not cpu_attention.use_kernel(jnp.zeros((1, 20, 2, 8)), jnp.zeros((1, 20, 2, 8)), enc)
