@@ -40,6 +40,6 @@ class ALiBi(PositionalEncoding):
     return jnp.asarray(alibi_slopes(self.num_heads)), None  # -m_h |i - j|, as ``bias``
 
   def bias(self, q_pos, k_pos):
-    slopes = jnp.asarray(alibi_slopes(self.num_heads))[None, :, None, None]
+    slopes = self.distance_bias()[0][None, :, None, None]
     distance = jnp.abs(q_pos[:, None, :, None] - k_pos[:, None, None, :]).astype(jnp.float32)
     return -slopes * distance
