@@ -28,7 +28,7 @@ from configs.common import resolve
 from configs.default import get_config
 from models.layers import resolve_dtype
 from evaluation import phenomena, results, sweep
-from training import checkpoint
+from training import checkpoint, workers
 from training.allocator import reexec_with_huge_pages
 
 FLAGS = flags.FLAGS
@@ -154,12 +154,15 @@ def plan(demo, only=()):
 def _print_plan(demo, jobs, notes):
   t = demo.train
   dtype = resolve_dtype(t.get("dtype", "float32"))[0]
-  rate = t.tokens_per_s[dtype]
+  cores = workers.cpu_slots(demo.get("workers", 0))
+  rate = (t.core_tokens_per_s if cores else t.tokens_per_s)[dtype]
   secs = lambda j: (j.left() * j.tokens_per_step / (rate * j.speed)
                    + (t.run_overhead_s if j.left() else 0))
   print(f"demo plan ({len(jobs)} runs: {len(t.runs)} groups x seeds {t.seeds} + fine-tunes; "
         f"{t.num_layers} layers, d_model {t.d_model}, {t.num_train_steps} steps x "
-        f"{t.batch_size} x {t.train_len} tokens, lr {t.learning_rate}):")
+        f"{t.batch_size} x {t.train_len} tokens, lr {t.learning_rate}; "
+        + (f"{len(cores)} runs at a time, one per CPU core" if cores else "one run at a time")
+        + "):")
   for j in jobs:
     left = j.left()
     print(f"  {os.path.basename(j.workdir):22s} "
@@ -172,23 +175,28 @@ def _print_plan(demo, jobs, notes):
   rope = {name for name, spec in t.runs.items() if "posenc=rope" in spec.args}
   rows = (len(seeds_of(demo)) * len(grid.lengths.split(",")) * len(grid.get("depths", "-").split(","))
           * sum(n_variants if (name in rope and primary) else 1 for name, primary in groups))
-  print(f"  estimate: training ~{sum(map(secs, jobs)) / 60:.1f} min (at {rate:,.0f} "
-        f"tokens/s, {dtype}), evaluation ~{rows * per_row / 60:.1f} min ({rows} rows)", flush=True)
+  print(f"  estimate: training ~{_makespan(jobs, secs, max(1, len(cores))) / 60:.1f} min (at "
+        f"{rate:,.0f} tokens/s {'per core' if cores else ''}, {dtype}), evaluation ~{rows * per_row / 60:.1f} min ({rows} rows)", flush=True)
+
+
+def _makespan(jobs, secs, slots):
+  """Wall seconds to train ``jobs`` in order on ``slots`` workers, a fine-tune after its
+  source (the schedule of workers.run_pool)."""
+  free, end = [0.0] * slots, {}
+  for j in jobs:
+    slot = min(range(slots), key=free.__getitem__)
+    start = max(free[slot], end.get(id(j.source), 0.0))
+    free[slot] = end[id(j)] = start + secs(j)
+  return max(free)
 
 
 def run_demo(demo, only=()):
   """Trains what is missing, evaluates; returns the sweep rows."""
-  import train  # imported here: its absl flags are defined at import
   t0 = time.perf_counter()
   jobs = plan(demo, only)
   if not jobs:
     raise ValueError("no demo run could be built in this checkout")
-  for job in jobs:
-    if job.left():
-      t1 = time.perf_counter()
-      train.train_and_evaluate(job.make_config(), job.workdir)
-      print(f"{os.path.basename(job.workdir)}: trained in {time.perf_counter() - t1:.0f} s",
-            flush=True)
+  _train(jobs, workers.cpu_slots(demo.get("workers", 0)))
   t_train = time.perf_counter() - t0
   # Extension variants apply to the pre-trained runs; a fine-tune is evaluated as trained.
   demo.runs = ",".join(j.workdir for j in jobs if j.source is None)
@@ -204,6 +212,24 @@ def run_demo(demo, only=()):
                        "# Published phenomena, checked\n\n" + phenomena.markdown(rows) + "\n")
   _print_wall_time("demo", t0, t_train, demo.out)
   return rows
+
+
+def _train(jobs, cores):
+  """Trains the jobs that are not finished: one worker process per core, or in-process."""
+  todo = [j for j in jobs if j.left()]
+  if cores:
+    tasks = {id(j): workers.Task.training(os.path.basename(j.workdir), j.workdir, j.make_config)
+             for j in todo}
+    for j in todo:
+      tasks[id(j)].after = tasks.get(id(j.source))
+    workers.run_pool(list(tasks.values()), cores)
+    return
+  import train  # imported here: its absl flags are defined at import
+  for job in todo:
+    t1 = time.perf_counter()
+    train.train_and_evaluate(job.make_config(), job.workdir)
+    print(f"{os.path.basename(job.workdir)}: trained in {time.perf_counter() - t1:.0f} s",
+          flush=True)
 
 
 def _print_wall_time(study, t0, t_train, out):

@@ -88,6 +88,10 @@ def get_config(arg=None):
   c.sample = "spread"  # max_tokens // 4096 segments spread over the test books, same at every length
   c.batch_size = 0  # 0: 32768 tokens per batch
   c.stats_windows = 1  # windows for the attention entropy / distance diagnostics
+  # Training and evaluation: 0 = one run per CPU core at a time, each in a worker pinned to
+  # its core (training/workers.py: 1.6x the training throughput of one process on the
+  # 2-core EPYC); 1 = one run at a time in this process (always so on an accelerator).
+  c.workers = 0
   c.out = f"{root}/results" if smoke else f"results/{root}"
 
   c.train = ml_collections.ConfigDict()
@@ -121,6 +125,12 @@ def get_config(arg=None):
   # The fixed cost of a run (compile, validation, checkpoint): make demo trained 1.43M
   # tokens in 37-52 s.
   t.tokens_per_s = ml_collections.ConfigDict({"bfloat16": 60000.0, "float32": 20200.0})
+  # On a CPU the runs train side by side, one process pinned to each core
+  # (training/workers.py): a step this small does not use two threads well. Per core,
+  # float32 on the EPYC (throughput.py at this recipe, rope, 300 steps): 15.7-17.0k alone,
+  # 15.9k + 17.5k for two at once; the plan uses 16.0k x the families' 0.91 mean = 14.6k.
+  # bf16 per core was not measured (no AMX machine since): the float32 ratio, 0.8 x 60k.
+  t.core_tokens_per_s = ml_collections.ConfigDict({"bfloat16": 48000.0, "float32": 14600.0})
   t.speed_vs_rope = ml_collections.ConfigDict(
       {"cope": 0.28, "fire": 0.28, "shaw": 0.7, "transformer_xl": 0.55})
   t.run_overhead_s = 15.0
@@ -144,6 +154,9 @@ def _needle_study(c, smoke):
   # 128 tokens in 274-328 s per run; float32
   # scaled by the quick recipe's float32 / bf16 ratio (not measured at this batch)
   t.tokens_per_s = ml_collections.ConfigDict({"bfloat16": 40000.0, "float32": 25700.0})
+  # per core, float32, the EPYC (throughput.py, batch 16, rope): 20.7k tokens/s in one
+  # process on both cores, 13.5k + 13.6k for two pinned processes; bf16 scaled by 13.5 / 20.7
+  t.core_tokens_per_s = ml_collections.ConfigDict({"bfloat16": 26000.0, "float32": 13500.0})
   t.finetunes = ml_collections.ConfigDict()
   if smoke:
     t.runs = _runs({"rope": ("posenc=rope", ""), "alibi": ("posenc=alibi", "")})
