@@ -55,12 +55,10 @@ flags.DEFINE_integer("stats_windows", None, "Windows for attention statistics (0
 flags.DEFINE_string("out", None, "Output directory.")
 flags.DEFINE_string("dtype", None, "Matmul dtype to evaluate in: auto | float32 | bfloat16 "
                     "('' = each run's own model.dtype; pretrained checkpoints: float32).")
-flags.DEFINE_integer("workers", None, "1 = evaluate in this process (default); 0 = one worker "
-                     "process per CPU core, several runs at once (training/workers.py); n = n.")
 flags.DEFINE_bool("replot", False, "Only re-render summary.md and figures from results.jsonl.")
 
 OPTIONS = ("runs", "lengths", "variants", "mode", "stride", "split", "max_tokens", "sample",
-           "batch_size", "stats_windows", "dtype", "out", "workers")
+           "batch_size", "stats_windows", "dtype", "out")
 
 
 def default_options():
@@ -68,7 +66,7 @@ def default_options():
   return ml_collections.ConfigDict(dict(
       runs="", lengths="128,256,512,1024,2048,4096", variants="none", mode="nonoverlapping",
       stride=0, split="validation", max_tokens=131072, sample="spread", batch_size=0,
-      stats_windows=1, dtype="", out="", workers=1))
+      stats_windows=1, dtype="", out=""))
 
 
 def options_from_flags():

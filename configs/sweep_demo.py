@@ -88,9 +88,12 @@ def get_config(arg=None):
   c.sample = "spread"  # max_tokens // 4096 segments spread over the test books, same at every length
   c.batch_size = 0  # 0: 32768 tokens per batch
   c.stats_windows = 1  # windows for the attention entropy / distance diagnostics
-  # Training and evaluation: 0 = one run per CPU core at a time, each in a worker pinned to
-  # its core (training/workers.py: 1.6x the training throughput of one process on the
-  # 2-core EPYC); 1 = one run at a time in this process (always so on an accelerator).
+  # Training: 0 = one run per CPU core at a time, each in a worker process pinned to its
+  # core (training/workers.py: 1.6x the training throughput of one process on the 2-core
+  # EPYC; make demo's training there 24.9 -> 18.6 min); 1 = one run at a time in this
+  # process (always so on an accelerator). Evaluation stays in this process: one worker per
+  # core made the demo's evaluation only 1.1x faster in row time and no faster end to end
+  # (14.9 -> 14.6 min; each row on one core took 1.8x as long as on two), not worth it.
   c.workers = 0
   c.out = f"{root}/results" if smoke else f"results/{root}"
 

@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 import input_pipeline
 from evaluation import report, runner, windows
-from evaluation.results import ResultsFile, read_rows, row_key
+from evaluation.results import ResultsFile, row_key
 from evaluation.variants import NotApplicable, apply_variant, parse_variants
-from training import checkpoint, workers
+from training import checkpoint
 
 DEFAULT_BATCH_TOKENS = 32768  # batch_size 0: windows per batch = this // length (1..64)
 
@@ -155,52 +155,26 @@ def run_sweep(opts, *, verbose=True):
   """Computes the missing rows, then writes summary.md and the figures; returns all rows.
 
   opts: runs, lengths, variants, mode, stride, split, max_tokens, sample (default
-  "first"), batch_size, stats_windows, out, dtype (optional, "" = each run's own), workers
-  (optional, default 1: in this process; 0 = one worker process per CPU core, several runs
-  evaluated at once, training/workers.py) (a ConfigDict or any object with these).
+  "first"), batch_size, stats_windows, out, dtype (optional, "" = each run's own) (a
+  ConfigDict or any object with these).
   """
   windows.check_mode(opts.mode, 1, 1)
   eval_dtype = runner.eval_dtype_for(getattr(opts, "dtype", ""))
   runs = [_Run(d, eval_dtype) for d in expand_runs(opts.runs)]
+  lengths, variants = parse_lengths(opts.lengths), parse_variants(opts.variants)
   os.makedirs(opts.out, exist_ok=True)
   results = ResultsFile(os.path.join(opts.out, "results.jsonl"))
-  _merge_parts(results)  # rows of workers interrupted last time
-  cores = workers.cpu_slots(getattr(opts, "workers", 1))
-  if cores:
-    _compute_in_workers(opts, runs, results, cores, verbose)
-  computed, total = _compute_missing(opts, runs, results, verbose)
-  rows = list(results.rows.values())
-  report.write_all(opts.out, rows)
-  if verbose:
-    print(f"{computed} rows computed, {total - computed} already in {results.path}")
-  return rows
-
-
-def _jobs(opts, runs, results):
-  """[(run, variant, length, stride, base row)] of the sweep that ``results`` lacks."""
-  lengths, variants = parse_lengths(opts.lengths), parse_variants(opts.variants)
   segment_len = segment_len_for(opts, lengths)
-  out = []
-  for run in runs:
-    for variant in variants:
-      for length in lengths:
-        stride = windows.resolve_stride(opts.mode, length, opts.stride)
-        windows.check_mode(opts.mode, length, stride)
-        row = run.base_row(variant, length, opts, stride, segment_len)
-        out.append((run, variant, length, stride, row, row_key(row) in results))
-  return out
-
-
-def _compute_missing(opts, runs, results, verbose):
-  """Computes the rows ``results`` lacks (added as each finishes); (computed, total)."""
-  jobs = _jobs(opts, runs, results)
-  segment_len = segment_len_for(opts, parse_lengths(opts.lengths))
+  jobs = [(r, v, n) for r in runs for v in variants for n in lengths]
   bar = tqdm(total=len(jobs), desc="sweep", unit="row", file=sys.stderr, dynamic_ncols=True,
              disable=not verbose)
   computed = 0
-  for run, variant, length, stride, row, done in jobs:
+  for run, variant, length in jobs:
+    stride = windows.resolve_stride(opts.mode, length, opts.stride)
+    windows.check_mode(opts.mode, length, stride)
+    row = run.base_row(variant, length, opts, stride, segment_len)
     bar.set_postfix_str(f"{row['run']} {variant.label} L={length}")
-    if not done:
+    if row_key(row) not in results:
       t0 = time.perf_counter()
       reference = results.rows.get(row_key({**row, "variant": "none"}))
       row.update(_compute(run, variant, length, opts, stride, segment_len, reference))
@@ -211,62 +185,8 @@ def _compute_missing(opts, runs, results, verbose):
         bar.write(_describe(row))
     bar.update(1)
   bar.close()
-  return computed, len(jobs)
-
-
-PARTS_DIR = "parts"  # <out>/parts/<i>.jsonl: rows of one worker, merged when it ends
-
-
-def compute_part(opts, run_dirs, path):
-  """A worker's share of the sweep (training/worker.py calls this): the rows of
-  ``run_dirs`` into the results file ``path``."""
-  eval_dtype = runner.eval_dtype_for(getattr(opts, "dtype", ""))
-  _compute_missing(opts, [_Run(d, eval_dtype) for d in run_dirs], ResultsFile(path), True)
-
-
-def _merge_parts(results):
-  parts = os.path.join(os.path.dirname(results.path), PARTS_DIR)
-  for path in sorted(glob.glob(os.path.join(parts, "*.jsonl"))):
-    for row in read_rows(path):
-      if row_key(row) not in results:
-        results.add(row)
-    os.remove(path)
-
-
-def _compute_in_workers(opts, runs, results, cores, verbose):
-  """Splits the runs with missing rows over one worker per core (a run group's seeds
-  together, so they share compiled programs), then merges the workers' rows."""
-  cost = {}  # run group -> (run dirs, rows to compute)
-  for run, variant, length, _, row, done in _jobs(opts, runs, results):
-    dirs, n = cost.get(row["group"], ([], 0))
-    if not done:
-      try:
-        apply_variant(run.config, variant, length)
-        n += 1
-      except NotApplicable:
-        pass  # a "skipped" row costs nothing
-      if run.dir not in dirs:
-        dirs.append(run.dir)
-    cost[row["group"]] = (dirs, n)
-  bundles = [v for v in cost.values() if v[0]]
-  if len(bundles) < len(cores):  # fewer groups than cores: split by run
-    bundles = [([d], n / len(dirs)) for dirs, n in bundles for d in dirs]
-  if len(bundles) < 2:
-    return
-  shares = [[] for _ in cores]
-  load = [0.0] * len(cores)
-  for dirs, n in sorted(bundles, key=lambda b: -b[1]):  # longest first, to the least loaded
-    i = min(range(len(cores)), key=load.__getitem__)
-    shares[i] += dirs
-    load[i] += n
-  parts = os.path.join(opts.out, PARTS_DIR)
-  tasks = [workers.Task(f"sweep part {i}", os.path.join(parts, f"{i}.log"), "evaluation.sweep",
-                        "compute_part", lambda d=dirs, i=i: (opts, d, os.path.join(parts, f"{i}.jsonl")))
-           for i, dirs in enumerate(shares) if dirs]
+  rows = list(results.rows.values())
+  report.write_all(opts.out, rows)
   if verbose:
-    print(f"evaluating {len(runs)} runs in {len(tasks)} worker processes, one per core "
-          f"(progress: {parts}/*.log)", flush=True)
-  try:
-    workers.run_pool(tasks, cores[:len(tasks)])
-  finally:
-    _merge_parts(results)
+    print(f"{computed} rows computed, {len(jobs) - computed} already in {results.path}")
+  return rows

@@ -17,7 +17,6 @@ import train
 from configs import sweep_demo
 from configs.default import get_config
 from evaluation import results, sweep
-from training import workers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = ("results.jsonl", "summary.md", "ppl_vs_length.png", "per_position_loss.png",
@@ -88,7 +87,6 @@ def _fake_compute(source, calls, fail_at=None):
 
 def test_resume_computes_only_missing_rows(smoke, tmp_path, monkeypatch):
   cfg = copy.deepcopy(smoke[0])
-  cfg.workers = 1  # in this process, where _compute is patched
   source = rows_by_key(os.path.join(cfg.out, "results.jsonl"), main_only=True)
   kept = list(source.values())[:5]
   path = tmp_path / "results.jsonl"
@@ -106,7 +104,6 @@ def test_resume_computes_only_missing_rows(smoke, tmp_path, monkeypatch):
 
 def test_kill_between_rows_leaves_valid_file_and_resumes(smoke, tmp_path, monkeypatch):
   cfg = copy.deepcopy(smoke[0])
-  cfg.workers = 1
   source = rows_by_key(os.path.join(cfg.out, "results.jsonl"), main_only=True)
   cfg.out = str(tmp_path)
   calls = []
@@ -119,26 +116,6 @@ def test_kill_between_rows_leaves_valid_file_and_resumes(smoke, tmp_path, monkey
   monkeypatch.setattr(sweep, "_compute", _fake_compute(source, calls))
   sweep.run_sweep(cfg, verbose=False)
   assert len(calls) == 13 and set(rows_by_key(str(tmp_path / "results.jsonl"))) == set(source)
-
-
-def test_rows_of_worker_processes_equal_in_process_rows_and_left_parts_are_merged(
-    smoke, tmp_path):
-  cfg, _ = smoke  # sweep_demo: workers=0, so on 2+ cores the fixture ran one worker per core
-  if workers.cpu_slots(cfg.workers):
-    assert os.path.exists(os.path.join(cfg.out, sweep.PARTS_DIR, "0.log"))
-  source = rows_by_key(os.path.join(cfg.out, "results.jsonl"), main_only=True)
-  left = next(r for r in source.values() if r["status"] == "ok")
-  parts = tmp_path / sweep.PARTS_DIR  # a worker's rows, from a sweep interrupted earlier
-  parts.mkdir()
-  (parts / "1.jsonl").write_text(json.dumps(left) + "\n")
-  opts = copy.deepcopy(cfg)
-  opts.out, opts.workers = str(tmp_path), 1
-  again = {results.row_key(r): r for r in sweep.run_sweep(opts, verbose=False)}
-  assert set(again) == set(source) and not list(parts.glob("*.jsonl"))
-  assert again[results.row_key(left)] == left  # merged as it was, not recomputed
-  for key, row in source.items():
-    if row["status"] == "ok" and key != results.row_key(left):
-      assert again[key]["nll"] == pytest.approx(row["nll"], rel=1e-5), key
 
 
 def _one_run_opts(cfg, tmp_path, **kw):

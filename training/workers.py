@@ -1,5 +1,4 @@
-"""Several small training runs (or evaluations) at once on a CPU, one process per core
-(demo.py).
+"""Several small training runs at once on a CPU, one process per core (demo.py).
 
 Why: the demo's runs are tiny (4 x 128 tokens per step, d_model 128), too small for two
 threads to share one step well. Measured on a 2-core AMD EPYC (avx2 + fma, KVM), the demo
