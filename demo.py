@@ -1,10 +1,11 @@
 """The lenx demo (``make demo``): train small byte models, one per encoding family, then
 evaluate them from 64 to 4096 tokens and write results/demo/ (configs/sweep_demo.py).
 
-  python demo.py            # ~30 min on a 2-core CPU; reuses finished runs in runs/demo/
+  python demo.py            # 28-33 min on a 2-core CPU; reuses finished runs in runs/demo/
   python demo.py --full     # every registered family, same recipe (runs/demo_full/)
   python demo.py --smoke    # micro version (seconds): 2 runs x 2 seeds x 2 lengths x 2 variants
 
+On a CPU, one run per core trains at a time in a pinned worker process (training/workers.py).
 Every run group is trained once per seed (``<runs_dir>/<group>-s<seed>``, config.seed and
 config.name recorded in its config.json and in every results row).
 A run is reused when its latest checkpoint step equals num_train_steps; an interrupted
