@@ -159,7 +159,8 @@ def _print_plan(demo, jobs, notes):
   rate = (t.core_tokens_per_s if cores else t.tokens_per_s)[dtype]
   secs = lambda j: (j.left() * j.tokens_per_step / (rate * j.speed)
                    + (t.run_overhead_s if j.left() else 0))
-  print(f"demo plan ({len(jobs)} runs: {len(t.runs)} groups x seeds {t.seeds} + fine-tunes; "
+  n_groups = len({j.name for j in jobs if j.source is None})
+  print(f"demo plan ({len(jobs)} runs: {n_groups} groups x seeds {t.seeds} + fine-tunes; "
         f"{t.num_layers} layers, d_model {t.d_model}, {t.num_train_steps} steps x "
         f"{t.batch_size} x {t.train_len} tokens, lr {t.learning_rate}; "
         + (f"{len(cores)} runs at a time, one per CPU core" if cores else "one run at a time")
@@ -177,7 +178,7 @@ def _print_plan(demo, jobs, notes):
   rows = (len(seeds_of(demo)) * len(grid.lengths.split(",")) * len(grid.get("depths", "-").split(","))
           * sum(n_variants if (name in rope and primary) else 1 for name, primary in groups))
   print(f"  estimate: training ~{_makespan(jobs, secs, max(1, len(cores))) / 60:.1f} min (at "
-        f"{rate:,.0f} tokens/s {'per core' if cores else ''}, {dtype}), evaluation ~{rows * per_row / 60:.1f} min ({rows} rows)", flush=True)
+        f"{rate:,.0f} tokens/s{' per core' if cores else ''}, {dtype}), evaluation ~{rows * per_row / 60:.1f} min ({rows} rows)", flush=True)
 
 
 def _makespan(jobs, secs, slots):

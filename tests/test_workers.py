@@ -36,7 +36,7 @@ def test_pool_pins_each_worker_orders_dependants_and_reports_failures(tmp_path):
   with pytest.raises(RuntimeError) as err:
     workers.run_pool([a, b, c, d], cores)
   message = str(err.value)
-  assert "c (log: " in message and "d (log: " in message and "a (log" not in message
+  assert "c (log: " in message and "skipped: d (needs c)" in message and "a (log" not in message
   assert "c broke" in open(c.log).read()  # the worker's traceback is in its log
   assert not os.path.exists(out("d"))  # skipped: what it starts from failed
   got = {n: json.load(open(out(n))) for n in "ab"}
@@ -55,3 +55,11 @@ def test_plan_estimate_schedules_runs_on_the_workers_and_fine_tunes_after_their_
   late = [job(10), job(30), job(5, source=None)]
   late[2].source = late[1]
   assert demo._makespan(late, secs, 2) == 35  # waits for its source, not for a free worker
+
+
+def test_task_whose_arguments_fail_raises_before_its_worker_starts(tmp_path):
+  bad = workers.Task("bad", str(tmp_path / "bad.log"), "tests.worker_helpers", "stamp",
+                     lambda: {}["missing config"])
+  with pytest.raises(KeyError, match="missing config"):
+    workers.run_pool([bad], sorted(os.sched_getaffinity(0))[:2])
+  assert not os.path.exists(bad.log)  # no worker was started (none left waiting on stdin)

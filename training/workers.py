@@ -59,11 +59,12 @@ def _start(task, cpu):
       filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
   if jax.config.jax_compilation_cache_dir:  # the workers share this process's compile cache
     env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+  module, function, args = task.call
+  payload = pickle.dumps((module, function, args()))  # first: a bad config raises here
   with open(task.log, "ab") as log:
     proc = subprocess.Popen([sys.executable, "-m", "training.worker", str(cpu)],
                             stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env)
-  module, function, args = task.call
-  proc.stdin.write(pickle.dumps((module, function, args())))
+  proc.stdin.write(payload)
   proc.stdin.close()
   return proc
 
@@ -78,13 +79,13 @@ def run_pool(tasks, cpus, poll_s=0.2):
   task it starts from (``after``) succeeded. Raises RuntimeError naming the failed runs
   (and their logs) once the rest finished; on an interrupt the workers are stopped (their
   runs resume from the last checkpoint next time)."""
-  pending, running, failed, t0 = list(tasks), {}, [], {}
+  pending, running, failed, skipped, t0 = list(tasks), {}, [], [], {}
   try:
     while pending or running:
-      for task in [t for t in pending if t.after in failed]:
+      for task in [t for t in pending if t.after in failed + skipped]:
         pending.remove(task)
-        failed.append(task)
-        print(f"{task.name}: skipped, {task.after.name} failed", flush=True)
+        skipped.append(task)
+        print(f"{task.name}: skipped, {task.after.name} did not finish", flush=True)
       free = [c for c in cpus if c not in running]
       ready = [t for t in pending
                if t.after is None or t.after not in pending + [r for r, _ in running.values()]]
@@ -108,5 +109,5 @@ def run_pool(tasks, cpus, poll_s=0.2):
       proc.terminate()
       proc.wait()
   if failed:
-    raise RuntimeError("failed: " + ", ".join(
-        f"{t.name} (log: {t.log})" for t in failed))
+    raise RuntimeError("failed: " + ", ".join(f"{t.name} (log: {t.log})" for t in failed)
+                       + "".join(f"; skipped: {t.name} (needs {t.after.name})" for t in skipped))
