@@ -155,7 +155,7 @@ def plan(demo, only=()):
 def _print_plan(demo, jobs, notes):
   t = demo.train
   dtype = resolve_dtype(t.get("dtype", "float32"))[0]
-  cores = workers.cpu_slots(demo.get("workers", 0))
+  cores = workers.cpu_slots(demo.train.get("workers", 0))
   rate = (t.core_tokens_per_s if cores else t.tokens_per_s)[dtype]
   secs = lambda j: (j.left() * j.tokens_per_step / (rate * j.speed)
                    + (t.run_overhead_s if j.left() else 0))
@@ -198,7 +198,7 @@ def run_demo(demo, only=()):
   jobs = plan(demo, only)
   if not jobs:
     raise ValueError("no demo run could be built in this checkout")
-  _train(jobs, workers.cpu_slots(demo.get("workers", 0)))
+  _train(jobs, workers.cpu_slots(demo.train.get("workers", 0)))
   t_train = time.perf_counter() - t0
   # Extension variants apply to the pre-trained runs; a fine-tune is evaluated as trained.
   demo.runs = ",".join(j.workdir for j in jobs if j.source is None)

@@ -88,13 +88,6 @@ def get_config(arg=None):
   c.sample = "spread"  # max_tokens // 4096 segments spread over the test books, same at every length
   c.batch_size = 0  # 0: 32768 tokens per batch
   c.stats_windows = 1  # windows for the attention entropy / distance diagnostics
-  # Training: 0 = one run per CPU core at a time, each in a worker process pinned to its
-  # core (training/workers.py: 1.6x the training throughput of one process on the 2-core
-  # EPYC; make demo's training there 24.9 -> 18.6 min); 1 = one run at a time in this
-  # process (always so on an accelerator). Evaluation stays in this process: one worker per
-  # core made the demo's evaluation only 1.1x faster in row time and no faster end to end
-  # (14.9 -> 14.6 min; each row on one core took 1.8x as long as on two), not worth it.
-  c.workers = 0
   c.out = f"{root}/results" if smoke else f"results/{root}"
 
   c.train = ml_collections.ConfigDict()
@@ -134,6 +127,13 @@ def get_config(arg=None):
   # 15.9k + 17.5k for two at once; the plan uses 16.0k x the families' 0.91 mean = 14.6k.
   # bf16 per core was not measured (no AMX machine since): the float32 ratio, 0.8 x 60k.
   t.core_tokens_per_s = ml_collections.ConfigDict({"bfloat16": 48000.0, "float32": 14600.0})
+  # Training: 0 = one run per CPU core at a time, each in a worker process pinned to its
+  # core (training/workers.py: 1.6x the training throughput of one process on the 2-core
+  # EPYC; make demo's training there 24.9 -> 18.6 min); 1 = one run at a time in this
+  # process (always so on an accelerator). Evaluation stays in this process: one worker per
+  # core made the demo's evaluation only 1.1x faster in row time and no faster end to end
+  # (14.9 -> 14.6 min; each row on one core took 1.8x as long as on two), not worth it.
+  t.workers = 0
   t.speed_vs_rope = ml_collections.ConfigDict(
       {"cope": 0.28, "fire": 0.28, "shaw": 0.7, "transformer_xl": 0.55})
   t.run_overhead_s = 15.0
