@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 
-import jax
+from training import compile_cache
 
 _DIR_ENV = "LENX_TEST_COMPILE_CACHE_DIR"  # set by the controller, inherited by xdist workers
 _created = []
@@ -19,9 +19,7 @@ def pytest_configure(config):
   if _DIR_ENV not in os.environ:
     os.environ[_DIR_ENV] = tempfile.mkdtemp(prefix="lenx_test_xla_cache_")
     _created.append(os.environ[_DIR_ENV])
-  jax.config.update("jax_compilation_cache_dir", os.environ[_DIR_ENV])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  compile_cache.enable(os.environ[_DIR_ENV])
 
 
 def pytest_unconfigure(config):

@@ -18,7 +18,6 @@ import os
 import sys
 import time
 
-import jax
 import ml_collections
 from absl import app, flags, logging
 
@@ -29,7 +28,7 @@ from configs.common import resolve
 from configs.default import get_config
 from models.layers import resolve_dtype
 from evaluation import phenomena, results, sweep
-from training import checkpoint, workers
+from training import checkpoint, compile_cache, workers
 from training.allocator import reexec_with_huge_pages
 
 FLAGS = flags.FLAGS
@@ -253,7 +252,7 @@ def _needle_grid(demo, t0, t_train):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/lenx/jax"))
+  compile_cache.enable()
   if FLAGS.full and FLAGS.needle:
     raise app.UsageError("--full and --needle are two different studies; pick one")
   kind = "full" if FLAGS.full else "needle" if FLAGS.needle else "quick"

@@ -26,12 +26,12 @@ attention_entropy.png, accuracy_vs_length.png (synthetic runs). Rerunning resume
 import os
 import sys
 
-import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from evaluation import report, results, sweep
+from training import compile_cache
 from training.allocator import reexec_with_huge_pages
 
 FLAGS = flags.FLAGS
@@ -96,7 +96,7 @@ def normalize_argv(argv):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/lenx/jax"))
+  compile_cache.enable()
   opts = options_from_flags()
   if not opts.out:
     raise app.UsageError("--out is required")

@@ -24,7 +24,7 @@ from input_pipeline import positions
 from configs.common import resolve
 from models import build_model, cpu_attention
 from models.layers import cpu_dots
-from training import checkpoint
+from training import checkpoint, compile_cache
 from training.mesh import make_mesh, maybe_initialize_distributed, shard_batch, state_sharding
 from training.optim import make_optimizer
 from training.steps import make_eval_step, make_train_step, split_model
@@ -151,8 +151,7 @@ def setup_runtime(config):
   """Before any computation: multi-host init, persistent compilation cache (a repeated
   sweep then loads executables instead of recompiling; eval scripts call this too)."""
   maybe_initialize_distributed(config.get("mesh") or {})
-  if config.get("compilation_cache_dir"):
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
+  compile_cache.enable(config.get("compilation_cache_dir"))
 
 
 def main(argv):

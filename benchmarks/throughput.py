@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 
 from models import cpu_attention  # noqa: E402
 from models.layers import cpu_description, cpu_dots, jit, resolve_dtype  # noqa: E402
+from training import compile_cache  # noqa: E402
 from training.allocator import reexec_with_huge_pages  # noqa: E402
 
 VOCAB = 256
@@ -138,9 +139,7 @@ def flops_per_token(n_matmul, a, causal_discount=False):
 
 def main(argv=None):
   a = parse_args(argv)
-  if a.cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(a.cache_dir))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  compile_cache.enable(a.cache_dir)
   rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   config = lenx_config(a)
   run, total = build_step(a, config)  # trainable parameters (RoPE's inv_freq buffer excluded)

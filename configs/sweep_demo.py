@@ -86,7 +86,7 @@ def get_config(arg=None):
   c.split = "test"
   c.max_tokens = 1024 if smoke else 131072  # scored tokens per length
   c.sample = "spread"  # max_tokens // 4096 segments spread over the test books, same at every length
-  c.batch_size = 0  # 0: 32768 tokens per batch
+  c.batch_size = 0  # 0: evaluation.sweep.DEFAULT_BATCH_TOKENS (4096) per batch
   c.stats_windows = 1  # windows for the attention entropy / distance diagnostics
   c.out = f"{root}/results" if smoke else f"results/{root}"
 

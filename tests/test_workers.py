@@ -44,6 +44,20 @@ def test_pool_pins_each_worker_orders_dependants_and_reports_failures(tmp_path):
   assert got["b"]["start"] >= got["a"]["end"]  # only after a finished
 
 
+def test_one_worker_per_core_serves_its_runs_and_survives_a_failed_one(tmp_path):
+  out = lambda name: str(tmp_path / f"{name}.json")
+  core = sorted(os.sched_getaffinity(0))[:1]
+  tasks = [_task(tmp_path, "a", "stamp", out("a")), _task(tmp_path, "bad", "fail", "oops"),
+           _task(tmp_path, "b", "stamp", out("b")), _task(tmp_path, "crash", "die"),
+           _task(tmp_path, "c", "stamp", out("c"))]
+  with pytest.raises(RuntimeError, match=r"failed: bad \(log: .*crash \(log: "):
+    workers.run_pool(tasks, core)
+  pid = {n: json.load(open(out(n)))["pid"] for n in "abc"}
+  assert pid["a"] == pid["b"]  # the same process, after a run that raised
+  assert pid["c"] != pid["b"]  # a fresh worker after one that died
+  assert "oops" in open(tasks[1].log).read() and "oops" not in open(tasks[2].log).read()
+
+
 def test_plan_estimate_schedules_runs_on_the_workers_and_fine_tunes_after_their_source():
   job = lambda s, source=None: types.SimpleNamespace(s=s, source=source)
   first = job(10)

@@ -9,8 +9,13 @@ def stamp(path, seconds=0.0):
   start = time.time()
   time.sleep(seconds)
   with open(path, "w") as f:
-    json.dump({"start": start, "end": time.time(), "cores": sorted(os.sched_getaffinity(0))}, f)
+    json.dump({"start": start, "end": time.time(), "cores": sorted(os.sched_getaffinity(0)),
+               "pid": os.getpid()}, f)
 
 
 def fail(message):
   raise RuntimeError(message)
+
+
+def die():
+  os._exit(3)  # a crash: no exception, no answer

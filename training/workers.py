@@ -7,19 +7,23 @@ steps): one process on both cores 20.8k tokens/s; one process pinned to one core
 two processes pinned to one core each 15.9k + 17.5k = 33.4k together, 1.6x the one process.
 
 A worker is ``python -m training.worker`` pinned to one core (``os.sched_setaffinity``:
-XLA:CPU's thread pool and lenx's attention kernel size themselves from the affinity mask),
-reading the pickled (module, function, args) to call from stdin; a training run writes its
-output to ``<workdir>/train.log``. An interrupted worker resumes from its checkpoint like any run.
+XLA:CPU's thread pool and lenx's attention kernel size themselves from the affinity mask);
+it stays up for the next run on its core (a fresh process per run cost ~4 s of imports and
+start-up each) and reads each job, pickled, from stdin; a training run writes its output to
+``<workdir>/train.log``. An interrupted run resumes from its checkpoint like any run.
 A run that fails does not stop the others; runs that start from it (fine-tunes) are
 skipped, and the error names each failed run and its log after everything else finished.
 """
 import os
 import pickle
+import select
 import subprocess
 import sys
 import time
 
 import jax
+
+from training import compile_cache
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG_NAME = "train.log"
@@ -53,20 +57,38 @@ class Task:
                lambda: (make_config(), workdir), after)
 
 
-def _start(task, cpu):
-  os.makedirs(os.path.dirname(task.log) or ".", exist_ok=True)
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
-  if jax.config.jax_compilation_cache_dir:  # the workers share this process's compile cache
-    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
-  module, function, args = task.call
-  payload = pickle.dumps((module, function, args()))  # first: a bad config raises here
-  with open(task.log, "ab") as log:
-    proc = subprocess.Popen([sys.executable, "-m", "training.worker", str(cpu)],
-                            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env)
-  proc.stdin.write(payload)
-  proc.stdin.close()
-  return proc
+class _Worker:
+  """A ``training.worker`` process pinned to ``cpu``, given one job at a time."""
+
+  def __init__(self, cpu):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])), **compile_cache.child_env())
+    self.proc = subprocess.Popen([sys.executable, "-m", "training.worker", str(cpu)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+
+  def alive(self):
+    return self.proc.poll() is None
+
+  def send(self, task, args):
+    os.makedirs(os.path.dirname(task.log) or ".", exist_ok=True)
+    module, function, _ = task.call
+    pickle.dump((task.log, module, function, args), self.proc.stdin)
+    self.proc.stdin.flush()
+
+  def succeeded(self):
+    """The answer to the job sent last (call once its line is readable); a worker that
+    died answers nothing: failed."""
+    answer = self.proc.stdout.readline().strip()
+    if not answer:  # it died: reaped here, so that the next job starts a fresh worker
+      self.proc.wait()
+    return answer == b"ok"
+
+  def stop(self, now=False):
+    if now:
+      self.proc.terminate()
+    else:
+      self.proc.stdin.close()  # EOF: the worker returns after its last job
+    self.proc.wait()
 
 
 def _tail(path, lines=15):
@@ -80,6 +102,7 @@ def run_pool(tasks, cpus, poll_s=0.2):
   (and their logs) once the rest finished; on an interrupt the workers are stopped (their
   runs resume from the last checkpoint next time)."""
   pending, running, failed, skipped, t0 = list(tasks), {}, [], [], {}
+  pool = {}  # cpu -> _Worker, kept for the next task on that core
   try:
     while pending or running:
       for task in [t for t in pending if t.after in failed + skipped]:
@@ -88,26 +111,29 @@ def run_pool(tasks, cpus, poll_s=0.2):
         print(f"{task.name}: skipped, {task.after.name} did not finish", flush=True)
       free = [c for c in cpus if c not in running]
       ready = [t for t in pending
-               if t.after is None or t.after not in pending + [r for r, _ in running.values()]]
+               if t.after is None or t.after not in pending + list(running.values())]
       for cpu, task in zip(free, ready):
+        args = task.call[2]()  # first: a bad config raises here, before a worker waits on it
         pending.remove(task)
-        running[cpu], t0[task.name] = (task, _start(task, cpu)), time.perf_counter()
-      for cpu, (task, proc) in list(running.items()):
-        if proc.poll() is None:
+        if cpu not in pool or not pool[cpu].alive():
+          pool[cpu] = _Worker(cpu)
+        pool[cpu].send(task, args)
+        running[cpu], t0[task.name] = task, time.perf_counter()
+      answered = select.select([pool[c].proc.stdout for c in running], [], [], poll_s)[0]
+      for cpu, task in list(running.items()):
+        if pool[cpu].proc.stdout not in answered:
           continue
         del running[cpu]
-        if proc.returncode:
-          failed.append(task)
-          print(f"{task.name}: FAILED (exit {proc.returncode}), last lines of {task.log}:\n"
-                + _tail(task.log), flush=True)
-        else:
+        if pool[cpu].succeeded():
           print(f"{task.name}: done in {time.perf_counter() - t0[task.name]:.0f} s "
                 f"(core {cpu})", flush=True)
-      time.sleep(poll_s)
+        else:
+          failed.append(task)
+          print(f"{task.name}: FAILED, last lines of {task.log}:\n" + _tail(task.log),
+                flush=True)
   finally:
-    for _, proc in running.values():
-      proc.terminate()
-      proc.wait()
+    for worker in pool.values():
+      worker.stop(now=bool(running))
   if failed:
     raise RuntimeError("failed: " + ", ".join(f"{t.name} (log: {t.log})" for t in failed)
                        + "".join(f"; skipped: {t.name} (needs {t.after.name})" for t in skipped))
