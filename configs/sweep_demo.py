@@ -129,14 +129,18 @@ def get_config(arg=None):
   t.core_tokens_per_s = ml_collections.ConfigDict({"bfloat16": 48000.0, "float32": 14600.0})
   # Training: 0 = one run per CPU core at a time, each in a worker process pinned to its
   # core (training/workers.py: 1.6x the training throughput of one process on the 2-core
-  # EPYC; make demo's training there 24.9 -> 18.6 min); 1 = one run at a time in this
+  # EPYC; make demo's training there 24.9 -> 18.6 min, 16.5 once each worker stayed up for
+  # its core's next run and every program was cached); 1 = one run at a time in this
   # process (always so on an accelerator). Evaluation stays in this process: one worker per
   # core made the demo's evaluation only 1.1x faster in row time and no faster end to end
   # (14.9 -> 14.6 min; each row on one core took 1.8x as long as on two), not worth it.
   t.workers = 0
   t.speed_vs_rope = ml_collections.ConfigDict(
       {"cope": 0.28, "fire": 0.28, "shaw": 0.7, "transformer_xl": 0.55})
-  t.run_overhead_s = 15.0
+  # A run's fixed cost in a worker (compile, validation, checkpoint): make demo on the EPYC
+  # (2026-12-02, empty compile cache) took 105.8 s per 2800-step run for 98 s of steps,
+  # ~13 s for a family's first run (its compiles), ~3 s for the next seeds (cached).
+  t.run_overhead_s = 8.0
   t.overrides = ""  # applied to every run after its own overrides
   if kind.startswith("needle"):
     _needle_study(c, smoke)

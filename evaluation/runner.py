@@ -20,6 +20,7 @@ from flax import nnx
 from evaluation import windows
 from evaluation.metrics import Accumulator
 from models import build_model
+from models.attention import use_blockwise
 from models.layers import jit, resolve_dtype
 from models.loss import nll_and_entropy, per_token
 from training.steps import split_model
@@ -121,7 +122,7 @@ def make_stats_fn(model):
   return jit(f), state
 
 
-STATS_MAX_BYTES = 1 << 30  # attention statistics only where one layer's probabilities fit
+STATS_MAX_BYTES = 1 << 30  # on the full path, statistics only where one layer's probabilities fit
 
 
 def attention_stats(model, batch, num_windows, key=None):
@@ -129,8 +130,10 @@ def attention_stats(model, batch, num_windows, key=None):
   (``key``: the model's ``program_key``, to reuse a compiled program)."""
   rows = int(min(num_windows, (np.asarray(batch["loss_mask"]).sum(1) > 0).sum()))
   _, length = batch["inputs"].shape
-  if rows == 0 or model.blocks[0].attn.num_heads * length ** 2 * 4 > STATS_MAX_BYTES:
-    return {}  # statistics need the full [h, L, L] probabilities (a 16k SmolLM2 window: 9 GB)
+  attn = model.blocks[0].attn
+  full = not use_blockwise(attn.impl, length, attn.block_size, model.posenc)
+  if rows == 0 or (full and attn.num_heads * length ** 2 * 4 > STATS_MAX_BYTES):
+    return {}  # the full path needs [h, L, L] probabilities (a 16k SmolLM2 window: 9 GB)
   fn, state = make_stats_fn(model)
   args = (state, batch["inputs"][:rows], batch["positions"][:rows])
   program, _ = compiled_program(fn, args, key and ("stats", key))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import cpu_attention
-from models.blockwise import blockwise_attend
+from models.blockwise import blockwise_attend, blockwise_stats
 from models.fast_attention import NEG_INF, causal_softmax, softmax_pv
 from models.layers import Dense, compute_dtype
 
@@ -38,15 +38,16 @@ def attention_stats(probs, q_pos, k_pos):
 ATTENTION_IMPLS = ("auto", "full", "blockwise")
 
 
-def use_blockwise(impl, seq_len, block_size, enc, with_stats=False):
-  """Whether ``attend`` takes the blockwise path. "auto" = blockwise beyond 2 blocks
-  (below that one tile is the whole matrix and full attention is faster). Encodings
-  with ``blockwise = False`` (scores need a whole row, e.g. CoPE) and attention
-  statistics (need the probabilities) always take the full path."""
+def use_blockwise(impl, seq_len, block_size, enc):
+  """Whether ``attend`` takes the blockwise path (attention statistics too, accumulated
+  online). "auto" = blockwise beyond 2 blocks (below that one tile is the whole matrix and
+  full attention is faster; statistics at 1024 tokens, block 512, compiled twice as long
+  blockwise for a 0.08 s gain). Encodings with ``blockwise = False`` (scores need a whole
+  row, e.g. CoPE) always take the full path."""
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"unknown attention {impl!r}; valid choices: {', '.join(ATTENTION_IMPLS)}")
   wanted = impl == "blockwise" or (impl == "auto" and seq_len > 2 * block_size)
-  return wanted and enc.blockwise and not with_stats
+  return wanted and enc.blockwise
 
 
 def attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, impl="full", block_size=512):
@@ -55,7 +56,9 @@ def attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, impl="full", block_s
   if cpu_attention.use_kernel(q, k, enc, with_stats):
     bias = enc.kernel_bias()
     return cpu_attention.causal_attention(q, k, v, bias and (q_pos, k_pos, *bias)), None
-  if q.shape[1] == k.shape[1] and use_blockwise(impl, q.shape[1], block_size, enc, with_stats):
+  if q.shape[1] == k.shape[1] and use_blockwise(impl, q.shape[1], block_size, enc):
+    if with_stats:  # O(block) memory; 4096 tokens: 0.25 s instead of 1.7 (demo model, EPYC)
+      return blockwise_stats(q, k, v, q_pos, k_pos, enc, block_size)
     return blockwise_attend(q, k, v, q_pos, k_pos, enc, block_size), None
   return full_attend(q, k, v, q_pos, k_pos, enc, with_stats=with_stats)
 

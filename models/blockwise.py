@@ -59,6 +59,20 @@ def blockwise_attend(q, k, v, q_pos, k_pos, enc, block_size=512):
   return _flash(graphdef, min(block_size, q.shape[1]))(q, k, v, q_pos, k_pos, state)
 
 
+def blockwise_stats(q, k, v, q_pos, k_pos, enc, block_size=512):
+  """(out, {"entropy", "distance"}): the forward of ``blockwise_attend`` (no gradient) that
+  also returns the mean attention entropy (nats) and mean attended distance |i - j| of
+  ``attention.attention_stats``, accumulated online like the softmax sum, so that they too
+  need no L x L matrix. Per query row, with l = sum_j e^(s_j - m) (the online sum):
+    entropy = -sum_j p_j log p_j = m + log l - (sum_j e^(s_j - m) s_j) / l
+    distance = (sum_j e^(s_j - m) |i - j|) / l
+  where both sums are rescaled by e^(m - m') whenever the running max moves, as l is."""
+  graphdef, state = nnx.split(enc)
+  out, _, (entropy, distance) = _forward(graphdef, min(block_size, q.shape[1]), q, k, v, q_pos,
+                                         k_pos, state, with_stats=True)
+  return out, {"entropy": jnp.mean(entropy), "distance": jnp.mean(distance)}
+
+
 def _flash(graphdef, block):
   """The attention as a custom-VJP function of (q, k, v, q_pos, k_pos, encoding state)."""
 
@@ -101,8 +115,9 @@ def _visible_key_blocks(i, step, carry):
   return step(i, True, carry)
 
 
-def _forward(graphdef, block, q, k, v, q_pos, k_pos, state):
-  """(out [b, s, h, d] float32, log-sum-exp of each query row [n, b, h, block])."""
+def _forward(graphdef, block, q, k, v, q_pos, k_pos, state, with_stats=False):
+  """(out [b, s, h, d] float32, log-sum-exp of each query row [n, b, h, block]); with_stats:
+  also (entropy, distance) of each query row [b, s, h] (see ``blockwise_stats``)."""
   b, s, h, d = q.shape
   n, qb, kb, vb, qpb, kpb = _tiles(q, k, v, q_pos, k_pos, block)
 
@@ -110,22 +125,31 @@ def _forward(graphdef, block, q, k, v, q_pos, k_pos, state):
     i, q_blk, qp_blk = args
 
     def step(j, diagonal, carry):
-      m, l, acc = carry
+      m, l, acc, sums = carry
       logits = _tile_logits(graphdef, state, q_blk, kb[j], qp_blk, kpb[j], diagonal)
       m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
       p = jnp.exp(logits - m_new[..., None]).astype(v.dtype)  # one pass writes P as P V reads it
       scale = jnp.exp(m - m_new)
       l = l * scale + jnp.sum(p, axis=-1, dtype=jnp.float32)
       pv = jnp.einsum("bhqk,bhkd->bhqd", p, vb[j], preferred_element_type=jnp.float32)
-      return m_new, l, acc * scale[..., None] + pv
+      if with_stats:  # masked logits are finite (NEG_INF) and their p is 0: no NaN
+        dist = jnp.abs(qp_blk[:, None, :, None] - kpb[j][:, None, None, :]).astype(jnp.float32)
+        p32 = p.astype(jnp.float32)
+        sums = tuple(a * scale + jnp.sum(p32 * x, axis=-1) for a, x in zip(sums, (logits, dist)))
+      return m_new, l, acc * scale[..., None] + pv, sums
 
-    init = (jnp.full((b, h, block), NEG_INF, jnp.float32), jnp.zeros((b, h, block), jnp.float32),
-            jnp.zeros((b, h, block, d), jnp.float32))
-    m, l, acc = _visible_key_blocks(i, step, init)
-    return (acc / l[..., None]).transpose(0, 2, 1, 3), m + jnp.log(l)  # [b, bq, h, d], [b, h, bq]
+    zeros = jnp.zeros((b, h, block), jnp.float32)
+    init = (jnp.full((b, h, block), NEG_INF, jnp.float32), zeros,
+            jnp.zeros((b, h, block, d), jnp.float32), (zeros, zeros) if with_stats else ())
+    m, l, acc, sums = _visible_key_blocks(i, step, init)
+    out = (acc / l[..., None]).transpose(0, 2, 1, 3), m + jnp.log(l)  # [b, bq, h, d], [b, h, bq]
+    return out + ((m + jnp.log(l) - sums[0] / l, sums[1] / l),) if with_stats else out
 
-  out, lse = jax.lax.map(query_block, (jnp.arange(n), qb, qpb))
-  return _unblock(out, s), lse
+  mapped = jax.lax.map(query_block, (jnp.arange(n), qb, qpb))
+  if not with_stats:
+    return _unblock(mapped[0], s), mapped[1]
+  rows = tuple(_unblock(x.transpose(0, 1, 3, 2), s) for x in mapped[2])  # [b, s, h] each
+  return _unblock(mapped[0], s), mapped[1], rows
 
 
 def _backward(graphdef, block, res, dout):

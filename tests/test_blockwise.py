@@ -14,7 +14,7 @@ from configs.common import resolve
 from configs.default import get_config
 from models import build_model
 from models.attention import attend, full_attend, use_blockwise
-from models.blockwise import blockwise_attend
+from models.blockwise import blockwise_attend, blockwise_stats
 from training.steps import make_eval_step, split_model
 
 CASES = ((37, 8), (64, 16), (45, 64))  # (length, block): non-multiples too
@@ -56,6 +56,42 @@ def test_blockwise_equals_full(name):
 
 
 BLOCKWISE = [n for n in posenc.names() if tiny_model(n).posenc.blockwise]
+
+
+@pytest.mark.parametrize("name", BLOCKWISE)
+def test_blockwise_statistics_equal_the_full_probabilities(name):
+  """Attention entropy and distance accumulated online (blockwise_stats) equal those of
+  the materialised probabilities (full_attend), and attend() with stats takes that path."""
+  enc = tiny_model(name).posenc
+  for s, block in CASES:
+    q, k, v, pos = qkv(enc, s, seed=s)
+    full_out, full = full_attend(q, k, v, pos, pos, enc, with_stats=True)
+    out, stats = jax.jit(lambda q, k, v, p: blockwise_stats(q, k, v, p, p, enc, block))(q, k, v, pos)
+    assert rel_err(out, full_out) < 1e-5
+    for key in ("entropy", "distance"):
+      assert abs(float(stats[key]) - float(full[key])) < 1e-5 * max(1.0, abs(float(full[key]))), (
+          name, s, block, key, float(stats[key]), float(full[key]))
+    via_attend = attend(q, k, v, pos, pos, enc, with_stats=True, impl="blockwise",
+                        block_size=block)[1]
+    assert float(via_attend["distance"]) == pytest.approx(float(stats["distance"]), rel=1e-6)
+
+
+def test_statistics_distinguish_sharp_from_flat_attention():
+  """A defining check: uniform attention over n keys has entropy log n and mean distance
+  (n - 1) / 2 per row; attention to the newest key only, entropy 0 and distance 0."""
+  enc = tiny_model("nope").posenc
+  s, h, d = 48, enc.num_heads, enc.head_dim
+  pos = jnp.arange(s)[None]
+  v = jnp.ones((1, s, h, d))
+  flat = jnp.zeros((1, s, h, d))
+  _, uniform = blockwise_stats(flat, flat, v, pos, pos, enc, 16)
+  n = np.arange(1, s + 1)
+  assert float(uniform["entropy"]) == pytest.approx(np.mean(np.log(n)), rel=1e-5)
+  assert float(uniform["distance"]) == pytest.approx(np.mean((n - 1) / 2), rel=1e-5)
+  key = jnp.asarray(np.eye(d)[None, :, None, :] * 1e3, jnp.float32).repeat(h, axis=2)
+  pos = pos[:, :d]
+  _, sharp = blockwise_stats(key, key, v[:, :d], pos, pos, enc, 4)  # row i matches only key i
+  assert float(sharp["entropy"]) < 1e-3 and float(sharp["distance"]) < 1e-3
 
 
 @pytest.mark.parametrize("name", BLOCKWISE)
@@ -102,7 +138,6 @@ def test_auto_switches_on_length_and_rejects_unknown():
   assert not use_blockwise("auto", 1024, 512, enc)
   assert use_blockwise("auto", 1025, 512, enc)
   assert not use_blockwise("full", 10**6, 512, enc)
-  assert not use_blockwise("blockwise", 4096, 512, enc, with_stats=True)  # stats need probs
   with pytest.raises(ValueError, match="valid choices: auto, full, blockwise"):
     use_blockwise("flash", 10, 4, enc)
 

@@ -151,3 +151,22 @@ def test_rows_with_the_same_program_share_one_compile():
   assert runner.program_key(other) != runner.program_key(config(1))
   moved = row(other, runner.program_key(other))
   assert moved["compile_s"] > 0.0 and moved["nll"] != reused["nll"]
+
+
+def test_attention_statistics_past_the_full_path_memory_limit(monkeypatch):
+  """Long windows get their attention statistics blockwise (O(block) memory), equal to the
+  full path's; only a full-path model whose probabilities would not fit goes without."""
+  def stats(attention, block_size=8):
+    c = get_config(f"posenc=alibi,train_len={L}")
+    c.model.update(num_layers=1, d_model=32, num_heads=2, attention=attention,
+                   block_size=block_size)
+    batch = {"inputs": np.arange(40, dtype=np.int32)[None] % 7,
+             "positions": np.arange(40, dtype=np.int32)[None],
+             "loss_mask": np.ones((1, 40), np.float32)}
+    return runner.attention_stats(build_model(resolve(c)), batch, 1)
+
+  full, blockwise = stats("full"), stats("auto")  # 40 tokens > 2 blocks of 8: blockwise
+  assert blockwise["attn_entropy"] == pytest.approx(full["attn_entropy"], rel=1e-5)
+  assert blockwise["attn_distance"] == pytest.approx(full["attn_distance"], rel=1e-5)
+  monkeypatch.setattr(runner, "STATS_MAX_BYTES", 2 * 40 * 40 * 4 - 1)
+  assert stats("full") == {} and stats("auto")["attn_entropy"] == blockwise["attn_entropy"]
