@@ -63,7 +63,7 @@ def test_blockwise_statistics_equal_the_full_probabilities(name):
   """Attention entropy and distance accumulated online (blockwise_stats) equal those of
   the materialised probabilities (full_attend), and attend() with stats takes that path."""
   enc = tiny_model(name).posenc
-  for s, block in CASES:
+  for s, block in CASES[:1]:  # 37 tokens in 5 blocks of 8 (one compile per encoding: suite time)
     q, k, v, pos = qkv(enc, s, seed=s)
     full_out, full = full_attend(q, k, v, pos, pos, enc, with_stats=True)
     out, stats = jax.jit(lambda q, k, v, p: blockwise_stats(q, k, v, p, p, enc, block))(q, k, v, pos)
