@@ -15,6 +15,7 @@ import input_pipeline
 from input_pipeline import positions
 import posenc
 from configs.common import SIZES, parse_args
+from training import compile_cache
 
 DEFAULTS = {"posenc": "rope", "data": "books", "train_len": 128, "size": "tiny"}
 
@@ -38,7 +39,7 @@ def get_config(arg=None):
   c.keep_checkpoints = 2  # most recent checkpoints kept
   c.init_from = ""  # another run's workdir to initialise parameters from (fine-tuning)
   c.init_variant = "none"  # extension variant applied when fine-tuning from init_from
-  c.compilation_cache_dir = "~/.cache/lenx/jax"  # persistent XLA compile cache; "" = off
+  c.compilation_cache_dir = compile_cache.DEFAULT_DIR  # persistent XLA compile cache; "" = off
 
   c.mesh = ml_collections.ConfigDict()  # device mesh (training/mesh.py)
   c.mesh.data = -1  # batch-parallel ways; -1 = all devices left after fsdp

@@ -142,8 +142,9 @@ def _forward(graphdef, block, q, k, v, q_pos, k_pos, state, with_stats=False):
     init = (jnp.full((b, h, block), NEG_INF, jnp.float32), zeros,
             jnp.zeros((b, h, block, d), jnp.float32), (zeros, zeros) if with_stats else ())
     m, l, acc, sums = _visible_key_blocks(i, step, init)
-    out = (acc / l[..., None]).transpose(0, 2, 1, 3), m + jnp.log(l)  # [b, bq, h, d], [b, h, bq]
-    return out + ((m + jnp.log(l) - sums[0] / l, sums[1] / l),) if with_stats else out
+    lse = m + jnp.log(l)
+    out = (acc / l[..., None]).transpose(0, 2, 1, 3), lse  # [b, bq, h, d], [b, h, bq]
+    return out + ((lse - sums[0] / l, sums[1] / l),) if with_stats else out
 
   mapped = jax.lax.map(query_block, (jnp.arange(n), qb, qpb))
   if not with_stats:
