@@ -95,15 +95,19 @@ def compiled_program(fn, args, key=None):
   return executable, time.perf_counter() - t0
 
 
-def make_eval_fn(model, with_correct):
-  """jit f(state, inputs, targets, positions) -> {"nll" [B,L], "correct" [B,L]?}."""
+def make_eval_fn(model, with_correct, stats_rows=0):
+  """jit f(state, inputs, targets, positions) -> {"nll" [B,L], "entropy" [B,L],
+  "correct" [B,L]?, "attn_entropy" / "attn_distance" [layers] of the first stats_rows
+  windows?}."""
   graphdef, state = split_model(model)
 
   def f(state, inputs, targets, positions):
     m = nnx.merge(graphdef, state)
-    hidden, _ = m.features(inputs, positions)
+    hidden, stats = m.features(inputs, positions, with_stats=stats_rows)
     nll, ent = per_token(m, hidden, targets, nll_and_entropy)
     out = {"nll": nll, "entropy": ent}  # entropy of the predicted next-token distribution
+    if stats_rows:
+      out.update(_stacked(stats))
     if with_correct:  # synthetic vocabularies are small: full logits are cheap
       out["correct"] = jnp.argmax(m.logits(hidden), axis=-1) == targets
     return out
@@ -117,9 +121,32 @@ def make_stats_fn(model):
 
   def f(state, inputs, positions):
     _, stats = nnx.merge(graphdef, state).features(inputs, positions, with_stats=True)
-    return (jnp.stack([s["entropy"] for s in stats]), jnp.stack([s["distance"] for s in stats]))
+    return _stacked(stats)
 
   return jit(f), state
+
+
+def _stacked(stats):
+  """Per-layer statistics -> {"attn_entropy" [layers], "attn_distance" [layers]}."""
+  return {"attn_entropy": jnp.stack([s["entropy"] for s in stats]),
+          "attn_distance": jnp.stack([s["distance"] for s in stats])}
+
+
+def _stats_fields(stats, rows):
+  return {k: [float(x) for x in stats[k]] for k in ("attn_entropy", "attn_distance")} | {
+      "attn_windows": rows}
+
+
+def stats_windows_of(batch, num_windows):
+  """The windows of ``batch`` the statistics read: the first ``num_windows`` that score
+  any token."""
+  return int(min(num_windows, (np.asarray(batch["loss_mask"]).sum(1) > 0).sum()))
+
+
+def fused_stats(model, length):
+  """Whether the attention statistics come out of the evaluation program itself (the fused
+  CPU kernel accumulates them in its pass: no program of their own to compile and run)."""
+  return model.blocks[0].attn.uses_kernel(length, model.posenc)
 
 
 STATS_MAX_BYTES = 1 << 30  # on the full path, statistics only where one layer's probabilities fit
@@ -128,18 +155,21 @@ STATS_MAX_BYTES = 1 << 30  # on the full path, statistics only where one layer's
 def attention_stats(model, batch, num_windows, key=None):
   """Per-layer mean attention entropy (nats) and attended distance on the first windows
   (``key``: the model's ``program_key``, to reuse a compiled program)."""
-  rows = int(min(num_windows, (np.asarray(batch["loss_mask"]).sum(1) > 0).sum()))
+  rows = stats_windows_of(batch, num_windows)
   _, length = batch["inputs"].shape
   attn = model.blocks[0].attn
-  full = not use_blockwise(attn.impl, length, attn.block_size, model.posenc)
+  full = not (use_blockwise(attn.impl, length, attn.block_size, model.posenc)
+              or attn.uses_kernel(length, model.posenc))
   if rows == 0 or (full and attn.num_heads * length ** 2 * 4 > STATS_MAX_BYTES):
     return {}  # the full path needs [h, L, L] probabilities (a 16k SmolLM2 window: 9 GB)
   fn, state = make_stats_fn(model)
   args = (state, batch["inputs"][:rows], batch["positions"][:rows])
   program, _ = compiled_program(fn, args, key and ("stats", key))
-  ent, dist = jax.device_get(program(*args))
-  return {"attn_entropy": [float(x) for x in ent], "attn_distance": [float(x) for x in dist],
-          "attn_windows": rows}
+  return _stats_fields(jax.device_get(program(*args)), rows)
+
+
+def _eval_args(state, batch):
+  return state, batch["inputs"], batch["targets"], batch["positions"]
 
 
 def evaluate(model, task, *, length, mode="nonoverlapping", stride=0, split="validation",
@@ -151,26 +181,35 @@ def evaluate(model, task, *, length, mode="nonoverlapping", stride=0, split="val
 
   segment_len > 0 (text): the scored tokens are spread segments (``windows.eval_batches``),
   which are also the units of the standard error; otherwise each window is a unit.
+
+  Attention statistics (``stats_windows`` > 0): of the first batch's first windows, from
+  the evaluation program itself where the fused CPU kernel runs (``fused_stats``), else
+  from a program of their own (``attention_stats``).
   """
   model.posenc.check_positions(length - 1)  # learned tables: raises before any compile
   stride = windows.resolve_stride(mode, length, stride)
-  fn, state = make_eval_fn(model, with_correct=not task.is_text)
   cluster = "segment" if segment_len and task.is_text else "window"
   acc, compiled, compile_s, run_s = Accumulator(length, cluster), None, 0.0, 0.0
-  first = None
+  first, stats = None, {}
   for batch in windows.eval_batches(task, mode, split, length, stride, batch_size, max_tokens,
                                     segment_len):
-    args = (state, batch["inputs"], batch["targets"], batch["positions"])
     if compiled is None:
-      compiled, compile_s = compiled_program(fn, args, key and (("eval", not task.is_text), key))
       first = batch
+      rows = stats_windows_of(batch, stats_windows) if fused_stats(model, length) else 0
+      fn, state = make_eval_fn(model, not task.is_text, rows)
+      compiled, compile_s = compiled_program(fn, _eval_args(state, batch),
+                                             key and (("eval", not task.is_text, rows), key))
     t0 = time.perf_counter()
+    out = jax.device_get(compiled(*_eval_args(state, batch)))
     if getattr(task, "token_bytes", None) is not None:  # tokenized text: bits per byte
       batch = {**batch, "target_bytes": task.token_bytes[batch["targets"]]}
-    acc.add(batch, jax.device_get(compiled(*args)))
+    if rows and not stats:  # the first batch's windows (the same ones at every length)
+      stats = _stats_fields(out, rows)
+    acc.add(batch, out)
     run_s += time.perf_counter() - t0
   row = acc.row(task.is_text)
-  if first is not None and stats_windows:
+  row.update(stats)
+  if first is not None and stats_windows and not stats:
     t0 = time.perf_counter()
     row.update(attention_stats(model, first, stats_windows, key))
     row["stats_s"] = time.perf_counter() - t0

@@ -16,7 +16,8 @@ Where: ``use_kernel`` - CPU backend, one device (a custom call has no sharding r
 float32, self-attention with s and d multiples of 8, an encoding whose logits are plain
 q.k (``enc.content_only``) or q.k plus a bias of the query - key distance that the kernel
 forms itself from the positions (``enc.kernel_bias()``: ALiBi's slopes, T5's bucket
-table), no attention statistics. ``LENX_CPU_ATTENTION=auto|kernel|xla``:
+table). ``attention_with_stats`` (evaluation only, no gradient) also returns the attention
+entropy and attended distance, accumulated online in the same pass. ``LENX_CPU_ATTENTION=auto|kernel|xla``:
 auto = the kernel on CPUs without avx512f, where it was measured (benchmarks/README.md);
 kernel = wherever it applies; xla = never. The library is compiled on first use with the
 system C++ compiler (``$CXX`` or g++, -O3 -march=native) into ``$LENX_KERNEL_CACHE``
@@ -40,7 +41,8 @@ from models.layers import cpu_flags, env_choice
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "causal_attention.cc")
 CHOICES = ("auto", "kernel", "xla")
-_TARGETS = {"forward": "LenxCausalAttentionForward", "backward": "LenxCausalAttentionBackward"}
+_TARGETS = {"forward": "LenxCausalAttentionForward", "backward": "LenxCausalAttentionBackward",
+            "forward_stats": "LenxCausalAttentionForwardStats"}
 
 
 def _library_path():
@@ -110,11 +112,12 @@ def enabled(backend=None, flags=None):
   return True, "CPU has no avx512f"
 
 
-def use_kernel(q, k, enc, with_stats=False):
-  """Whether ``attention.attend`` hands (q, k, v) to ``causal_attention``."""
+def use_kernel(q, k, enc):
+  """Whether ``attention.attend`` hands (q, k, v) to ``causal_attention`` (q, k: arrays or
+  ``jax.ShapeDtypeStruct``s)."""
   s, d = q.shape[1], q.shape[3]
   shapes_fit = q.shape == k.shape and s % 8 == 0 and d % 8 == 0
-  plain = (enc.content_only or enc.kernel_bias() is not None) and not with_stats
+  plain = enc.content_only or enc.kernel_bias() is not None
   return (shapes_fit and plain and q.dtype == jnp.float32 and k.dtype == jnp.float32
           and enabled()[0])
 
@@ -135,16 +138,35 @@ def causal_attention(q, k, v, bias=None):
   [h, T] or None) for bias_ij = -slopes_h |i - j| + table_h[clamp(i - j, 0, T - 1)] at the
   positions i, j of query and key (``PositionalEncoding.distance_bias``); slopes and table
   are differentiable."""
+  if bias is None:  # the positions are not read: placeholders
+    pos = jnp.zeros((1, 1), jnp.int32)
+    return _attention(q, k, v, *_bias_operands(q, pos, pos, None, None))
+  return _attention(q, k, v, *_bias_operands(q, *bias))
+
+
+def _bias_operands(q, q_pos, k_pos, slopes, table):
+  """(q_pos, k_pos, slopes [h], table [h, T], parts) as the kernel reads them: positions
+  [b, s] int32 (or the [1, 1] placeholders), zero arrays for the absent parts, and
+  parts = 1 (slopes) | 2 (table)."""
   b, s, h, _ = q.shape
-  if bias is None:
-    pos, none = jnp.zeros((1, 1), jnp.int32), jnp.zeros((h, 1), jnp.float32)
-    return _attention(q, k, v, pos, pos, none[:, 0], none, 0)
-  q_pos, k_pos, slopes, table = bias
   parts = (slopes is not None) | 2 * (table is not None)
-  q_pos, k_pos = (jnp.broadcast_to(p, (b, s)).astype(jnp.int32) for p in (q_pos, k_pos))
+  if q_pos.shape != (1, 1):
+    q_pos, k_pos = (jnp.broadcast_to(p, (b, s)).astype(jnp.int32) for p in (q_pos, k_pos))
   slopes = jnp.zeros((h,), jnp.float32) if slopes is None else slopes.astype(jnp.float32)
   table = jnp.zeros((h, 1), jnp.float32) if table is None else table.astype(jnp.float32)
-  return _attention(q, k, v, q_pos, k_pos, slopes, table, parts)
+  return q_pos, k_pos, slopes, table, parts
+
+
+def attention_with_stats(q, k, v, q_pos, k_pos, bias, rows):
+  """(``causal_attention(q, k, v, ...)``, {"entropy", "distance"}): the mean attention
+  entropy (nats) and attended distance |i - j| (positions) over the queries and heads of
+  the first ``rows`` batch rows, as ``attention.attention_stats`` defines them; one pass of
+  the kernel (the sums ride along the online softmax). bias: None or (slopes, table) as
+  ``enc.kernel_bias()``. The output has ``causal_attention``'s gradient; the statistics
+  are diagnostics, with none."""
+  out, entropy, distance = _attention_stats(
+      q, k, v, *_bias_operands(q, q_pos, k_pos, *(bias or (None, None))), rows)
+  return out, {"entropy": jnp.mean(entropy[:rows]), "distance": jnp.mean(distance[:rows])}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -175,6 +197,26 @@ def _backward(parts, res, g):
 
 
 _attention.defvjp(_forward, _backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _attention_stats(q, k, v, q_pos, k_pos, slopes, table, parts, rows):
+  return _forward_stats(q, k, v, q_pos, k_pos, slopes, table, parts, rows)[0]
+
+
+def _forward_stats(q, k, v, q_pos, k_pos, slopes, table, parts, rows):
+  """(out, entropy [b, h, s], distance [b, h, s]) (zero past the first ``rows`` batch rows),
+  and _forward's residuals."""
+  b, s, h, _ = q.shape
+  per_query = jax.ShapeDtypeStruct((b, h, s), jnp.float32)
+  out, lse, entropy, distance = _call(
+      "forward_stats", (jax.ShapeDtypeStruct(q.shape, jnp.float32), per_query, per_query,
+                        per_query), q, k, v, q_pos, k_pos, slopes, table,
+      parts=np.int64(parts), stats_rows=np.int64(rows))
+  return (out, entropy, distance), (q, k, v, out, lse, q_pos, k_pos, slopes, table)
+
+
+_attention_stats.defvjp(_forward_stats, lambda parts, rows, res, g: _backward(parts, res, g[0]))
 
 
 if __name__ == "__main__":  # python -m models.cpu_attention: build now, print where

@@ -106,6 +106,39 @@ def test_kernel_distance_bias_equals_the_bias_added_to_xla_logits(shape, parts):
   assert _rel(out, cpu_attention.causal_attention(q, k, v)) > 1e-2  # the bias matters
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape, rows", [((3, 24, 3, 16), 2), ((1, 520, 2, 16), 1)])
+def test_kernel_statistics_equal_their_definition_on_the_first_rows(shape, rows, bias):
+  """attention_with_stats: the output of causal_attention, plus the mean entropy and
+  attended distance |i - j| (positions with gaps) over the first ``rows`` batch rows,
+  equal to attention.attention_stats on the materialised probabilities of those rows
+  (across query and key blocks, with and without a distance bias)."""
+  from models.attention import attention_stats, stats_rows
+  b, s, h, _ = shape
+  q, k, v, _ = _qkv(shape, seed=3)
+  pos = _positions(b, s, 4)
+  slopes, table = (jnp.linspace(0.05, 0.4, h), jnp.linspace(-1.0, 1.0, 5 * h).reshape(h, 5))
+  kernel_bias = (slopes, table) if bias else None
+  out, stats = cpu_attention.attention_with_stats(q, k, v, pos, pos, kernel_bias, rows)
+  np.testing.assert_array_equal(
+      out, cpu_attention.causal_attention(q, k, v, kernel_bias and (pos, pos, *kernel_bias)))
+  logits = qk_dot(q, k)[:rows]
+  if bias:
+    dist = (pos[:rows, :, None] - pos[:rows, None, :])[:, None]
+    logits = logits - slopes[:, None, None] * jnp.abs(dist) + table[
+        jnp.arange(h)[:, None, None], jnp.clip(dist, 0, 4)]
+  probs = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((s, s), bool)), logits, -jnp.inf), -1)
+  want = attention_stats(probs, pos[:rows], pos[:rows])
+  assert _rel(stats["entropy"], want["entropy"]) < 1e-5
+  assert _rel(stats["distance"], want["distance"]) < 1e-5
+  assert stats_rows(True, b) == b and stats_rows(rows, b) == rows and stats_rows(9, 2) == 2
+  grad = lambda f: jax.grad(lambda q: jnp.sum(f(q) ** 2))(q)  # the output's gradient is kept
+  np.testing.assert_allclose(
+      grad(lambda q: cpu_attention.attention_with_stats(q, k, v, pos, pos, kernel_bias, rows)[0]),
+      grad(lambda q: cpu_attention.causal_attention(q, k, v, kernel_bias and (pos, pos, *kernel_bias))),
+      rtol=1e-6, atol=1e-6)
+
+
 def test_t5_distance_table_is_exact_past_max_distance():
   """T5's kernel table stops at the first distance in the last bucket; every longer
   distance (to 4 x max_distance) has the same bias as the table's last entry."""
@@ -145,7 +178,7 @@ def test_shapes_and_choices_that_keep_xla(monkeypatch):
   assert cpu_attention.use_kernel(q, q, enc)
   assert not cpu_attention.use_kernel(jnp.zeros((1, 20, 2, 8)), jnp.zeros((1, 20, 2, 8)), enc)
   assert not cpu_attention.use_kernel(q, jnp.zeros((1, 32, 2, 8)), enc)  # cached keys
-  assert not cpu_attention.use_kernel(q, q, enc, with_stats=True)
+  assert cpu_attention.use_kernel(jax.ShapeDtypeStruct(q.shape, q.dtype), q, enc)  # a shape will do
   assert not cpu_attention.use_kernel(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), enc)
   monkeypatch.setenv("LENX_CPU_ATTENTION", "auto")
   assert not cpu_attention.enabled(flags={"avx2", "avx512f"})[0]

@@ -156,6 +156,8 @@ def test_rows_with_the_same_program_share_one_compile():
 def test_attention_statistics_past_the_full_path_memory_limit(monkeypatch):
   """Long windows get their attention statistics blockwise (O(block) memory), equal to the
   full path's; only a full-path model whose probabilities would not fit goes without."""
+  monkeypatch.setenv("LENX_CPU_ATTENTION", "xla")  # XLA's two paths (the kernel: below)
+
   def stats(attention, block_size=8):
     c = get_config(f"posenc=alibi,train_len={L}")
     c.model.update(num_layers=1, d_model=32, num_heads=2, attention=attention,
@@ -170,3 +172,23 @@ def test_attention_statistics_past_the_full_path_memory_limit(monkeypatch):
   assert blockwise["attn_distance"] == pytest.approx(full["attn_distance"], rel=1e-5)
   monkeypatch.setattr(runner, "STATS_MAX_BYTES", 2 * 40 * 40 * 4 - 1)
   assert stats("full") == {} and stats("auto")["attn_entropy"] == blockwise["attn_entropy"]
+
+
+@pytest.mark.parametrize("posenc", ["rope", "t5_bias"])
+def test_kernel_rows_take_attention_statistics_from_the_evaluation_program(monkeypatch, posenc):
+  """Where the fused CPU kernel runs, a row's attention statistics come out of its one
+  evaluation program (no program of their own: no ``stats_s``), equal to those of XLA's
+  separate statistics program on the same first windows; the scores are unchanged."""
+  c = get_config(f"posenc={posenc},train_len={L}")
+  c.model.num_layers, c.model.d_model, c.model.num_heads = 2, 32, 2
+  model = build_model(resolve(c))
+  rows = {}
+  for choice in ("xla", "kernel"):
+    monkeypatch.setenv("LENX_CPU_ATTENTION", choice)
+    rows[choice] = runner.evaluate(model, FakeText(0), length=16, batch_size=3, stats_windows=2)
+  xla, kernel = rows["xla"], rows["kernel"]
+  assert "stats_s" in xla and "stats_s" not in kernel and kernel["attn_windows"] == 2
+  assert runner.fused_stats(model, 16) and not runner.fused_stats(model, 12)  # 12 % 8 != 0
+  assert kernel["nll"] == pytest.approx(xla["nll"], rel=1e-6)
+  for field in ("attn_entropy", "attn_distance"):
+    assert kernel[field] == pytest.approx(xla[field], rel=1e-5)

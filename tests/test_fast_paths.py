@@ -96,7 +96,8 @@ def _model_grads(posenc, with_stats):
 
 
 @pytest.mark.parametrize("posenc", ["rope", "t5_bias"])
-def test_model_gradients_equal_plain_attention(posenc):
+def test_model_gradients_equal_plain_attention(monkeypatch, posenc):
+  monkeypatch.setenv("LENX_CPU_ATTENTION", "xla")  # XLA's paths (the kernel: test_cpu_attention)
   loss_fast, g_fast = _model_grads(posenc, False)
   loss_plain, g_plain = _model_grads(posenc, True)
   assert _rel(loss_fast, loss_plain) < 1e-6

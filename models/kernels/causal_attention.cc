@@ -10,6 +10,11 @@
 //             O_i = O_i / l, LSE_i = m + log l                    (saved for the backward)
 //   backward  D = rowsum(dO o O); per tile P = exp(S - LSE), dP = dO_i V_j^T,
 //             dS = P o (dP - D), dQ_i += dS K_j, dK_j += dS^T Q_i, dV_j += P^T dO_i
+// Attention statistics (forward, optional, for the problems of the first `stats_rows` batch
+// rows): per query the entropy H = LSE - sum_j P_j S_j and the mean attended distance
+// sum_j P_j |i - j| (positions), both accumulated online like l (the sums of e^(S - m) S and
+// e^(S - m) |i - j| are rescaled by e^(m - m') with it), so they cost one pass of the tiles
+// that are computed anyway; models/blockwise.py's blockwise_stats does the same in XLA.
 // Memory: O(block) scratch per thread, never an s x s matrix. Inside the diagonal tile the
 // products skip the 6-row x 16-column register tiles above the diagonal (half the FLOPs
 // of the dense batched dots XLA runs). Layout: q, k, v, o and their cotangents are
@@ -222,25 +227,46 @@ inline void zero_rows(float* x, int64_t rows, int64_t d, int64_t ld) {
     for (int64_t t = 0; t < d; t += 8) store8(x + r * ld + t, v8{});
 }
 
+// The running statistics of one query row: e^(S - m) summed (l) and weighted by S (es) and
+// by the distance |i - j| (ed), all relative to the running max m.
+struct RowSums {
+  float m = kNegInf, l = 0.0f, es = 0.0f, ed = 0.0f;
+};
+
 // Online softmax step for row r of S (in place -> P = exp(S - m'), zeros after the visible
-// keys); returns the rescale factor e^(m - m') of the row's running output.
-inline float online_softmax_row(float* row, int64_t n, int64_t nk, float& m, float& l) {
+// keys); returns the rescale factor e^(m - m') of the row's running output. kStats: also
+// the statistics' sums, from the positions of this tile's keys (kpos) and of the query.
+template <bool kStats>
+inline float online_softmax_row(float* row, int64_t n, int64_t nk, RowSums& st,
+                                const int32_t* kpos, int32_t qpos) {
   int64_t padded = (n + 7) / 8 * 8;
   for (int64_t j = n; j < padded; ++j) row[j] = kNegInf;
   v8 mv = v8{} + kNegInf;
   for (int64_t j = 0; j < padded; j += 8) { v8 x = load8(row + j); mv = x > mv ? x : mv; }
-  float m_new = std::max(m, hmax(mv));
-  v8 sv{};
+  float m_new = std::max(st.m, hmax(mv));
+  v8 sv{}, esv{}, edv{};
   for (int64_t j = 0; j < padded; j += 8) {
-    v8 e = exp8(load8(row + j) - m_new);
+    v8 x = load8(row + j);
+    v8 e = exp8(x - m_new);
     if (j + 8 > n) for (int64_t t = n - j; t < 8; ++t) e[t] = 0.0f;
     store8(row + j, e);
     sv += e;
+    if (kStats) {  // a masked lane has e = 0 and a finite x: adds nothing
+      v8i kp;
+      std::memcpy(&kp, kpos + j, sizeof kp);  // j + 8 <= nk: inside this tile's keys
+      v8 dist = __builtin_convertvector(qpos - kp, v8);
+      esv += e * x;
+      edv += e * (dist < 0.0f ? -dist : dist);
+    }
   }
   zero_tail(row, padded, nk);
-  float alpha = exp8(v8{} + (m - m_new))[0];
-  l = l * alpha + hsum(sv);
-  m = m_new;
+  float alpha = exp8(v8{} + (st.m - m_new))[0];
+  st.l = st.l * alpha + hsum(sv);
+  if (kStats) {
+    st.es = st.es * alpha + hsum(esv);
+    st.ed = st.ed * alpha + hsum(edv);
+  }
+  st.m = m_new;
   return alpha;
 }
 
@@ -302,7 +328,7 @@ struct Shape {
   // dO), two tiles, row statistics
   int64_t scratch(bool backward) const {
     return (backward ? 2 * key_panels() + 3 * d_panels() : key_panels() + d_panels()) +
-           2 * kBq * kLd + 3 * kBq;
+           2 * kBq * kLd + 3 * kBq + (sizeof(RowSums) / sizeof(float)) * kBq;
   }
 };
 
@@ -325,17 +351,24 @@ void for_each_problem(int64_t problems, int64_t threads, size_t scratch_floats, 
   for (auto& th : pool) th.join();
 }
 
-// One problem's forward: O (rows of out, stride ld) and LSE (lse[0 .. s)).
+// Where one problem's attention statistics go (entropy, distance [s] each, and the
+// positions of its queries / keys); off when `entropy` is null.
+struct Stats {
+  float *entropy = nullptr, *distance = nullptr;
+  const int32_t *pq = nullptr, *pk = nullptr;
+};
+
+// One problem's forward: O (rows of out, stride ld), LSE (lse[0 .. s)) and the statistics.
 void forward_problem(const Shape& sh, const float* q, const float* k, const float* v, float* o,
-                     float* lse, const Bias& bias, float* work) {
+                     float* lse, const Bias& bias, const Stats& stats, float* work) {
   const int64_t s = sh.s, d = sh.d, ld = sh.stride();
   const Panels kt = pack({k, 1, ld}, d, s, work);                    // K^T
   const Panels vp = pack({v, ld, 1}, s, d, work + sh.key_panels());  // V
-  float *st = work + sh.key_panels() + sh.d_panels(), *m = st + 2 * kBq * kLd, *l = m + kBq;
+  float* st = work + sh.key_panels() + sh.d_panels();
+  RowSums* sums = reinterpret_cast<RowSums*>(st + 2 * kBq * kLd + 3 * kBq);
   for (int64_t i0 = 0; i0 < s; i0 += kBq) {
     const int64_t nq = std::min(kBq, s - i0);
-    std::fill(m, m + nq, kNegInf);
-    std::fill(l, l + nq, 0.0f);
+    std::fill(sums, sums + nq, RowSums{});
     zero_rows(o + i0 * ld, nq, d, ld);
     for (int64_t j0 = 0; j0 < i0 + nq; j0 += kBk) {
       const int64_t nk = std::min(kBk, s - j0), diag = i0 - j0;
@@ -343,7 +376,11 @@ void forward_problem(const Shape& sh, const float* q, const float* k, const floa
                     kLd);                                                     // S = Q K^T
       for (int64_t r = 0; r < nq; ++r) {
         if (bias.on()) bias.add_row(st + r * kLd, visible(r, diag, nk), i0 + r, j0);
-        float alpha = online_softmax_row(st + r * kLd, visible(r, diag, nk), nk, m[r], l[r]);
+        float alpha = stats.entropy
+            ? online_softmax_row<true>(st + r * kLd, visible(r, diag, nk), nk, sums[r],
+                                       stats.pk + j0, stats.pq[i0 + r])
+            : online_softmax_row<false>(st + r * kLd, visible(r, diag, nk), nk, sums[r],
+                                        nullptr, 0);
         float* orow = o + (i0 + r) * ld;
         if (alpha != 1.0f) for (int64_t t = 0; t < d; ++t) orow[t] *= alpha;
       }
@@ -351,9 +388,14 @@ void forward_problem(const Shape& sh, const float* q, const float* k, const floa
                     ld);                                                      // O += P V
     }
     for (int64_t r = 0; r < nq; ++r) {
-      float inv = 1.0f / l[r], *orow = o + (i0 + r) * ld;
+      const RowSums& sr = sums[r];
+      float inv = 1.0f / sr.l, *orow = o + (i0 + r) * ld;
       for (int64_t t = 0; t < d; ++t) orow[t] *= inv;
-      lse[i0 + r] = m[r] + std::log(l[r]);
+      lse[i0 + r] = sr.m + std::log(sr.l);
+      if (stats.entropy) {
+        stats.entropy[i0 + r] = lse[i0 + r] - sr.es * inv;  // H = LSE - sum P S
+        stats.distance[i0 + r] = sr.ed * inv;
+      }
     }
   }
 }
@@ -432,13 +474,38 @@ Bias bias_of(const Shape& sh, int64_t prob, const S32& pq, const S32& pk, const 
   return bias;
 }
 
+// The forward of every problem; statistics into entropy / distance [b, h, s] (when given)
+// for the problems of the first stats_rows batch rows.
+ffi::Error forward_all(const F32& q, const F32& k, const F32& v, const S32& pq, const S32& pk,
+                       const F32& slopes, const F32& table, float* out, float* lse,
+                       int64_t threads, int64_t parts, float* entropy = nullptr,
+                       float* distance = nullptr, int64_t stats_rows = 0) {
+  return for_each_head(q, threads, false, [&](const Shape& sh, int64_t prob, int64_t off, float* work) {
+    Stats stats;
+    if (entropy && prob / sh.h < stats_rows)
+      stats = {entropy + prob * sh.s, distance + prob * sh.s,
+               pq.typed_data() + (prob / sh.h) * sh.s, pk.typed_data() + (prob / sh.h) * sh.s};
+    forward_problem(sh, q.typed_data() + off, k.typed_data() + off, v.typed_data() + off,
+                    out + off, lse + prob * sh.s, bias_of(sh, prob, pq, pk, slopes, table, parts),
+                    stats, work);
+  });
+}
+
 ffi::Error Forward(F32 q, F32 k, F32 v, S32 pq, S32 pk, F32 slopes, F32 table, F32Out out,
                    F32Out lse, int64_t threads, int64_t parts) {
-  return for_each_head(q, threads, false, [&](const Shape& sh, int64_t prob, int64_t off, float* work) {
-    forward_problem(sh, q.typed_data() + off, k.typed_data() + off, v.typed_data() + off,
-                    out->typed_data() + off, lse->typed_data() + prob * sh.s,
-                    bias_of(sh, prob, pq, pk, slopes, table, parts), work);
-  });
+  return forward_all(q, k, v, pq, pk, slopes, table, out->typed_data(), lse->typed_data(),
+                     threads, parts);
+}
+
+// As Forward, with the positions [b, s] given in full, plus entropy and distance [b, h, s]
+// (zero past the first stats_rows batch rows).
+ffi::Error ForwardStats(F32 q, F32 k, F32 v, S32 pq, S32 pk, F32 slopes, F32 table, F32Out out,
+                        F32Out lse, F32Out entropy, F32Out distance, int64_t threads,
+                        int64_t parts, int64_t stats_rows) {
+  std::fill(entropy->typed_data(), entropy->typed_data() + entropy->element_count(), 0.0f);
+  std::fill(distance->typed_data(), distance->typed_data() + distance->element_count(), 0.0f);
+  return forward_all(q, k, v, pq, pk, slopes, table, out->typed_data(), lse->typed_data(),
+                     threads, parts, entropy->typed_data(), distance->typed_data(), stats_rows);
 }
 
 ffi::Error Backward(F32 q, F32 k, F32 v, F32 out, F32 lse, F32 dout, S32 pq, S32 pk, F32 slopes,
@@ -461,6 +528,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LenxCausalAttentionForward, Forward,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<S32>()
                                   .Arg<S32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>()
                                   .Attr<int64_t>("threads").Attr<int64_t>("parts"));
+
+// q, k, v, q_pos, k_pos, slopes, table -> out, lse, entropy, distance
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LenxCausalAttentionForwardStats, ForwardStats,
+                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<S32>()
+                                  .Arg<S32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>()
+                                  .Ret<F32>().Ret<F32>().Attr<int64_t>("threads")
+                                  .Attr<int64_t>("parts").Attr<int64_t>("stats_rows"));
 
 // q, k, v, out, lse, d_out, q_pos, k_pos, slopes, table -> dq, dk, dv, d_slopes [b, h],
 // d_table [b, h, T]
