@@ -1,7 +1,7 @@
 """The lenx demo (``make demo``): train small byte models, one per encoding family, then
 evaluate them from 64 to 4096 tokens and write results/demo/ (configs/sweep_demo.py).
 
-  python demo.py            # 28-33 min on a 2-core CPU; reuses finished runs in runs/demo/
+  python demo.py            # 27-30 min on a 2-core CPU; reuses finished runs in runs/demo/
   python demo.py --full     # every registered family, same recipe (runs/demo_full/)
   python demo.py --smoke    # micro version (seconds): 2 runs x 2 seeds x 2 lengths x 2 variants
 
@@ -52,8 +52,10 @@ def define_flags():
 # attention kernel for every quick family (ALiBi / T5 biases included) and one compile per
 # program across seeds: 231 rows in 14.9 min (it was 7.2 s per row before those two changes);
 # 15.5 min on 2026-12-02 from an empty compile cache (a first run: 1.5 min of it compiling
-# the rows' programs, 3.1 the attention statistics with their own compiles).
-EVAL_S_PER_ROW = {"bfloat16": 4.0, "float32": 4.0}
+# the rows' programs, 3.1 the attention statistics with their own compiles); 12.6 min (3.3 s
+# per row) once the kernel computed the statistics in its own pass (10.6 min forward, 1.2
+# compiling). bf16 (Xeon) not re-measured since.
+EVAL_S_PER_ROW = {"bfloat16": 4.0, "float32": 3.3}
 # demo.py --needle, bf16, the Xeon: 105 cells in 3.4 min; float32 not measured, scaled by
 # the perplexity rows' float32 / bf16 ratio of the previous session (7.2 / 4.0 s per row)
 NEEDLE_S_PER_CELL = {"bfloat16": 2.0, "float32": 3.9}

@@ -3,7 +3,7 @@ group per encoding family, each trained with several seeds under ONE shared reci
 evaluated from 64 to 4096 tokens (32x) with the RoPE extension variants and a Position
 Interpolation fine-tune.
 
-  python demo.py                                   # quick study (28-33 min, 2-core CPU)
+  python demo.py                                   # quick study (27-30 min, 2-core CPU)
   python demo.py --full                            # every registered family (hours on CPU)
   python eval_extrapolate.py --config=configs/sweep_demo.py   # evaluate existing runs only
 

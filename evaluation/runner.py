@@ -79,8 +79,8 @@ def compiled_program(fn, args, key=None):
   """(executable, seconds spent compiling): ``fn`` lowered and compiled for ``args``; with a
   ``key`` (as ``program_key``, plus what ``fn`` computes) reused from an earlier call with
   the same key and argument shapes (0 seconds).
-  Measured on a 2-core AVX2 EPYC: ~1 s per compile of the demo's 2-layer model, i.e. ~2 s of
-  a ~7 s results row with the attention-statistics program."""
+  Measured on a 2-core AVX2 EPYC: ~1 s per compile of the demo's 2-layer model (~0.2 s of it
+  tracing and lowering), about as much again for a separate attention-statistics program."""
   full = key and (key, jax.tree.structure(args),
                   tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args)))
   if full in _PROGRAMS:

@@ -16,9 +16,9 @@ Where: ``use_kernel`` - CPU backend, one device (a custom call has no sharding r
 float32, self-attention with s and d multiples of 8, an encoding whose logits are plain
 q.k (``enc.content_only``) or q.k plus a bias of the query - key distance that the kernel
 forms itself from the positions (``enc.kernel_bias()``: ALiBi's slopes, T5's bucket
-table). ``attention_with_stats`` (evaluation only, no gradient) also returns the attention
-entropy and attended distance, accumulated online in the same pass. ``LENX_CPU_ATTENTION=auto|kernel|xla``:
-auto = the kernel on CPUs without avx512f, where it was measured (benchmarks/README.md);
+table). ``attention_with_stats`` also returns the attention entropy and attended distance,
+accumulated online in the same pass (no gradient through them). ``LENX_CPU_ATTENTION=auto|
+kernel|xla``: auto = the kernel on CPUs without avx512f, where it was measured (benchmarks/README.md);
 kernel = wherever it applies; xla = never. The library is compiled on first use with the
 system C++ compiler (``$CXX`` or g++, -O3 -march=native) into ``$LENX_KERNEL_CACHE``
 (default ~/.cache/lenx/kernels), keyed by the source, the jaxlib headers and this CPU's
