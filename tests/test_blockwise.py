@@ -76,6 +76,22 @@ def test_blockwise_statistics_equal_the_full_probabilities(name):
     assert float(via_attend["distance"]) == pytest.approx(float(stats["distance"]), rel=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["full", "blockwise"])
+def test_statistics_of_the_first_rows_are_those_rows_alone(impl):
+  """attend(with_stats=n) off the fused kernel (37 tokens: not a multiple of 8): the output
+  of the whole batch, the statistics of its first n rows only, as the kernel computes them."""
+  enc = tiny_model("alibi").posenc
+  q, k, v, pos = qkv(enc, 37, b=3, seed=1)
+  call = lambda *a, **kw: attend(*a, enc, impl=impl, block_size=8, **kw)
+  out, first = call(q, k, v, pos, pos, with_stats=1)
+  np.testing.assert_array_equal(out, call(q, k, v, pos, pos)[0])
+  alone = call(q[:1], k[:1], v[:1], pos[:1], pos[:1], with_stats=True)[1]
+  whole = call(q, k, v, pos, pos, with_stats=True)[1]
+  for key in ("entropy", "distance"):
+    assert float(first[key]) == pytest.approx(float(alone[key]), rel=1e-6)
+  assert abs(float(whole["entropy"]) - float(first["entropy"])) > 1e-4  # other rows differ
+
+
 def test_statistics_distinguish_sharp_from_flat_attention():
   """A defining check: uniform attention over n keys has entropy log n and mean distance
   (n - 1) / 2 per row; attention to the newest key only, entropy 0 and distance 0."""
