@@ -138,19 +138,18 @@ def causal_attention(q, k, v, bias=None):
   [h, T] or None) for bias_ij = -slopes_h |i - j| + table_h[clamp(i - j, 0, T - 1)] at the
   positions i, j of query and key (``PositionalEncoding.distance_bias``); slopes and table
   are differentiable."""
-  if bias is None:  # the positions are not read: placeholders
-    pos = jnp.zeros((1, 1), jnp.int32)
-    return _attention(q, k, v, *_bias_operands(q, pos, pos, None, None))
-  return _attention(q, k, v, *_bias_operands(q, *bias))
+  return _attention(q, k, v, *_bias_operands(q, *(bias or (None,) * 4)))
 
 
 def _bias_operands(q, q_pos, k_pos, slopes, table):
   """(q_pos, k_pos, slopes [h], table [h, T], parts) as the kernel reads them: positions
-  [b, s] int32 (or the [1, 1] placeholders), zero arrays for the absent parts, and
-  parts = 1 (slopes) | 2 (table)."""
+  [b, s] int32 (None: [1, 1] placeholders, the kernel reads no positions without a bias or
+  statistics), zero arrays for the absent parts, and parts = 1 (slopes) | 2 (table)."""
   b, s, h, _ = q.shape
   parts = (slopes is not None) | 2 * (table is not None)
-  if q_pos.shape != (1, 1):
+  if q_pos is None:
+    q_pos = k_pos = jnp.zeros((1, 1), jnp.int32)
+  else:
     q_pos, k_pos = (jnp.broadcast_to(p, (b, s)).astype(jnp.int32) for p in (q_pos, k_pos))
   slopes = jnp.zeros((h,), jnp.float32) if slopes is None else slopes.astype(jnp.float32)
   table = jnp.zeros((h, 1), jnp.float32) if table is None else table.astype(jnp.float32)
