@@ -22,7 +22,7 @@ pretrained: $(STAMP)
 	$(PY) -m pretrained fetch smollm2-135m
 
 test: $(STAMP) pretrained
-	$(PY) -m pytest tests -q -n 2 --dist loadfile
+	$(PY) -m pytest tests -q -n 2 --dist loadfile --durations=40
 
 demo: $(STAMP)
 	$(PY) demo.py
