@@ -1,7 +1,9 @@
 """Lambda-shaped masks: a few initial "sink" tokens plus the most recent window.
 
 Both bound the attended distance: perplexity stays flat at any length, but nothing
-outside the sinks and the window can be retrieved.
+outside the sinks and the window can be retrieved. Both declare ``masks``: blockwise
+attention skips every tile outside the sinks and the window, so a long evaluation costs
+O(L x window), as the methods intend, not O(L^2).
 
 LM-Infinite (Han et al. 2024, "LM-Infinite: Zero-Shot Extreme Length Generalization for
 Large Language Models", arXiv 2308.16137, sec. 4): a query attends the first
@@ -29,6 +31,7 @@ NOT_ATTENDED = -1
 
 @register("lm_infinite")
 class LMInfinite(PiecewiseRoPE):
+  masks = True
   keys = ("n_global", "n_local", "limit")
 
   def resolve(self, params, config, eval_len):
@@ -48,6 +51,7 @@ class LMInfinite(PiecewiseRoPE):
 
 @register("streaming_llm")
 class StreamingLLM(PiecewiseRoPE):
+  masks = True
   keys = ("sinks", "recent")
 
   def resolve(self, params, config, eval_len):

@@ -39,6 +39,7 @@ class PiecewiseRoPE(Extension):
   """A method given by ``parts`` (position maps) and ``select`` (which part per pair)."""
 
   exclusive = "piecewise method (each chooses the logits)"
+  masks = False  # whether ``select`` ever says -1 (a mask beyond causal, e.g. the Lambda)
 
   def configure(self, config, params, eval_len):
     config.posenc[config.posenc.name].scores_rule = json.dumps({"name": self.name, **params})
@@ -80,6 +81,15 @@ def scores(rule_json, q, k, q_pos, k_pos, rotate):
     logits = qk_dot(rot(q, "q", qmap, q_pos), rot(k, "k", kmap, k_pos))
     out = jnp.where(part == c, logits, out)
   return out
+
+
+def tile_attended(rule_json, q_pos, k_pos):
+  """Whether any pair of a tile (positions [b, bq], [b, bk]) is attended under the rule (a
+  traced bool), or None for a rule that masks nothing beyond causal (``masks``)."""
+  ext, params = load_rule(rule_json)
+  if not ext.masks:
+    return None
+  return jnp.any(ext.select(params, q_pos[:, None, :, None], k_pos[:, None, None, :]) >= 0)
 
 
 def positive_int(params, key, default, minimum=1):

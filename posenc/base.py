@@ -147,6 +147,15 @@ class PositionalEncoding(nnx.Module):
     (a subclass that changes ``scores`` keeps the XLA path even if it inherits a bias)."""
     return self.distance_bias() if type(self).scores is PositionalEncoding.scores else None
 
+  def tile_attended(self, q_pos, k_pos):
+    """For an encoding whose logits mask pairs beyond the causal mask: whether any pair of a
+    (query block, key block) tile at positions q_pos [b, bq], k_pos [b, bk] may be attended
+    (a traced bool), so that blockwise attention skips the tiles it removes entirely (a
+    Lambda mask then costs O(L x window), not O(L^2)). None (the default): every causal
+    tile is attended, nothing to check."""
+    del q_pos, k_pos
+    return None
+
   def scores(self, q, k, q_pos, k_pos):
     """Attention logits [b, h, sq, sk] of one (query block, key block); float32."""
     logits = qk_dot(q, k)

@@ -140,6 +140,15 @@ class RoPE(PositionalEncoding):
   def scores(self, q, k, q_pos, k_pos):
     if not self.scores_rule:
       return qk_dot(q, k)
-    from extensions import piecewise  # pylint: disable=g-import-not-at-top (extensions imports posenc)
-    return piecewise.scores(self.scores_rule, q, k, q_pos, k_pos, self._rotate)
+    return _piecewise().scores(self.scores_rule, q, k, q_pos, k_pos, self._rotate)
+
+  def tile_attended(self, q_pos, k_pos):
+    if not self.scores_rule:
+      return None
+    return _piecewise().tile_attended(self.scores_rule, q_pos, k_pos)
+
+
+def _piecewise():
+  from extensions import piecewise  # pylint: disable=g-import-not-at-top (extensions imports posenc)
+  return piecewise
 

@@ -13,7 +13,9 @@ from configs.common import resolve
 from extensions import NotApplicable, Variant, apply_variant, parse_variants, piecewise
 from input_pipeline import positions
 from models import build_model
+from models import blockwise
 from models.attention import attend, full_attend
+from models.blockwise import blockwise_attend
 from posenc.base import qk_dot
 from posenc.rope import apply_rope, rope_frequencies
 
@@ -197,6 +199,57 @@ def test_blockwise_equals_full(spec, tiny_config):
     full = full_attend(q, k, v, pos, pos, enc)[0]
     out = attend(q, k, v, pos, pos, enc, impl="blockwise", block_size=block)[0]
     assert float(jnp.max(jnp.abs(out - full)) / jnp.max(jnp.abs(full))) < 1e-5, (spec, s)
+
+
+@pytest.mark.parametrize("spec", ["lm_infinite:n_global=4,n_local=12", "streaming_llm:sinks=4,recent=11"])
+def test_lambda_masks_skip_the_tiles_they_remove(spec, tiny_config, monkeypatch):
+  """Blockwise attention computes, forward and backward, exactly the causal tiles that hold
+  an attended pair of the method's own matrix (sinks + window: O(L x window) work), and
+  its output and gradients still equal full attention's."""
+  run = resolve(tiny_config(posenc="rope", train_len=16))
+  enc = build_model(apply_variant(run, parse_variants(spec)[0], 128)).posenc
+  s, block = 64, 8
+  attended = np.asarray(piecewise.relative_positions(
+      enc.scores_rule, jnp.arange(s)[None], jnp.arange(s)[None])[1])[0, 0]
+  tiles = attended.reshape(s // block, block, s // block, block).any(axis=(1, 3))
+  expected = int(np.tril(tiles).sum())
+  assert expected <= (s // block) * (s // block + 1) // 2 - 10  # far tiles are masked out
+  calls = []
+  tile_logits = blockwise._tile_logits
+  def counted(*args):
+    jax.debug.callback(lambda: calls.append(1))
+    return tile_logits(*args)
+  monkeypatch.setattr(blockwise, "_tile_logits", counted)
+  r = np.random.RandomState(0)
+  q, k, v = (jnp.asarray(r.randn(1, s, enc.num_heads, enc.head_dim), jnp.float32)
+             for _ in range(3))
+  pos = jnp.arange(s)[None]
+  loss = lambda f: lambda *qkv: jnp.sum(f(*qkv) * v)
+  full = jax.value_and_grad(loss(lambda *x: full_attend(*x, pos, pos, enc)[0]), (0, 1, 2))
+  tiled = jax.value_and_grad(loss(lambda *x: blockwise_attend(*x, pos, pos, enc, block)),
+                             (0, 1, 2))
+  (want, want_grads), (got, got_grads) = full(q, k, v), tiled(q, k, v)
+  jax.effects_barrier()
+  assert len(calls) == 2 * expected  # forward + backward
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, atol=1e-4 * float(jnp.max(jnp.abs(w))))
+
+
+def test_only_the_lambda_methods_declare_a_mask(rope_run):
+  """``masks`` (which lets blockwise attention skip tiles) is set exactly where ``select``
+  can say "not attended" (at ~10x the training length, default parameters)."""
+  pos = jnp.arange(300)[None]
+  causal = np.tril(np.ones((300, 300), bool))
+  checked = []
+  for name in extensions.names():
+    ext = extensions.get(name)
+    if isinstance(ext, piecewise.PiecewiseRoPE):
+      rule = apply_variant(rope_run, Variant(name), 300).posenc.rope.scores_rule
+      attended = np.asarray(piecewise.relative_positions(rule, pos, pos)[1])[0, 0]
+      assert bool(np.any(causal & ~attended)) == ext.masks, name
+      checked.append(name)
+  assert {"lm_infinite", "streaming_llm", "self_extend", "rerope"} <= set(checked)
 
 
 # ---------------------------------------------------------------- parsing and applicability
