@@ -8,6 +8,9 @@ information. The attention module calls, in this order and never by name:
   logits = enc.scores(q, k, q_pos, k_pos)     # per (query block, key block)
                                               #   = q.k (+ enc.bias(q_pos, k_pos))
 
+An encoding with a mask of its own may also answer ``enc.tile_attended(q_pos, k_pos)``, so
+that blockwise attention skips the tiles it removes entirely.
+
 ``bias`` / ``scores`` on a block of (query, key) positions must equal the matching
 slice of the full-length result: that is what lets long evaluation run blockwise
 without an L x L matrix. An encoding that needs a whole row of keys (CoPE) sets
