@@ -18,6 +18,7 @@ and then leaves q and k unrotated in ``rotate``.
 import functools
 import json
 
+import jax
 import jax.numpy as jnp
 
 from extensions import Extension, get
@@ -69,18 +70,32 @@ def scores(rule_json, q, k, q_pos, k_pos, rotate):
   the run's RoPE (frequencies, attention factor). q, k [b, s, h, d] unrotated."""
   ext, params = load_rule(rule_json)
   part = ext.select(params, q_pos[:, None, :, None], k_pos[:, None, None, :])
-  rotated = {}  # parts sharing a map share its rotation
+  parts = ext.parts(params)
 
-  def rot(x, side, fn, pos):
-    if (side, fn) not in rotated:
-      rotated[side, fn] = rotate(x, fn(pos))
-    return rotated[side, fn]
+  def logits_of(chosen):
+    rotated = {}  # parts sharing a map share its rotation
 
-  out = jnp.float32(NEG_INF)
-  for c, (qmap, kmap) in enumerate(ext.parts(params)):
-    logits = qk_dot(rot(q, "q", qmap, q_pos), rot(k, "k", kmap, k_pos))
-    out = jnp.where(part == c, logits, out)
-  return out
+    def rot(x, side, fn, pos):
+      if (side, fn) not in rotated:
+        rotated[side, fn] = rotate(x, fn(pos))
+      return rotated[side, fn]
+
+    out = jnp.float32(NEG_INF)
+    for c in chosen:
+      qmap, kmap = parts[c]
+      logits = qk_dot(rot(q, "q", qmap, q_pos), rot(k, "k", kmap, k_pos))
+      out = jnp.where(part == c, logits, out)
+    return out
+
+  if len(parts) == 1:
+    return logits_of([0])
+  # A tile whose attended pairs all use one part (all but the tiles where the parts meet,
+  # e.g. Self-Extend's near and far tiles) computes that part's logits alone: at 32k about
+  # half the q.k work of two parts. The last branch computes every part.
+  alone = [jnp.all((part == c) | (part < 0)) for c in range(len(parts))]
+  branch = jnp.argmax(jnp.stack(alone + [jnp.array(True)]))
+  return jax.lax.switch(branch, [functools.partial(logits_of, [c]) for c in range(len(parts))]
+                        + [functools.partial(logits_of, range(len(parts)))])
 
 
 def tile_attended(rule_json, q_pos, k_pos):

@@ -236,6 +236,36 @@ def test_lambda_masks_skip_the_tiles_they_remove(spec, tiny_config, monkeypatch)
     np.testing.assert_allclose(g, w, atol=1e-4 * float(jnp.max(jnp.abs(w))))
 
 
+@pytest.mark.parametrize("spec", ["self_extend:window=20", "rerope:window=20",
+                                  "dual_chunk:chunk_size=24,local_window=4",
+                                  "lm_infinite:n_global=4,n_local=12"])
+def test_a_tile_of_one_part_computes_only_that_parts_logits(spec, tiny_config, monkeypatch):
+  """Blockwise, a tile whose attended pairs all take one part runs one q.k product; a tile
+  where parts meet runs every part's (the values: test_blockwise_equals_full)."""
+  run = resolve(tiny_config(posenc="rope", train_len=32))
+  enc = build_model(apply_variant(run, parse_variants(spec)[0], 128)).posenc
+  ext, params = piecewise.load_rule(enc.scores_rule)
+  s, block, n_parts = 64, 8, len(ext.parts(params))
+  pos = np.arange(s)
+  part = np.asarray(ext.select(params, pos[:, None], pos[None, :]))
+  expected = 0
+  for i in range(s // block):
+    for j in range(i + 1):
+      used = set(part[i * block:(i + 1) * block, j * block:(j + 1) * block].ravel()) - {-1}
+      expected += 0 if not used else 1 if len(used) == 1 else n_parts
+  calls = []
+  qk = piecewise.qk_dot
+  def counted(q, k):
+    jax.debug.callback(lambda: calls.append(1))
+    return qk(q, k)
+  monkeypatch.setattr(piecewise, "qk_dot", counted)
+  x = jnp.asarray(np.random.RandomState(0).randn(1, s, enc.num_heads, enc.head_dim), jnp.float32)
+  p = jnp.asarray(pos)[None]
+  jax.block_until_ready(blockwise_attend(x, x, x, p, p, enc, block))
+  jax.effects_barrier()
+  assert len(calls) == expected < n_parts * (s // block) * (s // block + 1) // 2
+
+
 def test_only_the_lambda_methods_declare_a_mask(rope_run):
   """``masks`` (which lets blockwise attention skip tiles) is set exactly where ``select``
   can say "not attended" (at ~10x the training length, default parameters)."""
