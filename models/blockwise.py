@@ -100,11 +100,9 @@ def _tiles(q, k, v, q_pos, k_pos, block):
 
 
 def _tile_filter(graphdef, state, qp_blk, kpb):
-  """``attended`` for ``_visible_key_blocks``: the encoding's ``tile_attended`` of query
-  block positions qp_blk and key block j, or None where the encoding masks nothing."""
+  """``attended`` for ``_visible_key_blocks``: key block j -> the encoding's
+  ``tile_attended`` for it and query block positions qp_blk (None: nothing to check)."""
   enc = nnx.merge(graphdef, state)
-  if enc.tile_attended(qp_blk, kpb[0]) is None:
-    return None
   return lambda j: enc.tile_attended(qp_blk, kpb[j])
 
 
@@ -117,18 +115,20 @@ def _tile_logits(graphdef, state, q_blk, kt_blk, qp_blk, kp_blk, diagonal):
   return logits
 
 
-def _visible_key_blocks(i, step, carry, attended=None):
+def _visible_key_blocks(i, step, carry, attended):
   """step(j, diagonal, carry) over the key blocks query block i sees: j < i, then the
-  diagonal j = i; blocks above the diagonal are not visited at all. ``attended(j)`` (the
-  encoding's ``tile_attended``, when it has a mask of its own) skips the blocks it removes
-  entirely: their terms are exactly zero (p = 0 in the forward, dS = 0 in the backward), so
-  the result is the same, at O(L x window) work for a Lambda mask."""
-  if attended is not None:
-    every = step
-    step = lambda j, diagonal, c: jax.lax.cond(attended(j), lambda c: every(j, diagonal, c),
-                                               lambda c: c, c)
-  carry = jax.lax.fori_loop(0, i, lambda j, c: step(j, False, c), carry)
-  return step(i, True, carry)
+  diagonal j = i; blocks above the diagonal are not visited at all. Where ``attended(j)``
+  (the encoding's ``tile_attended``) is not None, the blocks it rules out are skipped: their
+  terms are exactly zero (p = 0 in the forward, dS = 0 in the backward), so the result is
+  the same, at O(L x window) work for a Lambda mask."""
+  def visit(j, diagonal, c):
+    keep = attended(j)
+    if keep is None:  # static: the encoding masks nothing beyond causal
+      return step(j, diagonal, c)
+    return jax.lax.cond(keep, lambda c: step(j, diagonal, c), lambda c: c, c)
+
+  carry = jax.lax.fori_loop(0, i, lambda j, c: visit(j, False, c), carry)
+  return visit(i, True, carry)
 
 
 def _forward(graphdef, block, q, k, v, q_pos, k_pos, state, with_stats=False):
@@ -157,8 +157,8 @@ def _forward(graphdef, block, q, k, v, q_pos, k_pos, state, with_stats=False):
     zeros = jnp.zeros((b, h, block), jnp.float32)
     init = (jnp.full((b, h, block), NEG_INF, jnp.float32), zeros,
             jnp.zeros((b, h, block, d), jnp.float32), (zeros, zeros) if with_stats else ())
-    attended = _tile_filter(graphdef, state, qp_blk, kpb)
-    m, l, acc, sums = _visible_key_blocks(i, step, init, attended)
+    m, l, acc, sums = _visible_key_blocks(i, step, init,
+                                          _tile_filter(graphdef, state, qp_blk, kpb))
     lse = m + jnp.log(l)
     out = (acc / l[..., None]).transpose(0, 2, 1, 3), lse  # [b, bq, h, d], [b, h, bq]
     return out + ((lse - sums[0] / l, sums[1] / l),) if with_stats else out
