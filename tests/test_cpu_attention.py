@@ -12,8 +12,23 @@ from posenc.base import qk_dot
 from tests.test_fast_paths import _model_loss, _rel
 
 
+# kernel vs XLA's float32 attention (relative to the largest |value|): both round, and
+# XLA's rounding differs between CPU classes (its dots are YNNPACK's with AVX-512, Eigen's
+# without): at s = 520 both are within 0.7-1.7e-6 of the float64 answer, 2.0e-6 apart
+VS_XLA = 4e-6
+
+
 def _xla(q, k, v):
   return softmax_pv(qk_dot(q, k), v, 0, jnp.float32)
+
+
+def _float64_attention(q, k, v):
+  """Causal softmax(q k^T) v in float64 (numpy): the exact answer both float32 paths round."""
+  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+  s = q.shape[1]
+  logits = np.where(np.tril(np.ones((s, s), bool)), np.einsum("bqhd,bkhd->bhqk", q, k), -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
 
 
 def _qkv(shape, seed=0):
@@ -28,7 +43,8 @@ def test_kernel_equals_xla_attention_value_and_grads(shape):
   q, k, v, g = _qkv(shape)
   out, vjp = jax.vjp(cpu_attention.causal_attention, q, k, v)
   ref, ref_vjp = jax.vjp(_xla, q, k, v)
-  assert _rel(out, ref) < 2e-6
+  assert _rel(out, _float64_attention(q, k, v)) < 3e-6  # measured <= 1.7e-6 (s = 520)
+  assert _rel(out, ref) < VS_XLA
   for got, want in zip(vjp(g), ref_vjp(g)):
     assert _rel(got, want) < 1e-5
 
@@ -99,7 +115,7 @@ def test_kernel_distance_bias_equals_the_bias_added_to_xla_logits(shape, parts):
 
   out, vjp = jax.vjp(kernel, q, k, v, slopes, table)
   ref, ref_vjp = jax.vjp(xla, q, k, v, slopes, table)
-  assert _rel(out, ref) < 2e-6
+  assert _rel(out, ref) < VS_XLA
   for got, want in zip(vjp(g), ref_vjp(g)):
     if want is not None:
       assert _rel(got, want) < 1e-5
@@ -181,7 +197,8 @@ def test_shapes_and_choices_that_keep_xla(monkeypatch):
   assert cpu_attention.use_kernel(jax.ShapeDtypeStruct(q.shape, q.dtype), q, enc)  # a shape will do
   assert not cpu_attention.use_kernel(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), enc)
   monkeypatch.setenv("LENX_CPU_ATTENTION", "auto")
-  assert not cpu_attention.enabled(flags={"avx2", "avx512f"})[0]
+  assert cpu_attention.enabled()[0] == cpu_attention._available()  # on every CPU class
+  assert not cpu_attention.enabled(backend="gpu")[0]
   monkeypatch.setenv("LENX_CPU_ATTENTION", "xla")
   assert not cpu_attention.use_kernel(q, q, enc)
   monkeypatch.setenv("LENX_CPU_ATTENTION", "fast")
