@@ -86,7 +86,9 @@ def cpu_dots(backend=None, flags=None):
   in one process, 24 interleaved steps, median ratio of step times Eigen / YNNPACK, see
   benchmarks/README.md): train at the peer's shape float32 0.84, bfloat16 0.72; the demo's
   shape float32 0.94; eval 16k float32 1.00. On the AVX-512 + AMX Xeon YNNPACK won in
-  bf16 (Eigen 1.56x the time), so it stays there. ``LENX_CPU_DOTS=ynnpack|eigen``
+  bf16 (Eigen 1.56x the time), so it stays there; on the AVX-512 + AVX512-BF16 EPYC (Zen 4,
+  no AMX) too: bf16 (its ``auto``) Eigen 1.37x the time, float32 0.87x at the peer's shape
+  and 0.99x at the demo's (the choice is per process, not per dtype). ``LENX_CPU_DOTS=ynnpack|eigen``
   overrides the choice (benchmarks A/B it that way)."""
   forced = env_choice("LENX_CPU_DOTS", CPU_DOTS)
   if (backend or jax.default_backend()) != "cpu":

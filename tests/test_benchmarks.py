@@ -1,0 +1,22 @@
+"""benchmarks/summarize_side_by_side.py: the ratios quoted in benchmarks/README.md."""
+import json
+
+from benchmarks.summarize_side_by_side import parse, table
+
+
+def _line(name, tokens_per_s, rss=500.0):
+  return f"{name} " + json.dumps({"tokens_per_s": tokens_per_s, "peak_rss_mib": rss})
+
+
+def test_ratio_of_means_and_per_repeat_pairs():
+  log = ["cpu " + json.dumps({"model": "X", "flags": ["avx2"]}), "## train A repeat 1",
+         _line("peer_train_A", 100.0), _line("lenx_train_A_float32", 150.0, 600.0),
+         _line("lenx_train_A_bfloat16", 300.0), "## train A repeat 2",
+         _line("peer_train_A", 300.0), _line("lenx_train_A_float32", 250.0, 700.0),
+         _line("lenx_train_A_bfloat16", 300.0)]
+  runs, cpu = parse(log)
+  assert cpu == {"model": "X", "flags": ["avx2"]}
+  rows = {line.split(" | ")[1]: line for line in table(runs).splitlines()[2:]}
+  # float32: means 200 vs 200 -> 1.00x; repeats 150/100 = 1.50 and 250/300 = 0.83
+  assert "**1.00x** (0.83-1.50)" in rows["float32"] and "500 / 600-700" in rows["float32"]
+  assert "**1.50x** (1.00-3.00)" in rows["bfloat16"]
