@@ -53,11 +53,14 @@ class DecoderLM(nnx.Module):
     if not isinstance(positions, jax.core.Tracer):
       self.posenc.check_positions(int(np.max(np.asarray(positions))))  # numpy: fine inside a trace
 
+  def embed(self, tokens, positions):
+    """The first block's input [b, s, d]: token embeddings plus any absolute encoding."""
+    self.check_positions(positions)
+    return self.posenc.embed(jnp.take(self.embedding[...], tokens, axis=0), positions)
+
   def features(self, tokens, positions, *, dropout_rng=None, with_stats=False):
     """Final-norm hidden states [b, s, d] (float32), plus per-layer attention stats."""
-    self.check_positions(positions)
-    x = jnp.take(self.embedding[...], tokens, axis=0)
-    x = self.posenc.embed(x, positions)
+    x = self.embed(tokens, positions)
     rngs = jax.random.split(dropout_rng, len(self.blocks) + 1) if dropout_rng is not None else None
     x = dropout(x, self.dropout_rate, None if rngs is None else rngs[-1])
     if self.remat and not with_stats:
