@@ -31,6 +31,7 @@ from absl import app, flags
 
 import input_pipeline
 from input_pipeline.text import KEY_SYMBOLS
+from models import build_model
 from models.fast_attention import causal_softmax
 from models.loss import token_nll
 from training import checkpoint
@@ -123,9 +124,12 @@ def main(argv):
   rows = []
   for workdir in FLAGS.runs.split(","):
     config, model = checkpoint.load_run(workdir)
+    if FLAGS.at_init:  # the baseline: the run's architecture before training (its seed)
+      model = build_model(config)
     text = book_windows(config, FLAGS.length, FLAGS.batch)
     scores = head_scores(model, text, FLAGS.span, np.random.default_rng(FLAGS.seed))
-    rows.append(summary_row(os.path.basename(workdir.rstrip("/")), config, scores))
+    name = os.path.basename(workdir.rstrip("/")) + ("@init" if FLAGS.at_init else "")
+    rows.append(summary_row(name, config, scores))
     print(json.dumps({k: rows[-1][k] for k in ("run", "copy_nll", "previous_max",
                                                 "induction_max", "self_max")}), flush=True)
   os.makedirs(FLAGS.out, exist_ok=True)
@@ -141,5 +145,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("span", 32, "Repeated span length (induction score, copy NLL).")
   flags.DEFINE_integer("batch", 32, "Windows of each kind.")
   flags.DEFINE_integer("seed", 0, "Seed of the random spans.")
+  flags.DEFINE_bool("at_init", False, "Score each run's untrained model (its config and seed).")
   flags.mark_flag_as_required("runs")
   app.run(main)
