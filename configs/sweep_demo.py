@@ -125,8 +125,11 @@ def get_config(arg=None):
   # (training/workers.py): a step this small does not use two threads well. Per core,
   # float32 on the EPYC (throughput.py at this recipe, rope, 300 steps): 15.7-17.0k alone,
   # 15.9k + 17.5k for two at once; the plan uses 16.0k x the families' 0.91 mean = 14.6k.
-  # bf16 per core was not measured (no AMX machine since): the float32 ratio, 0.8 x 60k.
-  t.core_tokens_per_s = ml_collections.ConfigDict({"bfloat16": 48000.0, "float32": 14600.0})
+  # bf16 per core: two pinned processes at once on a 2-core AMD EPYC with avx512_bf16 (Zen 4,
+  # no AMX; throughput.py at this recipe, rope, 300 steps, 2026-12-02): 36.6k + 36.6k (33.5k
+  # alone); one process on both cores there: rope 44.9k, the six quick families 0.96-1.07x
+  # of it (encodings.py). Not measured per core on the AMX Xeon.
+  t.core_tokens_per_s = ml_collections.ConfigDict({"bfloat16": 36000.0, "float32": 14600.0})
   # Training: 0 = one run per CPU core at a time, each in a worker process pinned to its
   # core (training/workers.py: 1.6x the training throughput of one process on the 2-core
   # EPYC; make demo's training there 24.9 -> 18.6 min, 16.5 once each worker stayed up for
