@@ -18,8 +18,8 @@ and absolute families must learn it per position. These scores measure it on a t
 - self score: mean weight on the query's own position (distance 0);
 - copy NLL: the model's loss on the second copy (ln 36 = 3.58 = no copying).
 
-Scores come from the probabilities the model's attention computes (``attention_maps``:
-``enc.scores`` and the causal softmax, the same logits every attention path forms).
+Scores come from the probabilities the model's attention computes
+(``Attention.probabilities``: the same logits every attention path forms).
 Measured on the needle study's six families at three seeds: results/needle_demo/README.md,
 last section (the hypothesis holds for ALiBi and NoPE only).
 """
@@ -33,7 +33,6 @@ from absl import app, flags
 import input_pipeline
 from input_pipeline.text import KEY_SYMBOLS
 from models import build_model
-from models.fast_attention import causal_softmax
 from models.loss import token_nll
 from training import checkpoint
 
@@ -42,9 +41,7 @@ def attention_maps(model, tokens, positions):
   """[one per layer] attention probabilities [b, h, s, s] (float32) of the model on tokens."""
   x, enc, maps = model.embed(tokens, positions), model.posenc, []
   for block in model.blocks:
-    attn = block.attn
-    q, k, _ = attn.prepare(*attn.project(block.attn_norm(x)), positions, positions, enc)
-    maps.append(causal_softmax(enc.scores(q, k, positions, positions), 0).astype(jnp.float32))
+    maps.append(block.attn.probabilities(block.attn_norm(x), positions, enc))
     x, _ = block(x, positions, enc)
   return maps
 

@@ -135,6 +135,12 @@ class Attention(nnx.Module):
       q = q * logn_query_scale(q_pos, self.logn_base_len)[:, :, None, None]
     return tuple(t.astype(self.dtype) for t in (q, k, v))
 
+  def probabilities(self, x, positions, enc):
+    """Attention probabilities [b, h, s, s] (float32) of x's tokens over themselves: the
+    logits every attention path forms, softmaxed (analysis: ``evaluation.heads``)."""
+    q, k, _ = self.prepare(*self.project(x), positions, positions, enc)
+    return causal_softmax(enc.scores(q, k, positions, positions), 0).astype(jnp.float32)
+
   def uses_kernel(self, seq_len, enc):
     """Whether self-attention over ``seq_len`` tokens runs the fused CPU kernel (whose
     attention statistics come at no extra pass: ``attend``)."""
