@@ -83,3 +83,6 @@ def validate(config):
                      f"{config.model.num_heads} (0 = num_heads)")
   if not 0.0 <= config.model.dropout < 1.0:
     raise ValueError(f"model.dropout must be in [0, 1), got {config.model.dropout}")
+  if config.model.get("mlp_chunk", 0) < 0:
+    raise ValueError(f"model.mlp_chunk must be >= 0 (0 = the whole sequence at once), got "
+                     f"{config.model.mlp_chunk}")

@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from models.fast_attention import NEG_INF
+from models.layers import late_zeros, map_blocks, scan_blocks
 from posenc.xla_ops import row_major
 
 
@@ -163,7 +164,7 @@ def _forward(graphdef, block, q, k, v, q_pos, k_pos, state, with_stats=False):
     out = (acc / l[..., None]).transpose(0, 2, 1, 3), lse  # [b, bq, h, d], [b, h, bq]
     return out + ((lse - sums[0] / l, sums[1] / l),) if with_stats else out
 
-  mapped = jax.lax.map(query_block, (jnp.arange(n), qb, qpb))
+  mapped = map_blocks(lambda i: query_block((i, qb[i], qpb[i])), n, q)
   if not with_stats:
     return _unblock(mapped[0], s), mapped[1]
   rows = tuple(_unblock(x.transpose(0, 1, 3, 2), s) for x in mapped[2])  # [b, s, h] each
@@ -182,10 +183,10 @@ def _backward(graphdef, block, res, dout):
   # Zero padding: padded query rows (sliced off in the forward) contribute nothing.
   dob = _blocks(dout.astype(jnp.float32), n, block, "constant").transpose(0, 1, 3, 2, 4)
   row_dot = jnp.sum(dob * _blocks(out, n, block, "constant").transpose(0, 1, 3, 2, 4), -1)
-  f32_zeros = lambda t: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), t)
+  f32_zeros = lambda t: jax.tree.map(lambda a: late_zeros(dout, a.shape, jnp.float32), t)
 
-  def query_block(carry, args):
-    i, q_blk, qp_blk, do_blk, lse_blk, d_blk = args
+  def query_block(i, carry):
+    q_blk, qp_blk, do_blk, lse_blk, d_blk = qb[i], qpb[i], dob[i], lse[i], row_dot[i]
     do_v = do_blk.astype(v.dtype)
 
     def step(j, diagonal, c):
@@ -205,9 +206,8 @@ def _backward(graphdef, block, res, dout):
                                      _tile_filter(graphdef, state, qp_blk, kpb))
     return tuple(carry), dq
 
-  (dkb, dvb, dstate), dqb = jax.lax.scan(
-      query_block, (f32_zeros(kb), f32_zeros(vb), f32_zeros(state)),
-      (jnp.arange(n), qb, qpb, dob, lse, row_dot))
+  (dkb, dvb, dstate), dqb = scan_blocks(
+      query_block, (f32_zeros(kb), f32_zeros(vb), f32_zeros(state)), n, dout)
   no_grad = lambda pos: np.zeros(pos.shape, jax.dtypes.float0)  # integer positions
   dstate = jax.tree.map(lambda g, a: g.astype(a.dtype), dstate, state)
   return (_unblock(dqb, s).astype(q.dtype), _unblock(dkb.transpose(0, 1, 4, 2, 3), s).astype(k.dtype),
