@@ -27,7 +27,7 @@ from training.steps import make_eval_step, make_train_step, split_model  # noqa:
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
   p.add_argument("--model", default="peer", help="peer (throughput.py's shape flags) or a "
                  "pretrained spec, e.g. pretrained:smollm2-135m")
   p.add_argument("--mlp-chunk", type=int, default=None, help="override model.mlp_chunk")

@@ -20,3 +20,17 @@ def test_ratio_of_means_and_per_repeat_pairs():
   # float32: means 200 vs 200 -> 1.00x; repeats 150/100 = 1.50 and 250/300 = 0.83
   assert "**1.00x** (0.83-1.50)" in rows["float32"] and "500 / 600-700" in rows["float32"]
   assert "**1.50x** (1.00-3.00)" in rows["bfloat16"]
+
+
+def test_step_memory_reports_the_compiled_scratch(capsys):
+  """benchmarks/step_memory.py: one JSON line per call; a train step needs more scratch
+  than an eval step of the same shape, and --mlp-chunk reaches the model."""
+  from benchmarks import step_memory
+  shape = ["--layers", "1", "--d-model", "32", "--heads", "2", "--ffn", "64", "--seq-len", "64",
+           "--batch", "1", "--dtype", "float32"]
+  out = {}
+  for mode in ("eval", "train"):
+    step_memory.main(["--mode", mode, "--mlp-chunk", "16"] + shape)
+    out[mode] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert out["eval"]["mode"] == "eval" and out["eval"]["mlp_chunk"] == 16
+  assert 0 < out["eval"]["temp_mib"] < out["train"]["temp_mib"]
