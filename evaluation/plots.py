@@ -50,6 +50,14 @@ def _style(lines):
           for label, by_len in lines.items()}
 
 
+def panel_styles(labels):
+  """{label: matplotlib style}: one palette colour per line, solid; past the palette's 14
+  colours they repeat with the next dash style (the full study's families panel has 15)."""
+  return {label: dict(color=PALETTE[i % len(PALETTE)],
+                      linestyle=STYLES[(i // len(PALETTE)) % len(STYLES)])
+          for i, label in enumerate(labels)}
+
+
 def _first(by_len):
   v = next(iter(by_len.values()))
   return v[0] if isinstance(v, list) else v
@@ -160,8 +168,7 @@ def ppl_figure(rows, path):
   fig, axes = plt.subplots(2, len(panels), figsize=(7.2 * len(panels), 9.5), squeeze=False)
   for col, (title, panel_rows) in enumerate(panels):
     lines = aggregate.lines(panel_rows)
-    styles = {label: dict(color=PALETTE[i % len(PALETTE)], linestyle="-")
-              for i, label in enumerate(lines)}
+    styles = panel_styles(lines)
     for row_i, relative in enumerate((False, True)):
       ax = axes[row_i][col]
       _ppl_panel(ax, lines, styles, relative)

@@ -290,3 +290,13 @@ def test_needle_study_trains_every_family_with_the_mixture_and_writes_the_grid(t
   assert os.path.exists(tmp_path / "results" / "needle.md")
   with pytest.raises(ValueError, match="valid choices: full, needle"):
     sweep_demo.get_config("needles")
+
+
+def test_panel_styles_tell_every_line_apart():
+  """More lines than colours (the full study: 15 families): no two lines share colour and
+  dash, and the first 14 are solid."""
+  from evaluation.plots import PALETTE, panel_styles
+  styles = panel_styles([f"line{i}" for i in range(2 * len(PALETTE) + 3)])
+  keys = [(s["color"], str(s["linestyle"])) for s in styles.values()]
+  assert len(set(keys)) == len(keys)
+  assert all(s["linestyle"] == "-" for s in list(styles.values())[:len(PALETTE)])
