@@ -297,7 +297,8 @@ def late_zeros(like, shape, dtype):
   created by XLA:CPU's scheduler at the start of the program, those of every layer alive at
   once (SmolLM2 at 32k tokens: 30 x 72 MB of blockwise attention outputs in 3.0 GB of
   scratch; 2.9 -> 0.7 GB with this and ``map_chunks``)."""
-  return jnp.broadcast_to((like.reshape(-1)[0] * 0).astype(dtype), shape)
+  zero = jnp.nan_to_num(like.reshape(-1)[0].astype(jnp.float32) * 0)  # a NaN or inf stays local
+  return jnp.broadcast_to(zero.astype(dtype), shape)
 
 
 def scan_blocks(fn, init, n, like):

@@ -71,3 +71,20 @@ def test_chunked_mlp_model_equals_unchunked():
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 40)), jnp.int32)
   pos = jnp.broadcast_to(jnp.arange(40), (2, 40))
   np.testing.assert_allclose(chunked(tokens, pos), plain(tokens, pos), rtol=1e-5, atol=1e-5)
+
+
+def test_late_buffers_do_not_spread_a_nan(xla_attention):
+  """The data dependence of the loop buffers is ``like * 0``: a NaN in the output gradient's
+  first element must not reach the gradients of keys that its query never saw (keys in
+  later blocks), as it would if the accumulators started at NaN * 0."""
+  from models.blockwise import blockwise_attend
+  from posenc import build
+  c = resolve(make_tiny_config(train_len=64))
+  enc = build(c.posenc, c.model, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(1, 64, 2, 8)), jnp.float32) for _ in range(3))
+  pos = jnp.arange(64)[None]
+  _, vjp = jax.vjp(lambda k: blockwise_attend(q, k, v, pos, pos, enc, block_size=16), k)
+  g = jnp.ones((1, 64, 2, 8)).at[0, 0, 0, 0].set(jnp.nan)
+  (dk,) = vjp(g)
+  assert bool(jnp.isfinite(dk[:, 16:]).all())
