@@ -5,6 +5,8 @@ beyond the parameters, and where a change of the model code moves it.
   python benchmarks/step_memory.py --mode eval --seq-len 16384               # peer's shape "A"
   python benchmarks/step_memory.py --model pretrained:smollm2-135m --seq-len 32768
   python benchmarks/step_memory.py --mode train --seq-len 8192 --batch 1 --dtype bfloat16
+  python benchmarks/step_memory.py --model pretrained:smollm2-135m --mode train --batch 1 \
+      --seq-len 16384 --remat                                               # the PI / YaRN fine-tune
 
 Prints one JSON line: temp (scratch) and argument MiB, plus what was compiled. Peak RSS of
 a real run is about the process's baseline (~0.2 GB for jax) + arguments + temp.
@@ -31,6 +33,7 @@ def parse_args(argv=None):
   p.add_argument("--model", default="peer", help="peer (throughput.py's shape flags) or a "
                  "pretrained spec, e.g. pretrained:smollm2-135m")
   p.add_argument("--mlp-chunk", type=int, default=None, help="override model.mlp_chunk")
+  p.add_argument("--remat", action="store_true", help="model.remat=True (long fine-tunes)")
   a, rest = p.parse_known_args(argv)
   a.shape = throughput.parse_args(rest)  # --mode, --seq-len, --batch, --dtype, --layers, ...
   return a
@@ -45,6 +48,7 @@ def model_config(a):
     config.model.dtype = throughput.lenx_config(a.shape).model.dtype  # resolved --dtype
   if a.mlp_chunk is not None:
     config.model.mlp_chunk = a.mlp_chunk
+  config.model.remat = a.remat or config.model.get("remat", False)
   return config
 
 
