@@ -15,6 +15,7 @@ import input_pipeline
 from input_pipeline import positions
 import posenc
 from configs.common import SIZES, parse_args
+from models.layers import MLP_CHUNK
 from training import compile_cache
 
 DEFAULTS = {"posenc": "rope", "data": "books", "train_len": 128, "size": "tiny"}
@@ -66,8 +67,8 @@ def get_config(arg=None):
   c.model.block_size = 512  # query/key block of blockwise attention (models/blockwise.py)
   c.model.remat = False  # recompute each block in the backward pass (long fine-tunes: memory
                          # ~ one block's activations + every block's input, ~1.3x step time)
-  c.model.mlp_chunk = 4096  # longer sequences run norm + MLP this many positions at a time
-                            # (memory of long evaluations; same result); 0 = never
+  c.model.mlp_chunk = MLP_CHUNK  # longer sequences run norm + MLP this many positions at a
+                                 # time (memory of long evaluations; same result); 0 = never
 
   c.posenc = ml_collections.ConfigDict(posenc.default_configs())  # one sub-config per encoding
   c.posenc.name = args["posenc"]  # which encoding; see posenc.names()

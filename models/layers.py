@@ -319,6 +319,12 @@ def map_blocks(fn, n, like):
   return scan_blocks(lambda i, carry: (carry, fn(i)), (), n, like)[1]
 
 
+# Positions per chunk of norm + MLP in long sequences (``config.model.mlp_chunk``): past
+# 4096 the chunks' matmuls are as fast as one (peer shape at 16k: 4441-4683 tokens/s before,
+# 4349-5272 after) and nothing at or below the demo's longest 4096 changes.
+MLP_CHUNK = 4096
+
+
 def map_chunks(fn, x, chunk):
   """fn(x) for a per-position fn of x [b, s, d], computed ``chunk`` positions at a time (one
   chunk's intermediates live at once, ``map_blocks``) when s > chunk; chunk 0 = all at

@@ -11,7 +11,8 @@ from flax import nnx
 
 import posenc
 from models.attention import Attention
-from models.layers import MLP, Dense, compute_dtype, dropout, make_norm, map_chunks, mixed_dot_t
+from models.layers import (MLP, MLP_CHUNK, Dense, compute_dtype, dropout, make_norm, map_chunks,
+                           mixed_dot_t)
 
 
 class Block(nnx.Module):
@@ -23,7 +24,7 @@ class Block(nnx.Module):
     self.mlp_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
     self.dropout_rate = cfg.dropout
-    self.mlp_chunk = cfg.get("mlp_chunk", 4096)  # configs written before the knob lack it
+    self.mlp_chunk = cfg.get("mlp_chunk", MLP_CHUNK)  # configs written before the knob lack it
 
   def __call__(self, x, positions, enc, rng=None, *, with_stats=False):
     rngs = jax.random.split(rng) if rng is not None else (None, None)
