@@ -52,25 +52,25 @@ def model_config(a):
   return config
 
 
-def compiled_step(a, config):
-  """The jitted step lowered with abstract parameters and batch, compiled."""
+def compiled_step(config, batch, seq_len, mode="eval"):
+  """The jitted train or eval step of ``config``, lowered with abstract parameters and a
+  [batch, seq_len] batch, compiled (nothing runs)."""
   graphdef, params = split_model(nnx.eval_shape(lambda: build_model(config)))
-  b, s = a.shape.batch, a.shape.seq_len
-  ids = jax.ShapeDtypeStruct((b, s), jnp.int32)
-  batch = {"inputs": ids, "targets": ids, "positions": ids,
-           "loss_mask": jax.ShapeDtypeStruct((b, s), jnp.float32)}
-  if a.shape.mode == "eval":
-    return make_eval_step(graphdef).lower(params, batch).compile()
+  ids = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+  data = {"inputs": ids, "targets": ids, "positions": ids,
+          "loss_mask": jax.ShapeDtypeStruct((batch, seq_len), jnp.float32)}
+  if mode == "eval":
+    return make_eval_step(graphdef).lower(params, data).compile()
   tx = make_optimizer(config.optim, config.num_train_steps)
   state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
            "step": jax.ShapeDtypeStruct((), jnp.int32)}
-  return make_train_step(graphdef, tx, config.seed).lower(state, batch).compile()
+  return make_train_step(graphdef, tx, config.seed).lower(state, data).compile()
 
 
 def main(argv=None):
   a = parse_args(argv)
   config = model_config(a)
-  mem = compiled_step(a, config).memory_analysis()
+  mem = compiled_step(config, a.shape.batch, a.shape.seq_len, a.shape.mode).memory_analysis()
   mib = lambda n: round(n / 2 ** 20, 1)
   print(json.dumps({
       "model": a.model, "mode": a.shape.mode, "seq_len": a.shape.seq_len, "batch": a.shape.batch,

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from benchmarks.step_memory import compiled_step
 from configs.common import resolve
 from models import build_model
 from models.layers import map_chunks
 from tests.conftest import make_tiny_config
-from training.steps import make_eval_step, split_model
 
 SEQ, BLOCK, D, HEADS = 2048, 256, 64, 4
 
@@ -23,11 +23,7 @@ def eval_scratch_bytes(num_layers, mlp_chunk=0, mlp_dim=0):
       "model.attention": "blockwise", "model.block_size": BLOCK, "model.mlp_chunk": mlp_chunk,
       "model.mlp_dim": mlp_dim})
   c = resolve(c)
-  graphdef, params = split_model(nnx.eval_shape(lambda: build_model(c)))
-  ids = jax.ShapeDtypeStruct((1, SEQ), jnp.int32)
-  batch = {"inputs": ids, "targets": ids, "positions": ids,
-           "loss_mask": jax.ShapeDtypeStruct((1, SEQ), jnp.float32)}
-  return make_eval_step(graphdef).lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+  return compiled_step(c, 1, SEQ).memory_analysis().temp_size_in_bytes
 
 
 @pytest.fixture
