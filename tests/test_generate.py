@@ -13,7 +13,8 @@ import posenc
 from configs.common import resolve
 from evaluation.runner import variant_model
 from models import build_model
-from models.generate import CachedDecoder, filtered_probs, generate, sample
+from models.generate import (CachedDecoder, _compute_in_float32, filtered_probs, generate,
+                             sample)
 
 TRAIN_LEN = 16
 LENGTH = 48  # 3x the training length
@@ -192,6 +193,21 @@ def test_cached_equals_full_bf16(name, dtype_name, tiny_config):
   _, model = _model(name, tiny_config, **{"model.dtype": dtype_name})
   tokens = _tokens()
   assert _max_diff(_cached(model, tokens), _full(model, tokens)) <= BF16_TOL
+
+
+@pytest.mark.parametrize("name", ["rope", "cope"])
+def test_steps_after_the_prompt_compute_in_float32(name, tiny_config):
+  """The helper the cached steps after the prompt use turns a bfloat16 model into its
+  float32 twin: no module keeps a bf16 matmul (one left would differ by ~1e-2)."""
+  config, model = _model(name, tiny_config, **{"model.dtype": "bfloat16"})
+  config.model.dtype = "float32"
+  twin = variant_model(model, config)
+  tokens = _tokens()
+  assert _max_diff(_full(model, tokens), _full(twin, tokens)) > 1e-3  # bf16 is visible
+  graphdef, state = nnx.split(model)
+  copy = nnx.merge(graphdef, state)
+  _compute_in_float32(copy)
+  assert _max_diff(_full(copy, tokens), _full(twin, tokens)) <= 1e-6
 
 
 def test_greedy_generation_equals_repeated_full_forward_argmax(tiny_config):
