@@ -17,6 +17,7 @@ from models import cpu_attention
 from models.blockwise import blockwise_attend, blockwise_stats
 from models.fast_attention import NEG_INF, causal_softmax, softmax_pv
 from models.layers import Dense, compute_dtype
+from posenc.base import PositionalEncoding
 
 def logn_query_scale(positions, base_len):
   """Chiang & Cholak 2022 / Su 2023 log-n scaling: max(1, log(pos+1) / log(base_len)).
@@ -99,6 +100,31 @@ def full_attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, key_mask=None):
   return (out, attention_stats(probs, q_pos, k_pos)) if with_stats else (out, None)
 
 
+def plain_scores(enc):
+  """Whether ``enc``'s logits are q.k plus its ``bias`` (no rule of its own)."""
+  return enc.content_only or type(enc).scores is PositionalEncoding.scores
+
+
+def grouped_attend(q, k, v, q_pos, k_pos, enc, key_mask):
+  """Causal attention of queries q [b, s, h, d] (prepared, q pre-scaled) over k / v
+  [b, t, kv, d] with query head j reading kv head j // (h / kv), without copying each kv head
+  h / kv times (``prepare``'s sharing): for a few queries over a long KV cache that copy,
+  with its transpose, was the whole cost (SmolLM2 decoding at 4k: 15 vs 1.7 ms per layer,
+  benchmarks/README.md, "Decoding"). Only for ``plain_scores`` encodings. -> [b, s, h, d] f32."""
+  b, s, h, d = q.shape
+  kv = k.shape[2]
+  logits = jnp.einsum("bskgd,btkd->bkgst", q.reshape(b, s, kv, h // kv, d), k,
+                      preferred_element_type=jnp.float32)
+  bias = enc.bias(q_pos, k_pos)  # [b or 1, h, s, t]: heads in (kv, group) order, as shared
+  if bias is not None:
+    logits = logits + bias.reshape(bias.shape[0], kv, h // kv, s, -1)
+  logits = jnp.where(key_mask[:, None, None, None, :], logits, NEG_INF)
+  probs = causal_softmax(logits, k.shape[1] - s)
+  out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, s, h, d)
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused QKV projection; grouped-query attention
   (Ainslie et al. 2023, GQA) when ``num_kv_heads`` < ``num_heads``: the projection's
@@ -124,11 +150,12 @@ class Attention(nnx.Module):
     h, kv = self.num_heads, self.num_kv_heads
     return jnp.split(self.qkv(x).reshape(b, s, h + 2 * kv, self.head_dim), [h, h + kv], axis=2)
 
-  def prepare(self, q, k, v, q_pos, k_pos, enc):
-    """Rotates q/k at their positions, shares kv heads, scales q; cast to the compute dtype."""
+  def prepare(self, q, k, v, q_pos, k_pos, enc, share_kv=True):
+    """Rotates q/k at their positions, shares kv heads (unless ``share_kv`` is False: k / v
+    keep their kv heads, for ``grouped_attend``), scales q; cast to the compute dtype."""
     h, kv = self.num_heads, self.num_kv_heads
     q, k = enc.rotate(q, k, q_pos, k_pos)
-    if kv != h:  # rotate the kv heads first (fewer), then share each among h / kv queries
+    if kv != h and share_kv:  # rotate the kv heads first (fewer), then share each among h / kv
       k, v = (jnp.repeat(t, h // kv, axis=2) for t in (k, v))
     q = q * (1.0 / math.sqrt(self.head_dim))
     if self.logn_base_len:

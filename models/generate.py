@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention import attend, full_attend
+from models.attention import attend, full_attend, grouped_attend, plain_scores
 from models.layers import jit
 from training.steps import split_model
 
@@ -67,10 +67,14 @@ class _CachedAttention:
       q, k, v = self.attn.prepare(q, k, v, positions, positions, enc)
       out, _ = attend(q, k, v, positions, positions, enc, impl=self.attn.impl,
                       block_size=self.attn.block_size)
-    else:
-      k_pos = self.ctx["k_pos"]
-      q, k, v = self.attn.prepare(q, self.k_buf, self.v_buf, positions, k_pos, enc)
-      out, _ = full_attend(q, k, v, positions, k_pos, enc, key_mask=self.ctx["valid"])
+    else:  # a few queries over the cache; kv heads shared without copies where possible
+      k_pos, valid, plain = self.ctx["k_pos"], self.ctx["valid"], plain_scores(enc)
+      q, k, v = self.attn.prepare(q, self.k_buf, self.v_buf, positions, k_pos, enc,
+                                  share_kv=not plain)
+      if plain:
+        out = grouped_attend(q, k, v, positions, k_pos, enc, valid)
+      else:
+        out, _ = full_attend(q, k, v, positions, k_pos, enc, key_mask=valid)
     return self.attn.out(out.reshape(b, s, -1)), None
 
 

@@ -77,6 +77,18 @@ def test_cached_equals_full_every_encoding(name, tiny_config):
   assert _max_diff(_cached(model, tokens), full) <= F32_TOL
 
 
+@pytest.mark.parametrize("name", ["rope", "alibi", "t5_bias", "cope"])
+def test_cached_equals_full_grouped_query_attention(name, tiny_config):
+  """4 query heads reading 2 kv heads: the decode steps share each cached kv head without
+  copying it (``grouped_attend``; bias heads in (kv, group) order: ALiBi's per-head slopes
+  and T5's per-head buckets would land on the wrong heads otherwise); CoPE, whose logits
+  have a rule of their own, takes the shared-copy path."""
+  _, model = _model(name, tiny_config, **{"model.num_heads": 4, "model.num_kv_heads": 2})
+  assert model.blocks[0].attn.num_kv_heads == 2
+  tokens = _tokens()
+  assert _max_diff(_cached(model, tokens), _full(model, tokens)) <= F32_TOL
+
+
 @pytest.mark.parametrize("variant", [v for v in extensions.names()
                                      if v not in ("none", "dynamic", "longrope")])
 def test_cached_equals_full_every_rope_variant(variant, tiny_config):
