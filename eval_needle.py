@@ -81,8 +81,9 @@ def run_grid(opts, log=print):
     for variant in extensions.parse_variants(opts.variants):
       for length in lengths:
         for depth in depths:
-          row = {"task": "needle", "run": os.path.basename(os.path.normpath(run_dir)),
-                 "run_dir": run_dir, "posenc": config.posenc.name, "variant": variant.label,
+          name = os.path.basename(os.path.normpath(run_dir))
+          row = {"task": "needle", "run": name, "group": config.get("name") or name,
+                 "run_seed": config.get("seed"), "run_dir": run_dir, "posenc": config.posenc.name, "variant": variant.label,
                  "train_len": config.train_len, "length": length, "depth": depth,
                  "trials": opts.trials, "distractors": opts.distractors, "split": opts.split,
                  "seed": opts.seed, **({"eval_dtype": eval_dtype} if eval_dtype else {})}
@@ -148,7 +149,24 @@ def write_report(out, rows):
     safe = f"{run}_{variant}".replace("/", "_").replace(":", "_").replace(",", "_")
     fig.savefig(os.path.join(out, f"needle_heatmap_{safe}.png"), dpi=100)
     plt.close(fig)
+  lines += _across_seeds_lines(needle.across_seeds(rows))
   results.write_atomic(os.path.join(out, "needle.md"), "\n".join(lines) + "\n")
+
+
+def _across_seeds_lines(summary):
+  """needle.md's seed table: per run group, variant and length, exact match averaged over
+  depths, mean +- sd over training seeds [min, max], and the mean rank."""
+  if not summary:
+    return []
+  lines = ["## Across training seeds (accuracy averaged over depths, then mean +- sd over "
+           "seeds [min, max]; mean rank +- sd)", "",
+           "| group | variant | length | seeds | exact match | mean rank |", "|---" * 6 + "|"]
+  for (group, variant), stats in sorted(summary.items()):
+    for length, s in stats.items():
+      lines.append(f"| {group} | {variant} | {length} | {s['seeds']} | {s['accuracy']:.3f} +- "
+                   f"{s['accuracy_sd']:.3f} [{s['accuracy_min']:.2f}, {s['accuracy_max']:.2f}] | "
+                   f"{s['rank']:.2f} +- {s['rank_sd']:.2f} |")
+  return lines + [""]
 
 
 def _token_accuracy_line(cell, lengths, depths):

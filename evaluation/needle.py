@@ -126,3 +126,29 @@ def effective_length(rows, train_len, threshold=0.85, relative=True):
       break
     best = n
   return best
+
+
+def across_seeds(rows):
+  """{(group, variant): {length: stats}} for run groups evaluated at >= 2 training seeds:
+  each seed's accuracy (and mean rank) averaged over depths first, then the mean, sample sd
+  (ddof 1), min and max over seeds - training noise, next to each cell's trial interval."""
+  per = {}
+  for r in rows:
+    if r.get("status") == "ok":
+      key = (r.get("group") or r["run"], r["variant"])
+      per.setdefault(key, {}).setdefault(r["length"], {}).setdefault(r["run_dir"], []).append(r)
+  out = {}
+  for key, by_len in per.items():
+    stats = {}
+    for length, by_run in sorted(by_len.items()):
+      acc = np.array([np.mean([r["accuracy"] for r in rs]) for rs in by_run.values()])
+      rank = np.array([np.mean([r["mean_rank"] for r in rs]) for rs in by_run.values()])
+      if len(acc) >= 2:
+        stats[length] = {"seeds": len(acc), "accuracy": float(acc.mean()),
+                         "accuracy_sd": float(acc.std(ddof=1)), "accuracy_min": float(acc.min()),
+                         "accuracy_max": float(acc.max()), "rank": float(rank.mean()),
+                         "rank_sd": float(rank.std(ddof=1))}
+    if stats:
+      out[key] = stats
+  return out
+

@@ -278,16 +278,18 @@ def test_needle_study_trains_every_family_with_the_mixture_and_writes_the_grid(t
   for j in jobs:
     c = j.make_config()
     assert (c.data.needle_fraction, c.data.repeat_fraction, c.data.repeat_warmup_steps) == (
-        0.25, 0.25, 2400)
-    assert (c.batch_size, c.num_train_steps, c.train_len) == (16, 5600, 128)
+        0.25, 0.25, 4800)
+    assert (c.batch_size, c.num_train_steps, c.train_len) == (16, 8000, 128)
+  assert len(jobs) == 18 and {j.seed for j in jobs} == {0, 1, 2}
   smoke = sweep_demo.get_config("needle_smoke")
   smoke.train.runs_dir, smoke.out = str(tmp_path / "runs"), str(tmp_path / "results")
   rows = demo.run_demo(smoke)
   # 2 runs; rope: none + yarn, alibi: none + a skipped yarn; 2 lengths x 2 depths each
   ok = [r for r in rows if r["status"] == "ok"]
-  assert len(ok) == 3 * 4 and {r["run"] for r in ok} == {"rope-s0", "alibi-s0"}
+  assert len(ok) == 2 * 3 * 4 and {r["run"] for r in ok} == {"rope-s0", "alibi-s0", "rope-s1",
+                                                              "alibi-s1"}
   assert all(0.0 <= r["accuracy"] <= 1.0 and r["trials"] == 2 for r in ok)
-  assert os.path.exists(tmp_path / "results" / "needle.md")
+  assert "## Across training seeds" in (tmp_path / "results" / "needle.md").read_text()
   with pytest.raises(ValueError, match="valid choices: full, needle"):
     sweep_demo.get_config("needles")
 

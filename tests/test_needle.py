@@ -98,6 +98,7 @@ def test_grid_is_resumable(tmp_path, tiny_config, monkeypatch):
                                out=str(tmp_path))
   rows = eval_needle.run_grid(opts, log=lambda *_: None)
   assert len(rows) == 4 and len(calls) == 4 and {r["length"] for r in rows} == {64, 96}
+  assert {(r["group"], r["run_seed"]) for r in rows} == {(config.get("name") or "fake", config.seed)}
   eval_needle.run_grid(opts, log=lambda *_: None)
   assert len(calls) == 4  # nothing recomputed
   path = tmp_path / "needle.jsonl"
@@ -108,3 +109,27 @@ def test_grid_is_resumable(tmp_path, tiny_config, monkeypatch):
   eval_needle.write_report(str(tmp_path), rows)
   assert (tmp_path / "needle.md").exists()
   assert list(tmp_path.glob("needle_heatmap_*.png"))
+
+
+def test_across_seeds_averages_depths_then_seeds():
+  """Per seed the depths are averaged first, then mean / sd (ddof 1) / range over seeds;
+  a group with one seed, and rows that are not ok, are left out."""
+  def row(run, group, depth, acc, rank, length=256, status="ok"):
+    return {"run": run, "run_dir": f"runs/{run}", "group": group, "variant": "none",
+            "length": length, "depth": depth, "accuracy": acc, "mean_rank": rank,
+            "status": status}
+  rows = [row("rope-s0", "rope", 0, 1.0, 1.0), row("rope-s0", "rope", 1, 0.5, 2.0),  # 0.75
+          row("rope-s1", "rope", 0, 0.25, 3.0), row("rope-s1", "rope", 1, 0.25, 5.0),  # 0.25
+          row("rope-s2", "rope", 0, 0.5, 2.0), row("rope-s2", "rope", 1, 0.5, 2.0),  # 0.5
+          row("rope-s2", "rope", 0, 0.0, 9.0, length=512, status="skipped"),
+          row("alibi-s0", "alibi", 0, 0.4, 1.0)]
+  summary = needle.across_seeds(rows)
+  assert list(summary) == [("rope", "none")]
+  s = summary[("rope", "none")][256]
+  assert s["seeds"] == 3 and s["accuracy"] == pytest.approx(0.5)
+  assert s["accuracy_sd"] == pytest.approx(0.25) and (s["accuracy_min"], s["accuracy_max"]) == (0.25, 0.75)
+  assert s["rank"] == pytest.approx((1.5 + 4.0 + 2.0) / 3)
+  assert 512 not in summary[("rope", "none")]
+  text = "\n".join(eval_needle._across_seeds_lines(summary))
+  assert "| rope | none | 256 | 3 | 0.500 +- 0.250 [0.25, 0.75] |" in text
+
