@@ -2,7 +2,11 @@
 forward over the whole sequence for every new token), at a given context length.
 
   python benchmarks/generate_speed.py --run=runs/rope --context=1024 --new=32
-Prints one line per mode; compile time excluded (first step timed separately).
+  python benchmarks/generate_speed.py --run=pretrained:smollm2-135m --context=1024,4096 \
+      --dtype=auto --modes=cached
+Prints one line per mode and context, with the CPU; compile time excluded (first step timed
+separately). The prompt runs in the model's matmul dtype, cached steps in float32
+(models/generate.py).
 """
 import argparse
 import os
@@ -15,7 +19,9 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+from evaluation.runner import variant_model
 from models.generate import CachedDecoder
+from models.layers import cpu_description
 from training import checkpoint
 from training.allocator import reexec_with_huge_pages
 
@@ -47,18 +53,25 @@ def uncached_tps(model, tokens, new):
   return new / (time.perf_counter() - start)
 
 
-def main():
+def main(argv=None):
   p = argparse.ArgumentParser()
-  p.add_argument("--run", required=True)
-  p.add_argument("--context", type=int, default=1024)
+  p.add_argument("--run", required=True, help="run dir or pretrained checkpoint")
+  p.add_argument("--context", default="1024", help="comma list of prompt lengths")
   p.add_argument("--new", type=int, default=16)
-  args = p.parse_args()
-  _, model = checkpoint.load_run(args.run)
+  p.add_argument("--dtype", default="", help="matmul dtype override: auto | float32 | bfloat16")
+  p.add_argument("--modes", default="cached,uncached")
+  args = p.parse_args(argv)
+  config, model = checkpoint.load_run(args.run)
+  if args.dtype:
+    model = variant_model(model, config, args.dtype)
+  print(f"cpu {cpu_description()}", flush=True)
   vocab = model.embedding.shape[0]
-  tokens = jnp.asarray(np.random.default_rng(0).integers(0, vocab, (1, args.context)), jnp.int32)
-  for name, fn in (("cached", cached_tps), ("uncached", uncached_tps)):
-    print(f"{args.run} context {args.context}: {name} {fn(model, tokens, args.new):.1f} tokens/s",
-          flush=True)
+  modes = {"cached": cached_tps, "uncached": uncached_tps}
+  for context in [int(c) for c in args.context.split(",")]:
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, vocab, (1, context)), jnp.int32)
+    for name in args.modes.split(","):
+      print(f"{args.run} context {context}: {name} {modes[name](model, tokens, args.new):.2f} "
+            "tokens/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -34,3 +34,29 @@ def test_step_memory_reports_the_compiled_scratch(capsys):
     out[mode] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert out["eval"]["mode"] == "eval" and out["eval"]["mlp_chunk"] == 16
   assert 0 < out["eval"]["temp_mib"] < out["train"]["temp_mib"]
+
+
+def test_generate_speed_prints_the_cpu_and_one_line_per_context_and_mode(
+    capsys, monkeypatch, tiny_config):
+  """benchmarks/generate_speed.py on a checkpoint (here a tiny model): --dtype reaches the
+  model, every (context, mode) gets a positive tokens/s."""
+  from benchmarks import generate_speed
+  from configs.common import resolve
+  from models import build_model
+  config = resolve(tiny_config(posenc="rope", train_len=16))
+  seen = {}
+  def load_run(spec):
+    seen["spec"] = spec
+    return config, build_model(config)
+  monkeypatch.setattr(generate_speed.checkpoint, "load_run", load_run)
+  real = generate_speed.variant_model
+  monkeypatch.setattr(generate_speed, "variant_model",
+                      lambda m, c, d: seen.setdefault("dtype", d) and real(m, c, d))
+  generate_speed.main(["--run", "pretrained:x", "--context", "8,16", "--new", "3",
+                       "--dtype", "bfloat16", "--modes", "cached,uncached"])
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[0].startswith("cpu {") and seen == {"spec": "pretrained:x", "dtype": "bfloat16"}
+  speeds = [float(line.split()[-2]) for line in lines[1:]]
+  assert [line.split(": ")[1].split()[0] for line in lines[1:]] == ["cached", "uncached"] * 2
+  assert len(speeds) == 4 and min(speeds) > 0
+
