@@ -83,7 +83,8 @@ def run_grid(opts, log=print):
         for depth in depths:
           name = os.path.basename(os.path.normpath(run_dir))
           row = {"task": "needle", "run": name, "group": config.get("name") or name,
-                 "run_seed": config.get("seed"), "run_dir": run_dir, "posenc": config.posenc.name, "variant": variant.label,
+                 "run_seed": config.get("seed"), "run_dir": run_dir,
+                 "posenc": config.posenc.name, "variant": variant.label,
                  "train_len": config.train_len, "length": length, "depth": depth,
                  "trials": opts.trials, "distractors": opts.distractors, "split": opts.split,
                  "seed": opts.seed, **({"eval_dtype": eval_dtype} if eval_dtype else {})}

@@ -151,4 +151,3 @@ def across_seeds(rows):
     if stats:
       out[key] = stats
   return out
-

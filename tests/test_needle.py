@@ -98,7 +98,8 @@ def test_grid_is_resumable(tmp_path, tiny_config, monkeypatch):
                                out=str(tmp_path))
   rows = eval_needle.run_grid(opts, log=lambda *_: None)
   assert len(rows) == 4 and len(calls) == 4 and {r["length"] for r in rows} == {64, 96}
-  assert {(r["group"], r["run_seed"]) for r in rows} == {(config.get("name") or "fake", config.seed)}
+  group = config.get("name") or "fake"
+  assert {(r["group"], r["run_seed"]) for r in rows} == {(group, config.seed)}
   eval_needle.run_grid(opts, log=lambda *_: None)
   assert len(calls) == 4  # nothing recomputed
   path = tmp_path / "needle.jsonl"
@@ -127,7 +128,8 @@ def test_across_seeds_averages_depths_then_seeds():
   assert list(summary) == [("rope", "none")]
   s = summary[("rope", "none")][256]
   assert s["seeds"] == 3 and s["accuracy"] == pytest.approx(0.5)
-  assert s["accuracy_sd"] == pytest.approx(0.25) and (s["accuracy_min"], s["accuracy_max"]) == (0.25, 0.75)
+  assert s["accuracy_sd"] == pytest.approx(0.25)
+  assert (s["accuracy_min"], s["accuracy_max"]) == (0.25, 0.75)
   assert s["rank"] == pytest.approx((1.5 + 4.0 + 2.0) / 3)
   assert 512 not in summary[("rope", "none")]
   text = "\n".join(eval_needle._across_seeds_lines(summary))
