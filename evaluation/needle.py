@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 
+from evaluation.results import group_of
 from models.generate import CachedDecoder
 
 # short, so that it fits half the training length of the byte runs (36 of 64 bytes with the
@@ -135,7 +136,7 @@ def across_seeds(rows):
   per = {}
   for r in rows:
     if r.get("status") == "ok":
-      key = (r.get("group") or r["run"], r["variant"])
+      key = (group_of(r), r["variant"])
       per.setdefault(key, {}).setdefault(r["length"], {}).setdefault(r["run_dir"], []).append(r)
   out = {}
   for key, by_len in per.items():

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import matplotlib.ticker as mticker  # noqa: E402
 
 from evaluation import aggregate  # noqa: E402
-from evaluation.results import ok_rows  # noqa: E402
+from evaluation.results import group_of, ok_rows  # noqa: E402
 
 CLIP = 10.0
 STYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)))
@@ -64,8 +64,7 @@ def _first(by_len):
 
 
 def _group(by_len):
-  r = _first(by_len)
-  return r.get("group") or r["run"]
+  return group_of(_first(by_len))
 
 
 def _log2_axis(ax, lengths, train_lens):
@@ -148,15 +147,13 @@ def _ppl_panel(ax, lines, styles, relative):
 def _panels(rows):
   """[(title, rows)]: the encoding families (no variant), then each group with variants."""
   done = ok_rows(rows)
-  with_variants = list(dict.fromkeys(r.get("group") or r["run"] for r in done
-                                     if r["variant"] != "none"))
-  group = lambda r: r.get("group") or r["run"]
-  tuned = lambda r, g: group(r).startswith(g + "-")  # rope-pi512: a fine-tune of rope
+  with_variants = list(dict.fromkeys(group_of(r) for r in done if r["variant"] != "none"))
+  tuned = lambda r, g: group_of(r).startswith(g + "-")  # rope-pi512: a fine-tune of rope
   panels = [("encoding families", [r for r in done if r["variant"] == "none" and not any(
       tuned(r, g) for g in with_variants)])]
   for g in with_variants:
     panels.append((f"{g}: extension variants (zero-shot) and fine-tunes",
-                   [r for r in done if group(r) == g or tuned(r, g)]))
+                   [r for r in done if group_of(r) == g or tuned(r, g)]))
   return [(t, rs) for t, rs in panels if rs]
 
 

@@ -76,9 +76,14 @@ class ResultsFile:
                                     for r in self.rows.values()))
 
 
+def group_of(row):
+  """A row's run group (seeds of one experiment share it; older rows: the run name)."""
+  return row.get("group") or row["run"]
+
+
 def line_label(row):
-  """Run group (seeds of one experiment share it; older rows: the run name) + variant."""
-  group = row.get("group") or row["run"]
+  """Run group + variant."""
+  group = group_of(row)
   return group if row["variant"] == "none" else f"{group} +{row['variant']}"
 
 

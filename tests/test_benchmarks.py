@@ -59,4 +59,3 @@ def test_generate_speed_prints_the_cpu_and_one_line_per_context_and_mode(
   speeds = [float(line.split()[-2]) for line in lines[1:]]
   assert [line.split(": ")[1].split()[0] for line in lines[1:]] == ["cached", "uncached"] * 2
   assert len(speeds) == 4 and min(speeds) > 0
-
