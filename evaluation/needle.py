@@ -13,7 +13,7 @@ exact match = every answer token is the argmax given the true earlier answer tok
 is exactly "greedy decoding of the answer reproduces it" (the first wrong argmax is where
 greedy would diverge; tests/test_needle.py checks the equivalence); and the rank of the
 true key by total log-probability among ``distractors`` random keys of the same length
-(the prefix is computed once and the cache forked over the candidates).
+(the prefix is computed once; each candidate continues on a branch of its cache).
 """
 import math
 
@@ -87,7 +87,8 @@ def score_example(model, example, **cache_kw):
   dec = CachedDecoder(model, 1, len(tokens), **cache_kw)
   prefix = dec.feed(tokens[None, :at], last_only=True)
   first = log_softmax(np.asarray(prefix)[0, -1])  # P(answer[0] | prefix)
-  rest = log_softmax(np.asarray(dec.fork(len(cands)).feed(cands[:, :-1])))  # [c, k-1, V]
+  rest = np.concatenate([log_softmax(np.asarray(dec.branch().feed(c[None, :-1])))
+                         for c in cands])  # [c, k-1, V]
   steps = np.concatenate([np.broadcast_to(first, (len(cands), 1, first.shape[-1])), rest], 1)
   correct = steps[0].argmax(-1) == cands[0]
   logp = np.take_along_axis(steps, cands[:, :, None], axis=-1)[..., 0].sum(-1)

