@@ -177,3 +177,30 @@ def test_remat_gives_the_same_gradients_in_less_memory(name, dropout):
   for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
     np.testing.assert_allclose(g_r, g, rtol=1e-4, atol=1e-7)
   assert temp_r < 0.6 * temp, (temp_r, temp)
+
+
+def _schedule(kind, steps=1000, **kw):
+  from configs.default import get_config
+  from training.optim import learning_rate_schedule
+  cfg = get_config().optim
+  cfg.update(schedule=kind, learning_rate=1e-3, warmup_steps=100, min_lr_ratio=0.1, **kw)
+  f = learning_rate_schedule(cfg, steps)
+  return np.array([float(f(i)) for i in range(steps + 1)])
+
+
+def test_wsd_holds_the_peak_then_decays_linearly_and_cosine_is_unchanged():
+  wsd, cos = _schedule("wsd", decay_fraction=0.2), _schedule("cosine")
+  np.testing.assert_allclose(wsd[:101], cos[:101], rtol=1e-6)  # the same linear warmup
+  np.testing.assert_allclose(wsd[100:801], 1e-3, rtol=1e-6)  # stable until the last 20 %
+  np.testing.assert_allclose(np.diff(wsd[800:]), -0.9e-3 / 200, rtol=1e-4)  # linear decay
+  assert wsd[-1] == pytest.approx(1e-4) and cos[-1] == pytest.approx(1e-4)
+  # cosine: half-way through the decay it is at the middle of peak and end (Loshchilov & Hutter)
+  assert cos[550] == pytest.approx(0.55e-3, rel=1e-3)
+  assert 1.4 < wsd.sum() / cos.sum() < 1.6  # how far Adam can move a parameter (optim.py)
+
+
+def test_bad_schedule_is_a_clear_error():
+  with pytest.raises(ValueError, match="unknown optim.schedule 'linear'.*cosine, wsd"):
+    _schedule("linear")
+  with pytest.raises(ValueError, match="decay_fraction must be in"):
+    _schedule("wsd", decay_fraction=0.0)
