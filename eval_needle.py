@@ -48,14 +48,33 @@ KEY_FIELDS = ("run_dir", "variant", "length", "depth", "trials", "distractors", 
 MAX_FILLER_CHARS = 4_000_000  # BPE filler: tokenise only this much of the split
 
 
+def _number(item, flag, what):
+  try:
+    return float(item)
+  except ValueError:
+    raise ValueError(f"--{flag}: {item!r} is not {what}") from None
+
+
 def parse_lengths(spec, train_len):
   out = []
   for item in spec.split(","):
     item = item.strip()
-    value = float(item[1:]) * train_len if item.startswith("x") else float(item)
+    what = "a token count or xF (F x the training length), e.g. 4096 or x2"
+    value = (_number(item[1:], "lengths", what) * train_len if item.startswith("x")
+             else _number(item, "lengths", what))
     if value < 1:
       raise ValueError(f"length {item!r} must be >= 1 token (or xF with F > 0)")
     out.append(int(round(value)))
+  return out
+
+
+def parse_depths(spec):
+  """--depths -> floats, checked before any run is loaded."""
+  out = [_number(d.strip(), "depths", "a depth (a number in [0, 1])") for d in spec.split(",")]
+  bad = [d for d in out if not 0.0 <= d <= 1.0]
+  if bad:
+    raise ValueError(f"--depths must lie in [0, 1] (0 = the start of the text, 1 = just "
+                     f"before the question); got {bad}")
   return out
 
 
@@ -70,9 +89,9 @@ def filler_tokens(config, codec, split):
 
 def run_grid(opts, log=print):
   """Computes the missing cells; returns all rows."""
+  depths = parse_depths(opts.depths)
   os.makedirs(opts.out, exist_ok=True)
   store = results.ResultsFile(os.path.join(opts.out, "needle.jsonl"), KEY_FIELDS)
-  depths = [float(d) for d in opts.depths.split(",")]
   eval_dtype = eval_dtype_for(getattr(opts, "dtype", ""))
   for run_dir in [r.strip() for r in opts.runs.split(",") if r.strip()]:
     config = checkpoint.read_config(run_dir)

@@ -135,3 +135,18 @@ def test_across_seeds_averages_depths_then_seeds():
   text = "\n".join(eval_needle._across_seeds_lines(summary))
   assert "| rope | none | 256 | 3 | 0.500 +- 0.250 [0.25, 0.75] |" in text
 
+
+
+def test_bad_lengths_and_depths_are_clear_errors_before_any_run_is_read(tmp_path, monkeypatch):
+  monkeypatch.setattr(eval_needle.checkpoint, "read_config",
+                      lambda _: pytest.fail("a run was read before the options were checked"))
+  opts = types.SimpleNamespace(runs="runs/fake", lengths="x2", depths="0,1.5", trials=2,
+                               distractors=2, variants="none", split="test", seed=0,
+                               out=str(tmp_path))
+  with pytest.raises(ValueError, match=r"--depths must lie in \[0, 1\].*\[1.5\]"):
+    eval_needle.run_grid(opts)
+  with pytest.raises(ValueError, match="--depths: 'half' is not a depth"):
+    eval_needle.run_grid(types.SimpleNamespace(**{**vars(opts), "depths": "0,half"}))
+  with pytest.raises(ValueError, match="--lengths: 'abc' is not a token count or xF"):
+    eval_needle.parse_lengths("1024,abc", 128)
+  assert eval_needle.parse_lengths("x0.5, 4096", 128) == [64, 4096]
