@@ -43,7 +43,10 @@ def expand_runs(spec):
 
 def parse_lengths(spec):
   items = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
-  lengths = [int(x) for x in items if str(x).strip()]
+  try:
+    lengths = [int(x) for x in items if str(x).strip()]
+  except ValueError:
+    lengths = []
   if not lengths or min(lengths) < 1:
     raise ValueError(f"--lengths must be positive integers, got {spec!r}")
   return sorted(set(lengths))

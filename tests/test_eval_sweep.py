@@ -222,3 +222,10 @@ def test_samples_rerun_replaces_its_sections_and_keeps_the_others():
   new = samples.merge(old, [("## b (y, train_len 1)", "B2"), ("## c (z, train_len 1)", "C")], head)
   assert new.index("A1") < new.index("B2") < new.index("C") and "B1" not in new
   assert samples.merge(new, [], head) == new  # a rerun with nothing new changes nothing
+
+
+def test_bad_lengths_are_a_clear_error():
+  assert sweep.parse_lengths("256,128, 128") == [128, 256]
+  for bad in ("12x", "0,128", ""):
+    with pytest.raises(ValueError, match="--lengths must be positive integers"):
+      sweep.parse_lengths(bad)
