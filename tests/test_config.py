@@ -27,6 +27,7 @@ def test_bad_arguments():
     ("model.norm", "batchnorm", "unknown model.norm 'batchnorm'; valid choices: rmsnorm, layernorm"),
     ("model.mlp", "relu", "valid choices: swiglu, gelu"),
     ("model.dtype", "float16", "valid choices: float32, bfloat16"),
+    ("optim.schedule", "linear", "unknown optim.schedule 'linear'; valid choices: cosine, wsd"),
     ("model.num_heads", 3, "d_model=128 is not divisible by model.num_heads=3"),
     ("train_len", 0, "config.train_len must be > 0"),
     ("model.dropout", 1.5, "dropout must be in"),
