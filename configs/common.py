@@ -9,7 +9,7 @@ import input_pipeline
 from input_pipeline import positions
 import posenc
 from models.layers import auto_dtype
-from training.optim import SCHEDULES
+from training.optim import check_schedule
 
 SIZES = {  # num_layers, d_model, num_heads
     "tiny": (2, 128, 4),
@@ -72,7 +72,7 @@ def validate(config):
   _choice("model.mlp", config.model.mlp, MLPS)
   _choice("model.norm", config.model.norm, NORMS)
   _choice("model.dtype", config.model.dtype, DTYPES)
-  _choice("optim.schedule", config.optim.get("schedule", "cosine"), SCHEDULES)
+  check_schedule(config.optim)
   _positive(config, "train_len", "batch_size", "num_train_steps", "model.num_layers",
             "model.d_model", "model.num_heads", "optim.learning_rate", "checkpoint_every",
             "eval_every", "log_every")
