@@ -7,6 +7,7 @@ once; ``models.blockwise`` does the same by blocks without an L x L matrix;
 Masking is by *index* (key index <= query index), never by position id, so offset
 and randomized positions (sorted, possibly with gaps) are handled uniformly.
 """
+import functools
 import math
 
 import jax
@@ -62,18 +63,46 @@ def attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, impl="full", block_s
   """Causal attention: the fused CPU kernel where it applies (``cpu_attention.use_kernel``),
   else full or blockwise (see ``use_blockwise``); same result every way. with_stats: also
   the mean attention entropy and distance (``attention_stats``) over all rows (True) or
-  the first n rows (an int); the kernel computes them in the same pass."""
+  the first n rows (an int); the kernel computes them in the same pass.
+
+  bfloat16 runs the kernel only where nothing differentiates it (evaluation, prefill):
+  under a gradient, XLA's bf16 attention, as before the bf16 kernel existed, so bf16
+  training keeps its measured speed and numbers (``forward_only``)."""
   rows = stats_rows(with_stats, q.shape[0])
+  kw = dict(with_stats=with_stats, impl=impl, block_size=block_size)
   if cpu_attention.use_kernel(q, k, enc):
-    bias = enc.kernel_bias()
-    if rows:
-      return cpu_attention.attention_with_stats(q, k, v, q_pos, k_pos, bias, rows)
-    return cpu_attention.causal_attention(q, k, v, bias and (q_pos, k_pos, *bias)), None
+    kernel = functools.partial(_kernel_attend, enc=enc, rows=rows)
+    if q.dtype == jnp.bfloat16:
+      xla = lambda *args: _xla_attend(*args, enc, **kw)
+      return forward_only(kernel, xla)(q, k, v, q_pos, k_pos)
+    return kernel(q, k, v, q_pos, k_pos)
+  return _xla_attend(q, k, v, q_pos, k_pos, enc, **kw)
+
+
+def forward_only(fast, reference):
+  """A function computing ``fast(*args)`` where nothing differentiates it; under a gradient
+  (its forward rule) ``reference``'s value and gradient instead: a forward-only fast path
+  that leaves training exactly as ``reference`` computes it."""
+  fn = jax.custom_vjp(lambda *args: fast(*args))
+  fn.defvjp(lambda *args: jax.vjp(reference, *args), lambda vjp, g: vjp(g))
+  return fn
+
+
+def _kernel_attend(q, k, v, q_pos, k_pos, enc, rows):
+  bias = enc.kernel_bias()
+  if rows:
+    return cpu_attention.attention_with_stats(q, k, v, q_pos, k_pos, bias, rows)
+  return cpu_attention.causal_attention(q, k, v, bias and (q_pos, k_pos, *bias)), None
+
+
+def _xla_attend(q, k, v, q_pos, k_pos, enc, *, with_stats, impl, block_size):
+  """``attend`` by XLA's ops: full or blockwise, statistics apart for the first rows."""
+  rows = stats_rows(with_stats, q.shape[0])
   if 0 < rows < q.shape[0]:  # the statistics of the first rows apart
     kw = dict(impl=impl, block_size=block_size)
-    out, _ = attend(q, k, v, q_pos, k_pos, enc, **kw)
+    out, _ = _xla_attend(q, k, v, q_pos, k_pos, enc, with_stats=False, **kw)
     first = lambda x: x[:rows] if x.shape[0] > 1 else x
-    return out, attend(*map(first, (q, k, v, q_pos, k_pos)), enc, with_stats=True, **kw)[1]
+    return out, _xla_attend(*map(first, (q, k, v, q_pos, k_pos)), enc, with_stats=True, **kw)[1]
   if q.shape[1] == k.shape[1] and use_blockwise(impl, q.shape[1], block_size, enc):
     if with_stats:  # O(block) memory; 4096 tokens: 0.25 s instead of 1.7 (demo model, EPYC)
       return blockwise_stats(q, k, v, q_pos, k_pos, enc, block_size)

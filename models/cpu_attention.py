@@ -1,4 +1,5 @@
-"""Fused causal attention for XLA:CPU in float32: a C++ kernel behind ``jax.ffi``.
+"""Fused causal attention for XLA:CPU in float32 (and a bfloat16 forward): a C++ kernel
+behind ``jax.ffi``.
 
 Why: on a CPU without AVX-512 (AMD EPYC, avx2 + fma, 2 cores) XLA:CPU runs attention's
 batched [s, d] x [d, s] dots at ~45 GFLOP/s (the dense layers' GEMMs reach ~130) and the
@@ -12,8 +13,17 @@ O(block) memory at any length, so it serves training and long evaluation alike. 
 inputs and outputs as ``attention.full_attend`` / ``blockwise_attend`` (q pre-scaled,
 [b, s, h, d]); equal to them to float32 rounding (tests/test_cpu_attention.py).
 
+bfloat16 (q, k, v in bf16, as a bf16 model prepares them): the forward multiplies bf16 pairs
+with float32 accumulation (VDPBF16PS where the CPU has AVX512_BF16, the same products
+widened to float32 elsewhere), rounds P to bf16 for P V as XLA's bf16 path does, and keeps
+the softmax and the output in float32; its gradient is the float32 backward's at the
+bf16 inputs (the row log-sum-exp it uses is float32-exact: the S products of bf16 values
+are exact in float32). Why: XLA:CPU's bf16 attention on the AVX-512 + avx512_bf16 EPYC ran
+its tiles at ~200 GFLOP/s with the softmax in separate passes over [s, s] blocks: most of
+SmolLM2's long-prompt time (benchmarks/README.md).
+
 Where: ``use_kernel`` - CPU backend, one device (a custom call has no sharding rule),
-float32, self-attention with s and d multiples of 8, an encoding whose logits are plain
+float32 or bfloat16, self-attention with s and d multiples of 8, an encoding whose logits are plain
 q.k (``enc.content_only``) or q.k plus a bias of the query - key distance that the kernel
 forms itself from the positions (``enc.kernel_bias()``: ALiBi's slopes, T5's bucket
 table). ``attention_with_stats`` also returns the attention entropy and attended distance,
@@ -44,7 +54,10 @@ from models.layers import cpu_flags, env_choice
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "causal_attention.cc")
 CHOICES = ("auto", "kernel", "xla")
 _TARGETS = {"forward": "LenxCausalAttentionForward", "backward": "LenxCausalAttentionBackward",
-            "forward_stats": "LenxCausalAttentionForwardStats"}
+            "forward_stats": "LenxCausalAttentionForwardStats",
+            "forward_bf16": "LenxCausalAttentionForwardBf16",
+            "forward_stats_bf16": "LenxCausalAttentionForwardStatsBf16"}
+DTYPES = (jnp.float32, jnp.bfloat16)  # of q, k, v
 
 
 def _library_path():
@@ -118,8 +131,7 @@ def use_kernel(q, k, enc):
   s, d = q.shape[1], q.shape[3]
   shapes_fit = q.shape == k.shape and s % 8 == 0 and d % 8 == 0
   plain = enc.content_only or enc.kernel_bias() is not None
-  return (shapes_fit and plain and q.dtype == jnp.float32 and k.dtype == jnp.float32
-          and enabled()[0])
+  return (shapes_fit and plain and q.dtype == k.dtype and q.dtype in DTYPES and enabled()[0])
 
 
 def _threads():
@@ -133,8 +145,8 @@ def _call(name, outputs, *args, **attrs):
 
 
 def causal_attention(q, k, v, bias=None):
-  """causal softmax(q k^T + bias) v for q, k, v [b, s, h, d] float32 (q pre-scaled) ->
-  [b, s, h, d]. bias: None, or (q_pos, k_pos [b or 1, s] int, slopes [h] or None, table
+  """causal softmax(q k^T + bias) v for q, k, v [b, s, h, d] float32 or bfloat16 (one dtype;
+  q pre-scaled) -> [b, s, h, d] float32. bias: None, or (q_pos, k_pos [b or 1, s] int, slopes [h] or None, table
   [h, T] or None) for bias_ij = -slopes_h |i - j| + table_h[clamp(i - j, 0, T - 1)] at the
   positions i, j of query and key (``PositionalEncoding.distance_bias``); slopes and table
   are differentiable."""
@@ -173,9 +185,14 @@ def _attention(q, k, v, q_pos, k_pos, slopes, table, parts):
   return _forward(q, k, v, q_pos, k_pos, slopes, table, parts)[0]
 
 
+def _target(name, q):
+  """The handler of ``name`` for q's dtype."""
+  return name + "_bf16" if q.dtype == jnp.bfloat16 else name
+
+
 def _forward(q, k, v, q_pos, k_pos, slopes, table, parts):
   b, s, h, _ = q.shape
-  out, lse = _call("forward", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+  out, lse = _call(_target("forward", q), (jax.ShapeDtypeStruct(q.shape, jnp.float32),
                                jax.ShapeDtypeStruct((b, h, s), jnp.float32)),
                    q, k, v, q_pos, k_pos, slopes, table, parts=np.int64(parts))
   return out, (q, k, v, out, lse, q_pos, k_pos, slopes, table)
@@ -183,6 +200,8 @@ def _forward(q, k, v, q_pos, k_pos, slopes, table, parts):
 
 def _backward(parts, res, g):
   q, k, v, out, lse, q_pos, k_pos, slopes, table = res
+  dtype = q.dtype  # bf16 inputs: float32's backward at their values, cotangents cast back
+  q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
   b, _, h, _ = q.shape
   shape = jax.ShapeDtypeStruct(q.shape, jnp.float32)
   per_row = (jax.ShapeDtypeStruct((b, h), jnp.float32),
@@ -192,6 +211,7 @@ def _backward(parts, res, g):
                                       parts=np.int64(parts))
   dslopes = jnp.sum(dslopes, axis=0) if parts & 1 else jnp.zeros_like(slopes)
   dtable = jnp.sum(dtable, axis=0) if parts & 2 else jnp.zeros_like(table)
+  dq, dk, dv = (t.astype(dtype) for t in (dq, dk, dv))
   return dq, dk, dv, None, None, dslopes, dtable
 
 
@@ -209,7 +229,7 @@ def _forward_stats(q, k, v, q_pos, k_pos, slopes, table, parts, rows):
   b, s, h, _ = q.shape
   per_query = jax.ShapeDtypeStruct((b, h, s), jnp.float32)
   out, lse, entropy, distance = _call(
-      "forward_stats", (jax.ShapeDtypeStruct(q.shape, jnp.float32), per_query, per_query,
+      _target("forward_stats", q), (jax.ShapeDtypeStruct(q.shape, jnp.float32), per_query, per_query,
                         per_query), q, k, v, q_pos, k_pos, slopes, table,
       parts=np.int64(parts), stats_rows=np.int64(rows))
   return (out, entropy, distance), (q, k, v, out, lse, q_pos, k_pos, slopes, table)

@@ -49,6 +49,95 @@ def test_kernel_equals_xla_attention_value_and_grads(shape):
     assert _rel(got, want) < 1e-5
 
 
+def _bf16_attention(q, k, v):
+  """What the bf16 forward computes, in float64 (numpy), for s <= one key block (256): S from
+  the bf16 values (products exact in float32), P = exp(S - row max) rounded to bf16 for P V,
+  the row sum of P and the division in float (not rounded)."""
+  q, k, v = (np.asarray(t.astype(jnp.float32), np.float64) for t in (q, k, v))
+  s = q.shape[1]
+  logits = np.where(np.tril(np.ones((s, s), bool)), np.einsum("bqhd,bkhd->bhqk", q, k), -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p_bf16 = np.asarray(jnp.asarray(p, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
+  return np.einsum("bhqk,bkhd->bqhd", p_bf16, v) / np.moveaxis(p.sum(-1), 1, 2)[..., None]
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 3, 16), (1, 8, 1, 8), (1, 200, 2, 64)])
+def test_bf16_kernel_is_bf16_products_with_float32_softmax(shape):
+  """The bf16 forward = the bf16 products accumulated in float32 with P rounded to bf16 (the
+  same algorithm in float64 to ~1e-6; a float32 P, i.e. a kernel that skipped the rounding, is
+  ~1e-3 away), causal, float32 out; its gradient = the float32 kernel's at the bf16 values."""
+  q, k, v, g = (t.astype(jnp.bfloat16) for t in _qkv(shape, seed=5))
+  out = cpu_attention.causal_attention(q, k, v)
+  assert out.dtype == jnp.float32
+  want = _bf16_attention(q, k, v)
+  assert _rel(out, want) < 2e-6
+  exact = _float64_attention(*(t.astype(jnp.float32) for t in (q, k, v)))
+  if shape[1] > 8:
+    assert _rel(want, exact) > 5e-5  # the rounding of P is visible: the test can tell
+  assert _rel(out, exact) < 1e-2
+  later = k.at[:, shape[1] // 2:].set(3.0)  # keys after t change nothing at t
+  out2 = cpu_attention.causal_attention(q, later, v)
+  np.testing.assert_array_equal(out[:, :shape[1] // 2], out2[:, :shape[1] // 2])
+  grads = jax.vjp(cpu_attention.causal_attention, q, k, v)[1](g.astype(jnp.float32))
+  f32 = jax.vjp(cpu_attention.causal_attention,
+                *(t.astype(jnp.float32) for t in (q, k, v)))[1](g.astype(jnp.float32))
+  for got, want in zip(grads, f32):
+    assert got.dtype == jnp.bfloat16 and _rel(got, want) < 2e-2
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_kernel_across_blocks_equals_xla_bf16_attention(bias):
+  """520 tokens (partial query and key blocks, a running max that moves): the bf16 forward
+  against XLA's bf16 attention (logits from bf16 q.k, P cast to bf16 for P V) with the same
+  distance bias, within bf16's rounding; the statistics equal the float32 kernel's."""
+  b, s, h, d = 1, 520, 2, 32
+  q, k, v, _ = (t.astype(jnp.bfloat16) for t in _qkv((b, s, h, d), seed=6))
+  pos = _positions(b, s, 7)
+  kernel_bias = (jnp.linspace(0.01, 0.1, h), jnp.linspace(-1.0, 1.0, 5 * h).reshape(h, 5)) \
+      if bias else None
+  operands = kernel_bias and (pos, pos, *kernel_bias)
+  out = cpu_attention.causal_attention(q, k, v, operands)
+  logits = qk_dot(q, k)
+  if bias:
+    dist = (pos[:, :, None] - pos[:, None, :])[:, None]
+    logits = logits - kernel_bias[0][:, None, None] * jnp.abs(dist) + kernel_bias[1][
+        jnp.arange(h)[:, None, None], jnp.clip(dist, 0, 4)]
+  xla = softmax_pv(logits, v, 0, jnp.bfloat16)
+  assert _rel(out, xla) < 1e-2
+  f32 = (t.astype(jnp.float32) for t in (q, k, v))
+  assert _rel(out, cpu_attention.causal_attention(*f32, operands)) < 1e-2
+  _, stats = cpu_attention.attention_with_stats(q, k, v, pos, pos, kernel_bias, 1)
+  _, stats32 = cpu_attention.attention_with_stats(*(t.astype(jnp.float32) for t in (q, k, v)),
+                                                  pos, pos, kernel_bias, 1)
+  for name in ("entropy", "distance"):
+    assert _rel(stats[name], stats32[name]) < 1e-5  # the softmax runs in float32 either way
+
+
+def test_forward_only_is_fast_alone_and_the_reference_under_a_gradient():
+  from models.attention import forward_only
+  fn = forward_only(lambda x, n: 2.0 * x, lambda x, n: x ** 2)  # n: an integer argument
+  x, n = jnp.float32(3.0), jnp.int32(4)
+  assert float(fn(x, n)) == 6.0 and float(jax.jit(fn)(x, n)) == 6.0
+  value, grad = jax.value_and_grad(fn)(x, n)
+  assert float(value) == 9.0 and float(grad) == 6.0
+
+
+def test_bf16_model_evaluates_with_the_kernel_and_trains_as_xla(monkeypatch):
+  """A bf16 model: its forward with the bf16 kernel is XLA's bf16 forward to bf16 rounding,
+  and its loss and gradient under jax.grad are XLA's (forward_only), whatever the choice."""
+  results = {}
+  for choice in ("xla", "kernel"):
+    monkeypatch.setenv("LENX_CPU_ATTENTION", choice)
+    loss, params = _model_loss("rope", False, "bfloat16")
+    results[choice] = jax.jit(loss)(params), jax.jit(jax.value_and_grad(loss))(params)
+  (fwd_x, (loss_x, g_x)), (fwd_k, (loss_k, g_k)) = results["xla"], results["kernel"]
+  assert _rel(fwd_k, fwd_x) < 2e-2 and float(fwd_k) != float(fwd_x)  # another computation
+  assert _rel(loss_k, loss_x) < 1e-6
+  flat_k, flat_x = (dict(nnx.traversals.flatten_mapping(g)) for g in (g_k, g_x))
+  for key in flat_x:
+    assert _rel(flat_k[key], flat_x[key]) < 1e-5, key
+
+
 def test_kernel_is_causal_and_saves_the_row_log_sum_exp():
   q, k, v, _ = _qkv((1, 16, 2, 8))
   out = cpu_attention.causal_attention(q, k, v)
@@ -195,7 +284,9 @@ def test_shapes_and_choices_that_keep_xla(monkeypatch):
   assert not cpu_attention.use_kernel(jnp.zeros((1, 20, 2, 8)), jnp.zeros((1, 20, 2, 8)), enc)
   assert not cpu_attention.use_kernel(q, jnp.zeros((1, 32, 2, 8)), enc)  # cached keys
   assert cpu_attention.use_kernel(jax.ShapeDtypeStruct(q.shape, q.dtype), q, enc)  # a shape will do
-  assert not cpu_attention.use_kernel(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), enc)
+  assert cpu_attention.use_kernel(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), enc)
+  assert not cpu_attention.use_kernel(q.astype(jnp.bfloat16), q, enc)  # mixed dtypes
+  assert not cpu_attention.use_kernel(q.astype(jnp.float16), q.astype(jnp.float16), enc)
   monkeypatch.setenv("LENX_CPU_ATTENTION", "auto")
   assert cpu_attention.enabled()[0] == cpu_attention._available()  # on every CPU class
   assert not cpu_attention.enabled(backend="gpu")[0]

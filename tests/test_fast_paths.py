@@ -178,11 +178,14 @@ def test_materialize_equals_fn_and_is_computed_once_per_step():
   assert hlo.count(" sine(") == 2 and hlo.count(" cosine(") == 2
 
 
-def test_bf16_training_matmuls_all_run_in_bf16():
+@pytest.mark.parametrize("attention", ["xla", "kernel"])
+def test_bf16_training_matmuls_all_run_in_bf16(monkeypatch, attention):
   """Every matmul of a bf16 model's forward + backward keeps bf16 operands in the
   compiled program: XLA:CPU up-casts a bf16 dot whose operand is a transposed view to
-  f32 (posenc.xla_ops), so this fails if an operand stops being a row-major buffer."""
+  f32 (posenc.xla_ops), so this fails if an operand stops being a row-major buffer. With
+  the CPU attention kernel (bf16 forward) the attention products leave XLA's dots."""
   import re
+  monkeypatch.setenv("LENX_CPU_ATTENTION", attention)
   loss, params = _model_loss("rope", False, "bfloat16")
   hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
   types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
@@ -190,6 +193,9 @@ def test_bf16_training_matmuls_all_run_in_bf16():
   dots = re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)
   big = [d for d in dots if "batch_dims" in hlo.split(f"dot(%{d[0]}, %{d[1]})")[1].split("\n")[0]]
   assert len(big) >= 2 * 6  # per layer: q.k, P V forward; dP, dV, dQ, dK backward
+  assert "lenx_causal_attention" not in hlo  # training keeps XLA's bf16 attention (forward_only)
+  forward = jax.jit(loss).lower(params).compile().as_text()  # no gradient: the bf16 kernel
+  assert forward.count("lenx_causal_attention_forward_bf16") == (2 if attention == "kernel" else 0)
   operand_types = {types[name] for pair in dots for name in pair}
   assert operand_types == {"bf16"}, [(a, b, types[a], types[b]) for a, b in dots
                                      if {types[a], types[b]} != {"bf16"}]

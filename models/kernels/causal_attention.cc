@@ -25,14 +25,26 @@
 // the backward also returns its gradients, d slope_h = -sum dS |i - j|, d table_h[n] = sum of
 // dS over the pairs whose clamped distance is n. The matmul
 // micro-kernel uses GCC vector extensions, so -march=native picks AVX2 + FMA (or AVX-512).
+// bfloat16 forward (the same handlers with a _Bf16 suffix): q, k, v in bf16, S = Q K^T and
+// O += P V as bf16 products accumulated in float32 (P rounded to bf16 for the second, as
+// XLA's bf16 attention does), softmax and output in float32. Where the CPU has AVX512_BF16
+// each pair of products is one VDPBF16PS lane (Intel SDM, "VDPBF16PS": dst += a[2i] b[2i] +
+// a[2i+1] b[2i+1]); elsewhere the same pairs are widened to float32 and multiplied (exact:
+// a bf16 x bf16 product fits in float32's mantissa). The backward is float32's.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define LENX_NATIVE_BF16 1
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -69,11 +81,46 @@ inline v8 exp8(v8 x) {
   return y * scale;
 }
 
+// x's first `count` lanes, zeros after them: a vector select (writing single lanes sent the
+// vector through the stack, ~18 % of the softmax pass's samples under perf).
+inline v8 first_lanes(v8 x, int64_t count) {
+  const v8i lane{0, 1, 2, 3, 4, 5, 6, 7};
+  return lane < static_cast<int32_t>(count) ? x : v8{};
+}
+
 // A strided matrix view: element (r, c) at data[r * rs + c * cs] (a transpose is a view).
-struct View {
-  const float* data;
+template <typename T>
+struct ViewT {
+  const T* data;
   int64_t rs, cs;
 };
+using View = ViewT<float>;
+
+using bf16 = uint16_t;  // bfloat16 bits (XLA FFI's native type for BF16)
+
+inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, sizeof f); return f; }
+
+// Round to nearest even (finite inputs: the probabilities of P).
+inline bf16 to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return static_cast<bf16>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// acc + a_lo b_lo + a_hi b_hi per lane: a = one bf16 pair (low half first) for all lanes,
+// b = 8 pairs (one per output column).
+inline v8 dot_pairs(v8 acc, uint32_t a, v8i b) {
+#ifdef LENX_NATIVE_BF16
+  return (v8)_mm256_dpbf16_ps((__m256)acc, (__m256bh)_mm256_set1_epi32(static_cast<int>(a)),
+                              (__m256bh)b);
+#else
+  v8 b_lo, b_hi;
+  v8i lo = b << 16, hi = b & static_cast<int32_t>(0xffff0000u);
+  std::memcpy(&b_lo, &lo, sizeof b_lo);
+  std::memcpy(&b_hi, &hi, sizeof b_hi);
+  return acc + bits_to_float(a << 16) * b_lo + bits_to_float(a & 0xffff0000u) * b_hi;
+#endif
+}
 
 constexpr int kRows = 6;   // rows of a register tile
 constexpr int kCols = 16;  // columns of a packed B panel (two 8-lane vectors)
@@ -98,8 +145,30 @@ void tile(const float* a, int64_t ars, int64_t aks, const float* bp, int64_t kn,
     for (int v = 0; v < NV; ++v) store8(c + r * ldc + 8 * v, acc[r][v]);
 }
 
-template <int NV>
-void tile_rows(int rows, const float* a, int64_t ars, int64_t aks, const float* bp, int64_t kn,
+// The bf16 tile: as above over kn (even) contraction indices taken in pairs, A bf16 with its
+// pairs contiguous (aks == 1), B packed in pairs (PairPanels).
+template <int R, int NV>
+void tile(const bf16* a, int64_t ars, int64_t aks, const uint32_t* bp, int64_t kn, float* c,
+          int64_t ldc, bool accumulate) {
+  (void)aks;
+  v8 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load8(c + r * ldc + 8 * v) : v8{};
+  for (int64_t p = 0; p < kn / 2; ++p) {
+    v8i bk[NV];
+    for (int v = 0; v < NV; ++v) std::memcpy(&bk[v], bp + p * kCols + 8 * v, sizeof bk[v]);
+    for (int r = 0; r < R; ++r) {
+      uint32_t ap;
+      std::memcpy(&ap, a + r * ars + 2 * p, sizeof ap);
+      for (int v = 0; v < NV; ++v) acc[r][v] = dot_pairs(acc[r][v], ap, bk[v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) store8(c + r * ldc + 8 * v, acc[r][v]);
+}
+
+template <int NV, typename TA, typename TB>
+void tile_rows(int rows, const TA* a, int64_t ars, int64_t aks, const TB* bp, int64_t kn,
                float* c, int64_t ldc, bool acc) {
   switch (rows) {
     case 6: return tile<6, NV>(a, ars, aks, bp, kn, c, ldc, acc);
@@ -124,10 +193,25 @@ int64_t padded16(int64_t n) { return (n + kCols - 1) / kCols * kCols; }
 // B packed into column panels of kCols: panel j at data + j * stride, its row k at + k * kCols
 // (contiguous, zero padded). Packed once per problem and shared by every tile.
 struct Panels {
+  static constexpr int64_t kStep = 1;  // contraction indices per packed row
+  using A = float;                     // the element type of the A operand it multiplies
   const float* data;
   int64_t stride;
   Panels at(int64_t row0, int64_t col0) const {  // col0 a multiple of kCols
     return {data + (col0 / kCols) * stride + row0 * kCols, stride};
+  }
+};
+
+// B (kdim x n, kdim even) packed for bf16 pair products: panel j (columns kCols j ..) at
+// data + j * stride, its pair-row p (rows 2p, 2p + 1) at + p * kCols, one uint32 per column:
+// B[2p, col] in the low half, B[2p + 1, col] in the high half (VDPBF16PS's pairing).
+struct PairPanels {
+  static constexpr int64_t kStep = 2;
+  using A = bf16;
+  const uint32_t* data;
+  int64_t stride;
+  PairPanels at(int64_t row0, int64_t col0) const {  // row0 even, col0 a multiple of kCols
+    return {data + (col0 / kCols) * stride + row0 / 2 * kCols, stride};
   }
 };
 
@@ -182,20 +266,55 @@ Panels pack(View b, int64_t kdim, int64_t n, float* dst) {
   return {dst, stride};
 }
 
+// bf16 operands of the forward, packed in pairs. K^T: the pair (K[c, 2p], K[c, 2p + 1]) is
+// already one 32-bit word of K's row c, so this is a transpose of words.
+PairPanels pack_keys(const bf16* k, int64_t ld, int64_t d, int64_t n, uint32_t* dst) {
+  const int64_t stride = d / 2 * kCols;
+  std::fill(dst, dst + padded16(n) * d / 2, 0u);
+  for (int64_t c = 0; c < n; ++c)
+    for (int64_t p = 0; p < d / 2; ++p)
+      std::memcpy(dst + (c / kCols) * stride + p * kCols + c % kCols, k + c * ld + 2 * p, 4);
+  return {dst, stride};
+}
+
+// V (s rows of d): rows 2p and 2p + 1 interleaved.
+PairPanels pack_values(const bf16* v, int64_t ld, int64_t s, int64_t d, uint32_t* dst) {
+  const int64_t stride = s / 2 * kCols;
+  std::fill(dst, dst + padded16(d) * s / 2, 0u);
+  for (int64_t p = 0; p < s / 2; ++p) {
+    const bf16 *lo = v + 2 * p * ld, *hi = lo + ld;
+    for (int64_t c = 0; c < d; ++c)
+      dst[(c / kCols) * stride + p * kCols + c % kCols] = lo[c] | static_cast<uint32_t>(hi[c]) << 16;
+  }
+  return {dst, stride};
+}
+
+// The float32 operands: K^T and V packed as they are.
+Panels pack_keys(const float* k, int64_t ld, int64_t d, int64_t n, float* dst) {
+  return pack({k, 1, ld}, d, n, dst);
+}
+Panels pack_values(const float* v, int64_t ld, int64_t s, int64_t d, float* dst) {
+  return pack({v, ld, 1}, s, d, dst);
+}
+
 // C (+)= A B (m x n, n % 8 == 0, contraction kdim), only the causal part (see Part); C
-// row-major (ldc), A read in place, B packed.
+// row-major (ldc), A read in place, B packed (float32 Panels, or bf16 PairPanels with A bf16:
+// the contraction range is then taken in whole pairs; the extra index reads a zero of P).
+template <typename B>
 void causal_matmul(Part part, int64_t diag, bool accumulate, int64_t m, int64_t n, int64_t kdim,
-                   View a, Panels b, float* c, int64_t ldc) {
+                   ViewT<typename B::A> a, B b, float* c, int64_t ldc) {
+  constexpr int64_t step = B::kStep;
   for (int64_t r0 = 0; r0 < m; r0 += kRows) {
     int rows = static_cast<int>(std::min<int64_t>(kRows, m - r0));
-    int64_t k0 = part == Part::kTrKeys ? std::max<int64_t>(0, r0 - diag) : 0;
-    int64_t k1 = part == Part::kKeys ? std::min(kdim, r0 + rows + diag) : kdim;
+    int64_t k0 = part == Part::kTrKeys ? std::max<int64_t>(0, r0 - diag) / step * step : 0;
+    int64_t k1 = part == Part::kKeys ? std::min(kdim, (r0 + rows + diag + step - 1) / step * step)
+                                     : kdim;
     int64_t cols = part == Part::kCols ? std::min(n, (r0 + rows + diag + 7) / 8 * 8) : n;
     if (k1 <= k0 || cols <= 0) continue;  // nothing visible (C keeps its values)
-    const float* ar = a.data + r0 * a.rs + k0 * a.cs;
+    const auto* ar = a.data + r0 * a.rs + k0 * a.cs;
     float* cr = c + r0 * ldc;
     for (int64_t col = 0; col < cols; col += kCols) {
-      const float* panel = b.at(k0, col).data;
+      const auto* panel = b.at(k0, col).data;
       if (cols - col >= kCols)
         tile_rows<2>(rows, ar, a.rs, a.cs, panel, k1 - k0, cr + col, ldc, accumulate);
       else
@@ -248,7 +367,7 @@ inline float online_softmax_row(float* row, int64_t n, int64_t nk, RowSums& st,
   for (int64_t j = 0; j < padded; j += 8) {
     v8 x = load8(row + j);
     v8 e = exp8(x - m_new);
-    if (j + 8 > n) for (int64_t t = n - j; t < 8; ++t) e[t] = 0.0f;
+    if (j + 8 > n) e = first_lanes(e, n - j);
     store8(row + j, e);
     sv += e;
     if (kStats) {  // a masked lane has e = 0 and a finite x: adds nothing
@@ -275,7 +394,7 @@ inline void softmax_grad_row(float* p, float* dp, int64_t n, int64_t nk, float l
   int64_t padded = (n + 7) / 8 * 8;
   for (int64_t j = 0; j < padded; j += 8) {
     v8 e = exp8(load8(p + j) - lse);
-    if (j + 8 > n) for (int64_t t = n - j; t < 8; ++t) e[t] = 0.0f;
+    if (j + 8 > n) e = first_lanes(e, n - j);
     store8(p + j, e);
     store8(dp + j, e * (load8(dp + j) - delta));
   }
@@ -332,7 +451,8 @@ struct Shape {
   }
 };
 
-Shape shape_of(const ffi::Buffer<ffi::F32>& x) {
+template <typename Buffer>
+Shape shape_of(const Buffer& x) {
   auto dims = x.dimensions();
   return {dims[0], dims[1], dims[2], dims[3]};
 }
@@ -358,13 +478,33 @@ struct Stats {
   const int32_t *pq = nullptr, *pk = nullptr;
 };
 
-// One problem's forward: O (rows of out, stride ld), LSE (lse[0 .. s)) and the statistics.
-void forward_problem(const Shape& sh, const float* q, const float* k, const float* v, float* o,
+// P's row rounded to bf16 (n a multiple of 8).
+inline void round_row(const float* src, bf16* dst, int64_t n) {
+#ifdef LENX_NATIVE_BF16
+  for (int64_t j = 0; j < n; j += 8) {
+    __m128bh h = _mm256_cvtneps_pbh(_mm256_loadu_ps(src + j));
+    std::memcpy(dst + j, &h, sizeof h);
+  }
+#else
+  for (int64_t j = 0; j < n; ++j) dst[j] = to_bf16(src[j]);
+#endif
+}
+
+// One problem's forward: O (rows of out, stride ld), LSE (lse[0 .. s)) and the statistics;
+// T = float or bf16 (q, k, v; see the top of the file).
+template <typename T>
+void forward_problem(const Shape& sh, const T* q, const T* k, const T* v, float* o,
                      float* lse, const Bias& bias, const Stats& stats, float* work) {
+  constexpr bool kBf16 = std::is_same_v<T, bf16>;
+  using Packed = std::conditional_t<kBf16, uint32_t, float>;
   const int64_t s = sh.s, d = sh.d, ld = sh.stride();
-  const Panels kt = pack({k, 1, ld}, d, s, work);                    // K^T
-  const Panels vp = pack({v, ld, 1}, s, d, work + sh.key_panels());  // V
+  Packed* packed = reinterpret_cast<Packed*>(work);
+  const auto kt = pack_keys(k, ld, d, s, packed);                        // K^T
+  const auto vp = pack_values(v, ld, s, d, packed + sh.key_panels());   // V
   float* st = work + sh.key_panels() + sh.d_panels();
+  bf16* ph = reinterpret_cast<bf16*>(st + kBq * kLd);  // P in bf16 (the free second tile)
+  const ViewT<T> pv{kBf16 ? reinterpret_cast<const T*>(ph) : reinterpret_cast<const T*>(st), kLd,
+                    1};
   RowSums* sums = reinterpret_cast<RowSums*>(st + 2 * kBq * kLd + 3 * kBq);
   for (int64_t i0 = 0; i0 < s; i0 += kBq) {
     const int64_t nq = std::min(kBq, s - i0);
@@ -383,8 +523,12 @@ void forward_problem(const Shape& sh, const float* q, const float* k, const floa
                                         nullptr, 0);
         float* orow = o + (i0 + r) * ld;
         if (alpha != 1.0f) for (int64_t t = 0; t < d; ++t) orow[t] *= alpha;
+        if (kBf16) {  // as far as P V reads the row (zero_tail)
+          const int64_t n = visible(r, diag, nk);
+          round_row(st + r * kLd, ph + r * kLd, std::min(nk, (n + 7) / 8 * 8 + 8));
+        }
       }
-      causal_matmul(Part::kKeys, diag, true, nq, d, nk, {st, kLd, 1}, vp.at(j0, 0), o + i0 * ld,
+      causal_matmul(Part::kKeys, diag, true, nq, d, nk, pv, vp.at(j0, 0), o + i0 * ld,
                     ld);                                                      // O += P V
     }
     for (int64_t r = 0; r < nq; ++r) {
@@ -450,8 +594,8 @@ using F32Out = ffi::ResultBuffer<ffi::F32>;
 
 // Checks the shape of q [b, s, h, d], then runs fn(shape, problem, offset of its rows,
 // scratch) for every (batch, head) problem on `threads` threads.
-template <typename Fn>
-ffi::Error for_each_head(const F32& q, int64_t threads, bool backward, Fn fn) {
+template <typename Buffer, typename Fn>
+ffi::Error for_each_head(const Buffer& q, int64_t threads, bool backward, Fn fn) {
   const Shape sh = shape_of(q);
   if (sh.s % 8 || sh.d % 8)
     return ffi::Error::InvalidArgument("sequence length and head dim must be multiples of 8");
@@ -476,7 +620,8 @@ Bias bias_of(const Shape& sh, int64_t prob, const S32& pq, const S32& pk, const 
 
 // The forward of every problem; statistics into entropy / distance [b, h, s] (when given)
 // for the problems of the first stats_rows batch rows.
-ffi::Error forward_all(const F32& q, const F32& k, const F32& v, const S32& pq, const S32& pk,
+template <typename In>
+ffi::Error forward_all(const In& q, const In& k, const In& v, const S32& pq, const S32& pk,
                        const F32& slopes, const F32& table, float* out, float* lse,
                        int64_t threads, int64_t parts, float* entropy = nullptr,
                        float* distance = nullptr, int64_t stats_rows = 0) {
@@ -491,17 +636,20 @@ ffi::Error forward_all(const F32& q, const F32& k, const F32& v, const S32& pq, 
   });
 }
 
-ffi::Error Forward(F32 q, F32 k, F32 v, S32 pq, S32 pk, F32 slopes, F32 table, F32Out out,
-                   F32Out lse, int64_t threads, int64_t parts) {
+template <ffi::DataType DT>
+ffi::Error Forward(ffi::Buffer<DT> q, ffi::Buffer<DT> k, ffi::Buffer<DT> v, S32 pq, S32 pk,
+                   F32 slopes, F32 table, F32Out out, F32Out lse, int64_t threads,
+                   int64_t parts) {
   return forward_all(q, k, v, pq, pk, slopes, table, out->typed_data(), lse->typed_data(),
                      threads, parts);
 }
 
 // As Forward, with the positions [b, s] given in full, plus entropy and distance [b, h, s]
 // (zero past the first stats_rows batch rows).
-ffi::Error ForwardStats(F32 q, F32 k, F32 v, S32 pq, S32 pk, F32 slopes, F32 table, F32Out out,
-                        F32Out lse, F32Out entropy, F32Out distance, int64_t threads,
-                        int64_t parts, int64_t stats_rows) {
+template <ffi::DataType DT>
+ffi::Error ForwardStats(ffi::Buffer<DT> q, ffi::Buffer<DT> k, ffi::Buffer<DT> v, S32 pq, S32 pk,
+                        F32 slopes, F32 table, F32Out out, F32Out lse, F32Out entropy,
+                        F32Out distance, int64_t threads, int64_t parts, int64_t stats_rows) {
   std::fill(entropy->typed_data(), entropy->typed_data() + entropy->element_count(), 0.0f);
   std::fill(distance->typed_data(), distance->typed_data() + distance->element_count(), 0.0f);
   return forward_all(q, k, v, pq, pk, slopes, table, out->typed_data(), lse->typed_data(),
@@ -521,20 +669,33 @@ ffi::Error Backward(F32 q, F32 k, F32 v, F32 out, F32 lse, F32 dout, S32 pq, S32
   });
 }
 
+// q, k, v (of type DT), q_pos, k_pos, slopes, table -> out, lse (float32)
+template <ffi::DataType DT>
+auto forward_binding() {
+  using In = ffi::Buffer<DT>;
+  return ffi::Ffi::Bind().template Arg<In>().template Arg<In>().template Arg<In>()
+      .template Arg<S32>().template Arg<S32>().template Arg<F32>().template Arg<F32>()
+      .template Ret<F32>().template Ret<F32>();
+}
+
 }  // namespace
 
-// q, k, v, q_pos, k_pos, slopes, table -> out, lse
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LenxCausalAttentionForward, Forward,
-                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<S32>()
-                                  .Arg<S32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>()
-                                  .Attr<int64_t>("threads").Attr<int64_t>("parts"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LenxCausalAttentionForward, Forward<ffi::F32>,
+                              forward_binding<ffi::F32>().Attr<int64_t>("threads")
+                                  .Attr<int64_t>("parts"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LenxCausalAttentionForwardBf16, Forward<ffi::BF16>,
+                              forward_binding<ffi::BF16>().Attr<int64_t>("threads")
+                                  .Attr<int64_t>("parts"));
 
-// q, k, v, q_pos, k_pos, slopes, table -> out, lse, entropy, distance
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LenxCausalAttentionForwardStats, ForwardStats,
-                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<S32>()
-                                  .Arg<S32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>()
-                                  .Ret<F32>().Ret<F32>().Attr<int64_t>("threads")
-                                  .Attr<int64_t>("parts").Attr<int64_t>("stats_rows"));
+// ... -> out, lse, entropy, distance
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LenxCausalAttentionForwardStats, ForwardStats<ffi::F32>,
+                              forward_binding<ffi::F32>().Ret<F32>().Ret<F32>()
+                                  .Attr<int64_t>("threads").Attr<int64_t>("parts")
+                                  .Attr<int64_t>("stats_rows"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LenxCausalAttentionForwardStatsBf16, ForwardStats<ffi::BF16>,
+                              forward_binding<ffi::BF16>().Ret<F32>().Ret<F32>()
+                                  .Attr<int64_t>("threads").Attr<int64_t>("parts")
+                                  .Attr<int64_t>("stats_rows"));
 
 // q, k, v, out, lse, d_out, q_pos, k_pos, slopes, table -> dq, dk, dv, d_slopes [b, h],
 // d_table [b, h, T]
