@@ -3,8 +3,9 @@ forward over the whole sequence for every new token), at a given context length.
 
   python benchmarks/generate_speed.py --run=runs/rope --context=1024 --new=32
   python benchmarks/generate_speed.py --run=pretrained:smollm2-135m --context=1024,4096 \
-      --dtype=auto --modes=cached
-Prints one line per mode and context, with the CPU; compile time excluded (first step timed
+      --dtype=auto --modes=cached,prefill
+Modes: cached / uncached (new tokens/s), prefill (prompt tokens/s of the prompt's pass into
+an empty cache, the needle's and every long prompt's cost). Prints one line per mode and context, with the CPU; compile time excluded (first step timed
 separately). The prompt runs in the model's matmul dtype, cached steps in float32
 (models/generate.py).
 """
@@ -24,6 +25,16 @@ from models.generate import CachedDecoder
 from models.layers import cpu_description
 from training import checkpoint
 from training.allocator import reexec_with_huge_pages
+
+
+def prefill_tps(model, tokens, new):
+  """Prompt tokens/s of the prefill; the second of two (the first compiles)."""
+  del new
+  for _ in range(2):
+    dec = CachedDecoder(model, 1, tokens.shape[1] + 1)
+    start = time.perf_counter()
+    dec.feed(tokens, last_only=True).block_until_ready()
+  return tokens.shape[1] / (time.perf_counter() - start)
 
 
 def cached_tps(model, tokens, new):
@@ -66,7 +77,7 @@ def main(argv=None):
     model = variant_model(model, config, args.dtype)
   print(f"cpu {cpu_description()}", flush=True)
   vocab = model.embedding.shape[0]
-  modes = {"cached": cached_tps, "uncached": uncached_tps}
+  modes = {"cached": cached_tps, "uncached": uncached_tps, "prefill": prefill_tps}
   for context in [int(c) for c in args.context.split(",")]:
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, vocab, (1, context)), jnp.int32)
     for name in args.modes.split(","):

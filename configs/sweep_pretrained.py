@@ -15,7 +15,9 @@ instead of 4-6 min. At or below 8192 every ``factor=auto`` variant is the unscal
 (``evaluation.runner.same_computation``) and reuses that row (``same_as: none``) instead
 of recomputing it, so only lengths past the context cost anything per variant.
 Cost on the 2-core Xeon with AMX (2026-11-30): quick ~30 min (18 windows of 16k at ~83 s,
-the 2k and 8k rows ~4 min); full ~1.6 h (12 windows of 32k, 24 of 16k).
+the 2k and 8k rows ~4 min); full ~1.6 h (12 windows of 32k, 24 of 16k). On the 2-core
+Zen 4 EPYC (avx512_bf16) with the bf16 attention kernel (2026-12-03): a 16k row (4 windows)
+5-5.5 min, a 32k row (2 windows) 8.3-9.1 min; results/pretrained_full/README.md.
 """
 import ml_collections
 

@@ -53,9 +53,10 @@ def test_generate_speed_prints_the_cpu_and_one_line_per_context_and_mode(
   monkeypatch.setattr(generate_speed, "variant_model",
                       lambda m, c, d: seen.setdefault("dtype", d) and real(m, c, d))
   generate_speed.main(["--run", "pretrained:x", "--context", "8,16", "--new", "3",
-                       "--dtype", "bfloat16", "--modes", "cached,uncached"])
+                       "--dtype", "bfloat16", "--modes", "cached,uncached,prefill"])
   lines = capsys.readouterr().out.strip().splitlines()
   assert lines[0].startswith("cpu {") and seen == {"spec": "pretrained:x", "dtype": "bfloat16"}
   speeds = [float(line.split()[-2]) for line in lines[1:]]
-  assert [line.split(": ")[1].split()[0] for line in lines[1:]] == ["cached", "uncached"] * 2
-  assert len(speeds) == 4 and min(speeds) > 0
+  assert [line.split(": ")[1].split()[0] for line in lines[1:]] == ["cached", "uncached",
+                                                                    "prefill"] * 2
+  assert len(speeds) == 6 and min(speeds) > 0
