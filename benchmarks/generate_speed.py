@@ -5,7 +5,8 @@ forward over the whole sequence for every new token), at a given context length.
   python benchmarks/generate_speed.py --run=pretrained:smollm2-135m --context=1024,4096 \
       --dtype=auto --modes=cached,prefill
 Modes: cached / uncached (new tokens/s), prefill (prompt tokens/s of the prompt's pass into
-an empty cache, the needle's and every long prompt's cost). Prints one line per mode and context, with the CPU; compile time excluded (first step timed
+an empty cache, the needle's and every long prompt's cost). Prints one line per mode and
+context, with the CPU; compile time excluded (first step timed
 separately). The prompt runs in the model's matmul dtype, cached steps in float32
 (models/generate.py).
 """

@@ -23,8 +23,8 @@ its tiles at ~200 GFLOP/s with the softmax in separate passes over [s, s] blocks
 SmolLM2's long-prompt time (benchmarks/README.md).
 
 Where: ``use_kernel`` - CPU backend, one device (a custom call has no sharding rule),
-float32 or bfloat16, self-attention with s and d multiples of 8, an encoding whose logits are plain
-q.k (``enc.content_only``) or q.k plus a bias of the query - key distance that the kernel
+float32 or bfloat16, self-attention with s and d multiples of 8, an encoding whose logits
+are plain q.k (``enc.content_only``) or q.k plus a bias of the query - key distance that the kernel
 forms itself from the positions (``enc.kernel_bias()``: ALiBi's slopes, T5's bucket
 table). ``attention_with_stats`` also returns the attention entropy and attended distance,
 accumulated online in the same pass (no gradient through them). ``LENX_CPU_ATTENTION=auto|
@@ -146,10 +146,10 @@ def _call(name, outputs, *args, **attrs):
 
 def causal_attention(q, k, v, bias=None):
   """causal softmax(q k^T + bias) v for q, k, v [b, s, h, d] float32 or bfloat16 (one dtype;
-  q pre-scaled) -> [b, s, h, d] float32. bias: None, or (q_pos, k_pos [b or 1, s] int, slopes [h] or None, table
-  [h, T] or None) for bias_ij = -slopes_h |i - j| + table_h[clamp(i - j, 0, T - 1)] at the
-  positions i, j of query and key (``PositionalEncoding.distance_bias``); slopes and table
-  are differentiable."""
+  q pre-scaled) -> [b, s, h, d] float32. bias: None, or (q_pos, k_pos [b or 1, s] int, slopes
+  [h] or None, table [h, T] or None) for bias_ij = -slopes_h |i - j| + table_h[clamp(i - j, 0, T - 1)]
+  at the positions i, j of query and key (``PositionalEncoding.distance_bias``); slopes and
+  table are differentiable."""
   return _attention(q, k, v, *_bias_operands(q, *(bias or (None,) * 4)))
 
 

@@ -284,7 +284,8 @@ PairPanels pack_values(const bf16* v, int64_t ld, int64_t s, int64_t d, uint32_t
   for (int64_t p = 0; p < s / 2; ++p) {
     const bf16 *lo = v + 2 * p * ld, *hi = lo + ld;
     for (int64_t c = 0; c < d; ++c)
-      dst[(c / kCols) * stride + p * kCols + c % kCols] = lo[c] | static_cast<uint32_t>(hi[c]) << 16;
+      dst[(c / kCols) * stride + p * kCols + c % kCols] =
+          lo[c] | static_cast<uint32_t>(hi[c]) << 16;
   }
   return {dst, stride};
 }
