@@ -22,13 +22,26 @@ def _xla(q, k, v):
   return softmax_pv(qk_dot(q, k), v, 0, jnp.float32)
 
 
-def _float64_attention(q, k, v):
-  """Causal softmax(q k^T) v in float64 (numpy): the exact answer both float32 paths round."""
-  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+def _float64_attention(q, k, v, round_p=False):
+  """Causal softmax(q k^T) v in float64 (numpy): the exact answer both float32 paths round.
+  round_p: what the bf16 forward computes for s <= one key block (256): S from the bf16
+  values (products exact in float32), P = exp(S - row max) rounded to bf16 for P V, the row
+  sum of P and the division in float (not rounded)."""
+  q, k, v = (np.asarray(jnp.asarray(t).astype(jnp.float32), np.float64) for t in (q, k, v))
   s = q.shape[1]
   logits = np.where(np.tril(np.ones((s, s), bool)), np.einsum("bqhd,bkhd->bhqk", q, k), -np.inf)
   p = np.exp(logits - logits.max(-1, keepdims=True))
-  return np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
+  p_v = np.asarray(jnp.asarray(p, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32)) \
+      if round_p else p
+  return np.einsum("bhqk,bkhd->bqhd", p_v, v) / np.moveaxis(p.sum(-1), 1, 2)[..., None]
+
+
+def _distance_bias(pos, slopes, table):
+  """-slopes_h |i - j| + table_h[clamp(i - j, 0, T - 1)] at positions pos [b, s] ->
+  [b, h, s, s]: the kernel's bias, materialised."""
+  dist = (pos[:, :, None] - pos[:, None, :])[:, None]
+  return -slopes[:, None, None] * jnp.abs(dist) + table[
+      jnp.arange(table.shape[0])[:, None, None], jnp.clip(dist, 0, table.shape[1] - 1)]
 
 
 def _qkv(shape, seed=0):
@@ -49,18 +62,6 @@ def test_kernel_equals_xla_attention_value_and_grads(shape):
     assert _rel(got, want) < 1e-5
 
 
-def _bf16_attention(q, k, v):
-  """What the bf16 forward computes, in float64 (numpy), for s <= one key block (256): S from
-  the bf16 values (products exact in float32), P = exp(S - row max) rounded to bf16 for P V,
-  the row sum of P and the division in float (not rounded)."""
-  q, k, v = (np.asarray(t.astype(jnp.float32), np.float64) for t in (q, k, v))
-  s = q.shape[1]
-  logits = np.where(np.tril(np.ones((s, s), bool)), np.einsum("bqhd,bkhd->bhqk", q, k), -np.inf)
-  p = np.exp(logits - logits.max(-1, keepdims=True))
-  p_bf16 = np.asarray(jnp.asarray(p, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
-  return np.einsum("bhqk,bkhd->bqhd", p_bf16, v) / np.moveaxis(p.sum(-1), 1, 2)[..., None]
-
-
 @pytest.mark.parametrize("shape", [(2, 24, 3, 16), (1, 8, 1, 8), (1, 200, 2, 64)])
 def test_bf16_kernel_is_bf16_products_with_float32_softmax(shape):
   """The bf16 forward = the bf16 products accumulated in float32 with P rounded to bf16 (the
@@ -69,9 +70,9 @@ def test_bf16_kernel_is_bf16_products_with_float32_softmax(shape):
   q, k, v, g = (t.astype(jnp.bfloat16) for t in _qkv(shape, seed=5))
   out = cpu_attention.causal_attention(q, k, v)
   assert out.dtype == jnp.float32
-  want = _bf16_attention(q, k, v)
+  want = _float64_attention(q, k, v, round_p=True)
   assert _rel(out, want) < 2e-6
-  exact = _float64_attention(*(t.astype(jnp.float32) for t in (q, k, v)))
+  exact = _float64_attention(q, k, v)
   if shape[1] > 8:
     assert _rel(want, exact) > 5e-5  # the rounding of P is visible: the test can tell
   assert _rel(out, exact) < 1e-2
@@ -97,11 +98,7 @@ def test_bf16_kernel_across_blocks_equals_xla_bf16_attention(bias):
       if bias else None
   operands = kernel_bias and (pos, pos, *kernel_bias)
   out = cpu_attention.causal_attention(q, k, v, operands)
-  logits = qk_dot(q, k)
-  if bias:
-    dist = (pos[:, :, None] - pos[:, None, :])[:, None]
-    logits = logits - kernel_bias[0][:, None, None] * jnp.abs(dist) + kernel_bias[1][
-        jnp.arange(h)[:, None, None], jnp.clip(dist, 0, 4)]
+  logits = qk_dot(q, k) + (_distance_bias(pos, *kernel_bias) if bias else 0.0)
   xla = softmax_pv(logits, v, 0, jnp.bfloat16)
   assert _rel(out, xla) < 1e-2
   f32 = (t.astype(jnp.float32) for t in (q, k, v))
@@ -227,11 +224,7 @@ def test_kernel_statistics_equal_their_definition_on_the_first_rows(shape, rows,
   out, stats = cpu_attention.attention_with_stats(q, k, v, pos, pos, kernel_bias, rows)
   np.testing.assert_array_equal(
       out, cpu_attention.causal_attention(q, k, v, kernel_bias and (pos, pos, *kernel_bias)))
-  logits = qk_dot(q, k)[:rows]
-  if bias:
-    dist = (pos[:rows, :, None] - pos[:rows, None, :])[:, None]
-    logits = logits - slopes[:, None, None] * jnp.abs(dist) + table[
-        jnp.arange(h)[:, None, None], jnp.clip(dist, 0, 4)]
+  logits = qk_dot(q, k)[:rows] + (_distance_bias(pos[:rows], slopes, table) if bias else 0.0)
   probs = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((s, s), bool)), logits, -jnp.inf), -1)
   want = attention_stats(probs, pos[:rows], pos[:rows])
   assert _rel(stats["entropy"], want["entropy"]) < 1e-5
