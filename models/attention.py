@@ -72,11 +72,24 @@ def attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, impl="full", block_s
   kw = dict(with_stats=with_stats, impl=impl, block_size=block_size)
   if cpu_attention.use_kernel(q, k, enc):
     kernel = functools.partial(_kernel_attend, enc=enc, rows=rows)
+    xla = lambda *args: _xla_attend(*args, enc, **kw)
+    if not (enc.content_only or enc.kernel_bias() is not None):  # a table to s - 1 only
+      kernel = within_span(kernel, xla, q.shape[1] - 1)
     if q.dtype == jnp.bfloat16:
-      xla = lambda *args: _xla_attend(*args, enc, **kw)
       return forward_only(kernel, xla)(q, k, v, q_pos, k_pos)
     return kernel(q, k, v, q_pos, k_pos)
   return _xla_attend(q, k, v, q_pos, k_pos, enc, **kw)
+
+
+def within_span(fast, fallback, max_distance):
+  """A function computing ``fast`` where no query position exceeds a key position by more
+  than ``max_distance`` (the reach of a bounded distance table: always so for one window of
+  contiguous ids), else ``fallback`` (randomized or PoSE position ids); chosen at run time,
+  both compiled."""
+  def fn(q, k, v, q_pos, k_pos):
+    fits = jnp.max(q_pos) - jnp.min(k_pos) <= max_distance
+    return jax.lax.cond(fits, fast, fallback, q, k, v, q_pos, k_pos)
+  return fn
 
 
 def forward_only(fast, reference):
@@ -89,7 +102,7 @@ def forward_only(fast, reference):
 
 
 def _kernel_attend(q, k, v, q_pos, k_pos, enc, rows):
-  bias = enc.kernel_bias()
+  bias = enc.kernel_bias(max_distance=q.shape[1] - 1)
   if rows:
     return cpu_attention.attention_with_stats(q, k, v, q_pos, k_pos, bias, rows)
   return cpu_attention.causal_attention(q, k, v, bias and (q_pos, k_pos, *bias)), None

@@ -26,7 +26,8 @@ Where: ``use_kernel`` - CPU backend, one device (a custom call has no sharding r
 float32 or bfloat16, self-attention with s and d multiples of 8, an encoding whose logits
 are plain q.k (``enc.content_only``) or q.k plus a bias of the query - key distance that the kernel
 forms itself from the positions (``enc.kernel_bias()``: ALiBi's slopes, T5's bucket
-table). ``attention_with_stats`` also returns the attention entropy and attended distance,
+table; KERPLE's and Sandwich's tables over distances 0..s - 1, used while the positions span
+less than s: ``attention.within_span``). ``attention_with_stats`` also returns the attention entropy and attended distance,
 accumulated online in the same pass (no gradient through them). ``LENX_CPU_ATTENTION=auto|
 kernel|xla``: auto = the kernel wherever it applies and builds: float32 train steps and 16k
 evaluation were faster with it on both CPU classes measured (AMD EPYC avx2 + fma, and AMD EPYC
@@ -130,7 +131,7 @@ def use_kernel(q, k, enc):
   ``jax.ShapeDtypeStruct``s)."""
   s, d = q.shape[1], q.shape[3]
   shapes_fit = q.shape == k.shape and s % 8 == 0 and d % 8 == 0
-  plain = enc.content_only or enc.kernel_bias() is not None
+  plain = enc.content_only or enc.kernel_bias(max_distance=s - 1) is not None
   return (shapes_fit and plain and q.dtype == k.dtype and q.dtype in DTYPES and enabled()[0])
 
 

@@ -36,7 +36,8 @@ class ALiBi(PositionalEncoding):
 
   relative = True
 
-  def distance_bias(self):
+  def distance_bias(self, max_distance=None):  # exact at any distance: no bound needed
+    del max_distance
     return jnp.asarray(alibi_slopes(self.num_heads)), None  # -m_h |i - j|, as ``bias``
 
   def bias(self, q_pos, k_pos):

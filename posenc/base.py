@@ -136,19 +136,26 @@ class PositionalEncoding(nnx.Module):
     cls = type(self)
     return cls.scores is PositionalEncoding.scores and cls.bias is PositionalEncoding.bias
 
-  def distance_bias(self):
+  def distance_bias(self, max_distance=None):
     """(slopes [h] or None, table [h, T] or None) when ``bias`` is exactly
     -slopes_h |i - j| + table_h[clamp(i - j, 0, T - 1)] for query position i and key position
     j, whatever the positions; None (the default) otherwise. Such a bias is formed inside the
     fused CPU attention kernel from the positions (models/cpu_attention.py), with gradients for
-    slopes and table, instead of as a [b, h, sq, sk] array."""
+    slopes and table, instead of as a [b, h, sq, sk] array.
+
+    max_distance: a static bound on i - j that the caller guarantees. A bias that is a
+    function of i - j with no finite exact table (KERPLE, Sandwich) returns its table over
+    0..max_distance when given one, None without; one exact for any distance ignores it."""
+    del max_distance
     return None
 
-  def kernel_bias(self):
-    """``distance_bias()`` where the logits are exactly q.k plus that bias (``scores`` is
-    this base class's), else None: what a fused kernel may compute in place of ``scores``
-    (a subclass that changes ``scores`` keeps the XLA path even if it inherits a bias)."""
-    return self.distance_bias() if type(self).scores is PositionalEncoding.scores else None
+  def kernel_bias(self, max_distance=None):
+    """``distance_bias(max_distance)`` where the logits are exactly q.k plus that bias
+    (``scores`` is this base class's), else None: what a fused kernel may compute in place of
+    ``scores`` (a subclass that changes ``scores`` keeps the XLA path even if it inherits a
+    bias)."""
+    plain = type(self).scores is PositionalEncoding.scores
+    return self.distance_bias(max_distance) if plain else None
 
   def tile_attended(self, q_pos, k_pos):
     """For an encoding whose logits mask pairs beyond the causal mask: whether any pair of a

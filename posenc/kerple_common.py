@@ -92,6 +92,14 @@ class KerpleBase(PositionalEncoding):
   def kernel(self, r1, r2, distance):
     raise NotImplementedError
 
+  def distance_bias(self, max_distance=None):
+    """The kernel at distances 0..max_distance as a table (``PositionalEncoding``): exact
+    up to the bound; KERPLE's kernels grow without limit, so there is no table without one."""
+    if max_distance is None:
+      return None
+    distance = jnp.arange(max_distance + 1, dtype=jnp.float32)[None, None, None, :]
+    return None, self.kernel(*self.constrained(), distance)[0, :, 0, :]  # [h, T]
+
   def bias(self, q_pos, k_pos):
     r1, r2 = self.constrained()
     return self.kernel(r1, r2, abs_distance(q_pos, k_pos))

@@ -77,5 +77,13 @@ class Sandwich(PositionalEncoding):
       raise ValueError(
           f"sandwich needs an even dim, got head_dim {self.dim}; set posenc.sandwich.dim")
 
+  def distance_bias(self, max_distance=None):
+    """The bias at distances 0..max_distance as a table (``PositionalEncoding``): the cosine
+    sum never settles, so there is no finite table without a bound."""
+    if max_distance is None:
+      return None
+    origin, keys = jnp.zeros((1, 1), jnp.int32), jnp.arange(max_distance + 1)[None]
+    return None, self.bias(origin, keys)[0, :, 0, :]  # [h, T]; cos is even: bias(i - j)
+
   def bias(self, q_pos, k_pos):
     return sandwich_bias(q_pos, k_pos, self.num_heads, self.dim, self.config.base)

@@ -151,7 +151,8 @@ def test_kernel_is_causal_and_saves_the_row_log_sum_exp():
 
 @pytest.mark.parametrize("posenc, applies", [("rope", True), ("nope", True), ("learned", True),
                                              ("alibi", True), ("t5_bias", True),
-                                             ("kerple_log", False), ("fire", False)])
+                                             ("kerple_log", True), ("kerple_power", True),
+                                             ("sandwich", True), ("fire", False)])
 def test_model_uses_kernel_only_for_plain_logits_and_matches_xla(monkeypatch, posenc, applies):
   results = {}
   for choice in ("xla", "kernel"):
@@ -258,6 +259,39 @@ def test_t5_distance_table_is_exact_past_max_distance():
   assert enc.distance_bias() is not None and enc.kernel_bias() is None
 
 
+@pytest.mark.parametrize("posenc", ["kerple_log", "kerple_power", "sandwich"])
+def test_bounded_distance_tables_hold_inside_the_window_and_fall_back_beyond(monkeypatch, posenc):
+  """KERPLE's and Sandwich's biases have no finite exact table: the kernel gets one over the
+  distances 0..s - 1 (equal to ``bias`` there), taken only while the positions span less than
+  s. With gapped ids (randomized / PoSE-style) attention takes XLA's path, where the clamped
+  table would be wrong (checked: the guard is needed), in float32 and in bf16."""
+  from tests.conftest import make_tiny_config
+  from configs.common import resolve
+  from models import attention, build_model
+  monkeypatch.setenv("LENX_CPU_ATTENTION", "kernel")
+  s = 24
+  enc = build_model(resolve(make_tiny_config(posenc=posenc, train_len=s))).posenc
+  slopes, table = enc.kernel_bias(max_distance=s - 1)
+  assert slopes is None and enc.kernel_bias() is None
+  np.testing.assert_allclose(
+      table, enc.bias(jnp.arange(s)[None], jnp.zeros((1, 1), jnp.int32))[0, :, :, 0], atol=1e-6)
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, s, enc.num_heads, 8)) for i in range(3))
+  xla = lambda q, k, v, pos: attention._xla_attend(q, k, v, pos, pos, enc, with_stats=False,
+                                                   impl="full", block_size=512)[0]
+  for pos in (jnp.broadcast_to(jnp.arange(s), (2, s)), _positions(2, s, 0)):
+    ref = xla(q, k, v, pos)
+    assert _rel(attention.attend(q, k, v, pos, pos, enc)[0], ref) < VS_XLA
+    stats = attention.attend(q, k, v, pos, pos, enc, with_stats=1)[1]  # an evaluation row's
+    ref_stats = attention._xla_attend(q, k, v, pos, pos, enc, with_stats=1, impl="full",
+                                      block_size=512)[1]
+    for key in ref_stats:
+      assert _rel(stats[key], ref_stats[key]) < 1e-5, key
+    low = [t.astype(jnp.bfloat16) for t in (q, k, v)]
+    assert _rel(attention.attend(*low, pos, pos, enc)[0], xla(*low, pos)) < 1e-2
+  clamped = cpu_attention.causal_attention(q, k, v, (pos, pos, None, table))
+  assert _rel(clamped, ref) > 1e-3  # the gapped ids reach past the table
+
+
 def test_rope_with_a_piecewise_extension_is_not_plain():
   from tests.conftest import make_tiny_config
   from configs.common import resolve
@@ -271,7 +305,7 @@ def test_rope_with_a_piecewise_extension_is_not_plain():
 
 def test_shapes_and_choices_that_keep_xla(monkeypatch):
   monkeypatch.setenv("LENX_CPU_ATTENTION", "kernel")
-  enc = type("Plain", (), {"content_only": True, "kernel_bias": lambda self: None})()
+  enc = type("Plain", (), {"content_only": True, "kernel_bias": lambda self, max_distance: None})()
   q = jnp.zeros((1, 24, 2, 8))
   assert cpu_attention.use_kernel(q, q, enc)
   assert not cpu_attention.use_kernel(jnp.zeros((1, 20, 2, 8)), jnp.zeros((1, 20, 2, 8)), enc)
