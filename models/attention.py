@@ -82,12 +82,15 @@ def attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, impl="full", block_s
 
 
 def within_span(fast, fallback, max_distance):
-  """A function computing ``fast`` where no query position exceeds a key position by more
-  than ``max_distance`` (the reach of a bounded distance table: always so for one window of
-  contiguous ids), else ``fallback`` (randomized or PoSE position ids); chosen at run time,
-  both compiled."""
+  """A function computing ``fast`` where every causal pair (key index <= query index) has
+  0 <= i - j <= ``max_distance`` for query position i and key position j (the reach of a
+  bounded distance table: always so for one window of contiguous ids), else ``fallback``
+  (randomized or PoSE ids spanning more, or positions that decrease); chosen at run time,
+  both compiled. Sufficient: keys' positions non-decreasing, each query at or after the key
+  of its own index, and the largest query - smallest key position within the bound."""
   def fn(q, k, v, q_pos, k_pos):
-    fits = jnp.max(q_pos) - jnp.min(k_pos) <= max_distance
+    fits = ((jnp.max(q_pos) - jnp.min(k_pos) <= max_distance)
+            & jnp.all(k_pos[:, 1:] >= k_pos[:, :-1]) & jnp.all(q_pos >= k_pos))
     return jax.lax.cond(fits, fast, fallback, q, k, v, q_pos, k_pos)
   return fn
 

@@ -263,8 +263,8 @@ def test_t5_distance_table_is_exact_past_max_distance():
 def test_bounded_distance_tables_hold_inside_the_window_and_fall_back_beyond(monkeypatch, posenc):
   """KERPLE's and Sandwich's biases have no finite exact table: the kernel gets one over the
   distances 0..s - 1 (equal to ``bias`` there), taken only while the positions span less than
-  s. With gapped ids (randomized / PoSE-style) attention takes XLA's path, where the clamped
-  table would be wrong (checked: the guard is needed), in float32 and in bf16."""
+  s. With gapped ids (randomized / PoSE-style) or decreasing ones attention takes XLA's path,
+  where the clamped table would be wrong (checked: the guard is needed), in float32 and bf16."""
   from tests.conftest import make_tiny_config
   from configs.common import resolve
   from models import attention, build_model
@@ -278,7 +278,8 @@ def test_bounded_distance_tables_hold_inside_the_window_and_fall_back_beyond(mon
   q, k, v = (jax.random.normal(jax.random.key(i), (2, s, enc.num_heads, 8)) for i in range(3))
   xla = lambda q, k, v, pos: attention._xla_attend(q, k, v, pos, pos, enc, with_stats=False,
                                                    impl="full", block_size=512)[0]
-  for pos in (jnp.broadcast_to(jnp.arange(s), (2, s)), _positions(2, s, 0)):
+  contiguous = jnp.broadcast_to(jnp.arange(s), (2, s))
+  for pos in (contiguous, contiguous[:, ::-1], _positions(2, s, 0)):  # decreasing: i - j < 0
     ref = xla(q, k, v, pos)
     assert _rel(attention.attend(q, k, v, pos, pos, enc)[0], ref) < VS_XLA
     stats = attention.attend(q, k, v, pos, pos, enc, with_stats=1)[1]  # an evaluation row's
