@@ -27,8 +27,9 @@ float32 or bfloat16, self-attention with s and d multiples of 8, an encoding who
 are plain q.k (``enc.content_only``) or q.k plus a bias of the query - key distance that the kernel
 forms itself from the positions (``enc.kernel_bias()``: ALiBi's slopes, T5's bucket
 table; KERPLE's and Sandwich's tables over distances 0..s - 1, used while the positions span
-less than s: ``attention.within_span``). ``attention_with_stats`` also returns the attention entropy and attended distance,
-accumulated online in the same pass (no gradient through them). ``LENX_CPU_ATTENTION=auto|
+less than s: ``attention.within_span``). ``attention_with_stats`` also returns the attention
+entropy and attended distance, accumulated online in the same pass (no gradient through
+them). ``LENX_CPU_ATTENTION=auto|
 kernel|xla``: auto = the kernel wherever it applies and builds: float32 train steps and 16k
 evaluation were faster with it on both CPU classes measured (AMD EPYC avx2 + fma, and AMD EPYC
 with avx512f + avx512_bf16: benchmarks/README.md); kernel = the same, a build failure an error;

@@ -276,19 +276,18 @@ def test_bounded_distance_tables_hold_inside_the_window_and_fall_back_beyond(mon
   np.testing.assert_allclose(
       table, enc.bias(jnp.arange(s)[None], jnp.zeros((1, 1), jnp.int32))[0, :, :, 0], atol=1e-6)
   q, k, v = (jax.random.normal(jax.random.key(i), (2, s, enc.num_heads, 8)) for i in range(3))
-  xla = lambda q, k, v, pos: attention._xla_attend(q, k, v, pos, pos, enc, with_stats=False,
-                                                   impl="full", block_size=512)[0]
+  xla = lambda q, k, v, pos, stats=False: attention._xla_attend(
+      q, k, v, pos, pos, enc, with_stats=stats, impl="full", block_size=512)
   contiguous = jnp.broadcast_to(jnp.arange(s), (2, s))
   for pos in (contiguous, contiguous[:, ::-1], _positions(2, s, 0)):  # decreasing: i - j < 0
-    ref = xla(q, k, v, pos)
+    ref = xla(q, k, v, pos)[0]
     assert _rel(attention.attend(q, k, v, pos, pos, enc)[0], ref) < VS_XLA
     stats = attention.attend(q, k, v, pos, pos, enc, with_stats=1)[1]  # an evaluation row's
-    ref_stats = attention._xla_attend(q, k, v, pos, pos, enc, with_stats=1, impl="full",
-                                      block_size=512)[1]
+    ref_stats = xla(q, k, v, pos, 1)[1]
     for key in ref_stats:
       assert _rel(stats[key], ref_stats[key]) < 1e-5, key
     low = [t.astype(jnp.bfloat16) for t in (q, k, v)]
-    assert _rel(attention.attend(*low, pos, pos, enc)[0], xla(*low, pos)) < 1e-2
+    assert _rel(attention.attend(*low, pos, pos, enc)[0], xla(*low, pos)[0]) < 1e-2
   clamped = cpu_attention.causal_attention(q, k, v, (pos, pos, None, table))
   assert _rel(clamped, ref) > 1e-3  # the gapped ids reach past the table
 
@@ -306,7 +305,7 @@ def test_rope_with_a_piecewise_extension_is_not_plain():
 
 def test_shapes_and_choices_that_keep_xla(monkeypatch):
   monkeypatch.setenv("LENX_CPU_ATTENTION", "kernel")
-  enc = type("Plain", (), {"content_only": True, "kernel_bias": lambda self, max_distance: None})()
+  enc = type("Plain", (), {"content_only": True, "kernel_bias": lambda self, **_: None})()
   q = jnp.zeros((1, 24, 2, 8))
   assert cpu_attention.use_kernel(q, q, enc)
   assert not cpu_attention.use_kernel(jnp.zeros((1, 20, 2, 8)), jnp.zeros((1, 20, 2, 8)), enc)
