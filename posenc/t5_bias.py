@@ -59,12 +59,12 @@ class T5Bias(PositionalEncoding):
     init = jax.nn.initializers.normal(model_config.d_model ** -0.5)
     self.embedding = nnx.Param(init(rngs.params(), (config.num_buckets, model_config.num_heads)))
 
-  def distance_bias(self, max_distance=None):  # exact at any distance: no bound needed
-    del max_distance
+  def distance_bias(self, max_distance=None):
     """Causal buckets depend only on n = max(i - j, 0) and are the last one from some n on
     (bucket ids never decrease with n): the table over n = 0 .. (first n in the last bucket)
     is exact for any distance. None where bidirectional or never saturating (max_distance
     <= num_buckets / 2)."""
+    del max_distance  # exact at any distance: no bound needed
     if self.config.bidirectional:
       return None
     nb, md = self.config.num_buckets, self.config.max_distance
