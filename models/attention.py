@@ -131,11 +131,12 @@ def full_attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, key_mask=None):
 
   Without stats, the softmax and P V run in ``fast_attention.softmax_pv`` (custom
   VJP); with stats, the plain formulation (probabilities are needed). ``key_mask``
-  [b, sk] (bool, optional) removes keys as well (empty slots of a KV cache).
+  [b or 1, sq, sk] (bool, optional) removes keys as well (a KV cache's empty slots and a
+  decoded chunk's later tokens: ``models.generate``).
   """
   logits = enc.scores(q, k, q_pos, k_pos)
   if key_mask is not None:
-    logits = jnp.where(key_mask[:, None, None, :], logits, NEG_INF)
+    logits = jnp.where(key_mask[:, None], logits, NEG_INF)
   offset = k.shape[1] - q.shape[1]
   if not with_stats:
     return softmax_pv(logits, v, offset, v.dtype), None
@@ -151,23 +152,25 @@ def plain_scores(enc):
 
 
 def grouped_attend(q, k, v, q_pos, k_pos, enc, key_mask):
-  """Causal attention of queries q [b, s, h, d] (prepared, q pre-scaled) over k / v
-  [b, t, kv, d] with query head j reading kv head j // (h / kv), without copying each kv head
-  h / kv times (``prepare``'s sharing): for a few queries over a long KV cache that copy,
-  with its transpose, was the whole cost (SmolLM2 decoding at 4k: 15 vs 1.7 ms per layer,
-  benchmarks/README.md, "Decoding"). Only for ``plain_scores`` encodings. -> [b, s, h, d] f32."""
+  """Attention of queries q [b, s, h, d] (prepared, q pre-scaled) over a KV cache in its
+  own layout, k / v [b * kv, t, d] (batch and kv heads merged, each head's keys contiguous),
+  where query head j reads kv head j // (h / kv). No copy of the cache: not of each kv head
+  h / kv times (``prepare``'s sharing), not a transpose, not a copy before the cache's
+  in-place update, all of which a few queries over a long cache pay in full (SmolLM2
+  decoding at 4k: benchmarks/README.md, "Decoding"). key_mask [b or 1, s, t]: the keys each
+  query reads. Only for ``plain_scores`` encodings. -> [b, s, h, d] float32."""
   b, s, h, d = q.shape
-  kv = k.shape[2]
-  logits = jnp.einsum("bskgd,btkd->bkgst", q.reshape(b, s, kv, h // kv, d), k,
-                      preferred_element_type=jnp.float32)
+  kv, t = k.shape[0] // b, k.shape[1]
+  q = q.reshape(b, s, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, -1, d)
+  logits = jnp.einsum("nqd,ntd->nqt", q, k, preferred_element_type=jnp.float32)
+  logits = logits.reshape(b, kv, h // kv, s, t)
   bias = enc.bias(q_pos, k_pos)  # [b or 1, h, s, t]: heads in (kv, group) order, as shared
   if bias is not None:
-    logits = logits + bias.reshape(bias.shape[0], kv, h // kv, s, -1)
-  logits = jnp.where(key_mask[:, None, None, None, :], logits, NEG_INF)
-  probs = causal_softmax(logits, k.shape[1] - s)
-  out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v,
+    logits = logits + bias.reshape(bias.shape[0], kv, h // kv, s, t)
+  probs = jax.nn.softmax(jnp.where(key_mask[:, None, None], logits, NEG_INF), axis=-1)
+  out = jnp.einsum("nqt,ntd->nqd", probs.reshape(b * kv, -1, t).astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
-  return out.reshape(b, s, h, d)
+  return out.reshape(b, kv, h // kv, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
 class Attention(nnx.Module):
@@ -195,17 +198,23 @@ class Attention(nnx.Module):
     h, kv = self.num_heads, self.num_kv_heads
     return jnp.split(self.qkv(x).reshape(b, s, h + 2 * kv, self.head_dim), [h, h + kv], axis=2)
 
-  def prepare(self, q, k, v, q_pos, k_pos, enc, share_kv=True):
-    """Rotates q/k at their positions, shares kv heads (unless ``share_kv`` is False: k / v
-    keep their kv heads, for ``grouped_attend``), scales q; cast to the compute dtype."""
+  def prepare(self, q, k, v, q_pos, k_pos, enc, share_kv=True, rotate=True):
+    """Rotates q/k at their positions (unless ``rotate`` is False: done already, e.g. keys
+    cached rotated), shares kv heads (unless ``share_kv`` is False: k / v keep their kv
+    heads, for ``grouped_attend``), scales q; cast to the compute dtype."""
     h, kv = self.num_heads, self.num_kv_heads
-    q, k = enc.rotate(q, k, q_pos, k_pos)
+    if rotate:
+      q, k = enc.rotate(q, k, q_pos, k_pos)
     if kv != h and share_kv:  # rotate the kv heads first (fewer), then share each among h / kv
       k, v = (jnp.repeat(t, h // kv, axis=2) for t in (k, v))
+    return (self.scale_queries(q, q_pos),) + tuple(t.astype(self.dtype) for t in (k, v))
+
+  def scale_queries(self, q, q_pos):
+    """q / sqrt(head_dim), times the log-n scale where set, in the compute dtype."""
     q = q * (1.0 / math.sqrt(self.head_dim))
     if self.logn_base_len:
       q = q * logn_query_scale(q_pos, self.logn_base_len)[:, :, None, None]
-    return tuple(t.astype(self.dtype) for t in (q, k, v))
+    return q.astype(self.dtype)
 
   def probabilities(self, x, positions, enc):
     """Attention probabilities [b, h, s, s] (float32) of x's tokens over themselves: the

@@ -9,24 +9,31 @@ copy only, for ``_CachedAttention``, which calls ``Attention.project`` / ``prepa
 ``full_attend`` like the full forward, so every positional hook applies unchanged:
 
 * absolute encodings (``embed``): the new token is embedded at its own position;
-* rotary encodings (``rotate``): the cache stores keys *before* rotation, and every step
-  rotates all cached keys at their positions. One elementwise pass over the cache, the
-  same order of work as the attention read itself, and it is what makes length-dependent
-  frequencies exact: dynamic NTK and LongRoPE change every key's rotation as the sequence
-  grows, and Hugging Face transformers, which caches rotated keys, keeps the old scale for
-  the old keys (issue huggingface/transformers#25104). Here the frequencies of the current
-  length are passed to each step, so step n equals a full forward over n tokens;
+* rotary encodings (``rotate``): a key is rotated once, when it enters the cache, at its
+  own position (``rotate`` acts on each token by its own position). Where the rotation of a
+  cached key changes later, the cache keeps keys *before* rotation and every step rotates
+  them all: length-dependent frequencies (dynamic NTK, LongRoPE), whose keys all take the
+  current length's rotation - Hugging Face transformers, which caches rotated keys, keeps
+  the old scale for the old keys (issue huggingface/transformers#25104); here step n equals
+  a full forward over n tokens - and positions counted inside an evicting cache;
 * bias families (``bias`` / ``scores``): logits from the cached key positions;
-* CoPE: its gates sum over a query's whole row of keys, which works because the buffer is
-  *right-aligned*: the valid keys occupy the last ``length`` slots, the queries are the last
-  of the buffer, and the empty slots (masked) lie before every valid key, so no gate of an
-  empty slot enters a count. The causal offset sk - sq of ``full_attend`` is then right too.
+* CoPE: its gates sum over a query's row of keys; the empty slots and a chunk's later
+  tokens, after the query, are kept out of the count by their positions (``CoPE.scores``).
+
+Layout (benchmarks/README.md, "Decoding"): one [batch x kv heads, slots, head_dim] buffer
+per layer for keys and one for values, so that each head's keys are contiguous and the
+attention dots read them as they lie (``grouped_attend``), filled from slot 0: a step
+writes its tokens in place (``lax.dynamic_update_slice`` on buffers the step owns and
+donates) instead of shifting the whole cache. XLA:CPU keeps that update in place only for
+this 3-d layout: with a separate batch axis it fused the update into each reader and
+copied the cache for each, 4 copies per buffer per step (measured). A slot's position is
+its index (contiguous positions); empty slots lie after every query and are masked per
+query (``mask``).
 
 Eviction (StreamingLLM, Xiao et al. 2024, arXiv 2309.17453, sec. 3.2): with ``sinks``,
-a full cache keeps its first ``sinks`` tokens and drops the oldest of the rest; positions
-are then counted inside the cache (``cache_positions``), as in the paper, so no distance
-exceeds the cache size. Keys being unrotated, re-rotating at the new cache positions
-every step is free.
+a full cache keeps its first ``sinks`` tokens and drops the oldest of the rest (a shift of
+the cache, once per token once full); positions are then counted inside the cache
+(``cache_positions``), as in the paper, so no distance exceeds the cache size.
 """
 import copy
 import functools
@@ -42,13 +49,26 @@ from models.layers import jit
 from training.steps import split_model
 
 
-def _write(buf, new, sinks):
-  """Right-aligned append of new [b, s, ...] to buf [b, T, ...]: the oldest s slots leave
-  (empty ones while the cache fills up); with ``sinks`` (full cache) slots sinks..sinks+s-1
-  leave instead and the first ``sinks`` stay (StreamingLLM)."""
+def to_cache(x):
+  """[b, s, kv, d] (the model's layout) -> [b * kv, s, d] (the cache's, module doc)."""
+  b, s, kv, d = x.shape
+  return jnp.swapaxes(x, 1, 2).reshape(b * kv, s, d)
+
+
+def from_cache(x, batch):
+  """[b * kv, s, d] -> [b, s, kv, d]."""
+  return jnp.swapaxes(x.reshape(batch, -1, *x.shape[1:]), 1, 2)
+
+
+def _write(buf, new, start, sinks):
+  """new [n, s, d] into buf [n, T, d] at slots start..start+s-1 (in place when buf is
+  donated); with ``sinks`` (a full cache) slots sinks..sinks+s-1 leave instead, the later
+  ones move down by s and new takes the last s (StreamingLLM)."""
+  new = new.astype(buf.dtype)
+  if sinks is None:
+    return jax.lax.dynamic_update_slice(buf, new, (0, start, 0))
   s = new.shape[1]
-  keep = [buf[:, s:]] if sinks is None else [buf[:, :sinks], buf[:, sinks + s:]]
-  return jnp.concatenate(keep + [new.astype(buf.dtype)], axis=1)
+  return jnp.concatenate([buf[:, :sinks], buf[:, sinks + s:], new], axis=1)
 
 
 class _CachedAttention:
@@ -62,21 +82,34 @@ class _CachedAttention:
     del with_stats  # not available on the cached path
     b, s, _ = x.shape
     q, k, v = self.attn.project(x)
-    self.k_buf = _write(self.k_buf, k, self.ctx["sinks"])
-    self.v_buf = _write(self.v_buf, v, self.ctx["sinks"])
+    rotated = self.ctx["rotated"]
+    if rotated:  # the chunk's keys enter the cache rotated (module doc)
+      q, k = enc.rotate(q, k, positions, positions)
+    start, sinks = self.ctx["start"], self.ctx["sinks"]
+    self.k_buf = _write(self.k_buf, to_cache(k), start, sinks)
+    self.v_buf = _write(self.v_buf, to_cache(v), start, sinks)
     if self.ctx["prefill"]:  # empty cache: the chunk's keys are all the valid keys
-      q, k, v = self.attn.prepare(q, k, v, positions, positions, enc)
+      q, k, v = self.attn.prepare(q, k, v, positions, positions, enc, rotate=not rotated)
       out, _ = attend(q, k, v, positions, positions, enc, impl=self.attn.impl,
                       block_size=self.attn.block_size)
-    else:  # a few queries over the cache; kv heads shared without copies where possible
-      k_pos, valid, plain = self.ctx["k_pos"], self.ctx["valid"], plain_scores(enc)
-      q, k, v = self.attn.prepare(q, self.k_buf, self.v_buf, positions, k_pos, enc,
-                                  share_kv=not plain)
-      if plain:
-        out = grouped_attend(q, k, v, positions, k_pos, enc, valid)
-      else:
-        out, _ = full_attend(q, k, v, positions, k_pos, enc, key_mask=valid)
+    else:
+      out = self._attend_cache(q, positions, enc, rotate=not rotated)
     return self.attn.out(out.reshape(b, s, -1)), None
+
+  def _attend_cache(self, q, q_pos, enc, rotate):
+    """A few queries over the whole cache; kv heads shared without copies where the logits
+    are plain q.k + bias (``grouped_attend``), else by the full path's hooks (whose causal
+    offset, queries last, masks no valid key of a cache filled from slot 0: ``mask`` does)."""
+    k_pos, mask, plain = self.ctx["k_pos"], self.ctx["mask"], plain_scores(enc)
+    if plain and not rotate:  # the cache as it is
+      return grouped_attend(self.attn.scale_queries(q, q_pos), self.k_buf, self.v_buf, q_pos,
+                            k_pos, enc, mask)
+    b = q.shape[0]
+    q, k, v = self.attn.prepare(q, from_cache(self.k_buf, b), from_cache(self.v_buf, b), q_pos,
+                                k_pos, enc, share_kv=not plain, rotate=rotate)
+    if plain:
+      return grouped_attend(q, to_cache(k), to_cache(v), q_pos, k_pos, enc, mask)
+    return full_attend(q, k, v, q_pos, k_pos, enc, key_mask=mask)[0]
 
 
 def _compute_in_float32(model):
@@ -93,19 +126,25 @@ def _compute_in_float32(model):
       object.__setattr__(module, "dtype", "float32" if isinstance(dtype, str) else jnp.float32)
 
 
-def _make_step(graphdef):
-  """jit f(state, k_bufs, v_bufs, tokens, q_pos, k_pos, valid, freqs, sinks, prefill,
-  last_only) -> (logits [b, s or 1, V] float32, k_bufs, v_bufs). The prompt (``prefill``)
-  runs in the model's matmul dtype, later steps in float32 (``_compute_in_float32``)."""
+def _make_steps(graphdef):
+  """(donating, copying) jit of f(state, k_bufs, v_bufs, tokens, q_pos, k_pos, start, freqs,
+  sinks, prefill, last_only, rotated) -> (logits [b, s or 1, V] float32, k_bufs, v_bufs):
+  the chunk's tokens enter the cache at slot ``start``. The prompt (``prefill``) runs in the
+  model's matmul dtype, later steps in float32 (``_compute_in_float32``). The donating one
+  writes the cache in place; the copying one serves buffers a branch shares."""
 
-  def step(state, k_bufs, v_bufs, tokens, q_pos, k_pos, valid, freqs, sinks, prefill, last_only):
+  def step(state, k_bufs, v_bufs, tokens, q_pos, k_pos, start, freqs, sinks, prefill,
+           last_only, rotated):
     model = nnx.merge(graphdef, state)  # a fresh copy: swapping its modules is local
     if not prefill:
       _compute_in_float32(model)
     if freqs is not None:  # length-dependent RoPE: this length's frequencies (module doc)
       object.__setattr__(model.posenc, "inv_freq", freqs[0])
       object.__setattr__(model.posenc, "attention_factor", freqs[1])
-    ctx = {"k_pos": k_pos, "valid": valid, "sinks": sinks, "prefill": prefill}
+    s, capacity = tokens.shape[1], k_bufs[0].shape[1]
+    mask = jnp.arange(capacity)[None, None, :] <= start + jnp.arange(s)[None, :, None]
+    ctx = {"k_pos": k_pos, "mask": mask, "start": start, "sinks": sinks, "prefill": prefill,
+           "rotated": rotated}
     cached = [_CachedAttention(blk.attn, kb, vb, ctx)
               for blk, kb, vb in zip(model.blocks, k_bufs, v_bufs)]
     for blk, c in zip(model.blocks, cached):
@@ -116,7 +155,9 @@ def _make_step(graphdef):
     return (model.logits(hidden), tuple(c.k_buf for c in cached),
             tuple(c.v_buf for c in cached))
 
-  return jit(step, static_argnames=("sinks", "prefill", "last_only"))
+  static = ("sinks", "prefill", "last_only", "rotated")
+  return (jit(step, static_argnames=static, donate_argnames=("k_bufs", "v_bufs")),
+          jit(step, static_argnames=static))
 
 
 _STEPS = weakref.WeakKeyDictionary()
@@ -138,18 +179,23 @@ class CachedDecoder:
       raise ValueError(f"sinks must be in [0, capacity={capacity}), got {sinks}")
     self.model, self.batch, self.capacity, self.sinks = model, batch, capacity, sinks
     self.cache_positions = sinks is not None if cache_positions is None else cache_positions
+    # Keys cached rotated unless a cached key's rotation can change (module doc).
+    self.rotated = not (getattr(model.posenc, "length_dependent", False) or self.cache_positions)
     graphdef, self.state = split_model(model)
-    if model not in _STEPS:  # one compiled step per model, not per decoder (generate calls)
-      _STEPS[model] = _make_step(graphdef)
-    self._step = _STEPS[model]
+    if model not in _STEPS:  # compiled steps per model, not per decoder (generate calls)
+      _STEPS[model] = _make_steps(graphdef)
+    self._steps = _STEPS[model]
     attn = model.blocks[0].attn
     kv_dtype = jax.eval_shape(attn.project, jax.ShapeDtypeStruct((1, 1, model.embedding.shape[1]),
                                                                  jnp.float32))[1].dtype
-    shape = (batch, capacity, attn.num_kv_heads, attn.head_dim)
+    shape = (batch * attn.num_kv_heads, capacity, attn.head_dim)  # the layout: module doc
     self.k = tuple(jnp.zeros(shape, kv_dtype) for _ in model.blocks)
     self.v = tuple(jnp.zeros(shape, kv_dtype) for _ in model.blocks)
-    self.pos = np.zeros(capacity, np.int32)  # absolute position of each slot (host side)
-    self.length = 0  # valid (right-most) slots
+    self.shared = False  # whether another decoder holds these buffers (``branch``)
+    # Position of each slot: its index while positions are contiguous from 0 (and for
+    # cache_positions); absolute positions move with eviction otherwise.
+    self.pos = np.arange(capacity, dtype=np.int32)
+    self.length = 0  # valid slots, from slot 0
     self.seen = 0  # tokens fed so far
 
   def feed(self, tokens, last_only=False):
@@ -171,25 +217,25 @@ class CachedDecoder:
 
   def branch(self):
     """A decoder that continues from this one's current state and leaves it unchanged: it
-    shares the cache buffers (jax arrays are immutable, so its steps write new buffers of
-    their own). n continuations of one prompt (``evaluation.needle``'s candidate keys) cost
-    n steps of batch 1 and no copy of the cache: copying a SmolLM2 8k prompt's cache into
-    10 rows moved 3.8 GB and took 18.9 s a trial, ten branches take 2.3-2.7 s."""
+    shares the cache buffers, so neither writes them in place until its next step has made
+    buffers of its own. n continuations of one prompt (``evaluation.needle``'s candidate
+    keys) cost n steps of batch 1 and no copy of the cache up front: copying a SmolLM2 8k
+    prompt's cache into 10 rows moved 3.8 GB and took 18.9 s a trial, ten branches 2.3-2.7 s."""
+    self.shared = True
     return copy.copy(self)
 
   def _feed_chunk(self, tokens, last_only):
     s = tokens.shape[1]
     evict = self.sinks if self.length + s > self.capacity else None
     new_length = min(self.length + s, self.capacity)
+    start = new_length - s  # the chunk's first slot
     if self.cache_positions:  # StreamingLLM: a slot's position is its rank in the cache
-      q_pos = np.arange(new_length - s, new_length)
+      q_pos = np.arange(start, new_length)
     else:
       q_pos = np.arange(self.seen, self.seen + s)
-    self.pos = np.asarray(_write(self.pos[None], q_pos[None], evict))[0]
-    if self.cache_positions:
-      self.pos = np.maximum(np.arange(self.capacity) - (self.capacity - new_length), 0)
+      if evict is not None:
+        self.pos = np.concatenate([self.pos[:evict], self.pos[evict + s:], q_pos])
     self.model.check_positions(q_pos)
-    valid = np.arange(self.capacity) >= self.capacity - new_length
     enc = self.model.posenc
     freqs = None
     if getattr(enc, "length_dependent", False):  # frequencies of the current length
@@ -200,9 +246,11 @@ class CachedDecoder:
     # own path (blockwise when long), not over the whole buffer: the 16k needle prompt of a
     # pretrained model would otherwise build [s, capacity] logits per layer.
     prefill = self.length == 0 and evict is None
-    logits, self.k, self.v = self._step(self.state, self.k, self.v, tokens, bcast(q_pos),
-                                        bcast(self.pos), bcast(valid), freqs, sinks=evict,
-                                        prefill=prefill, last_only=last_only)
+    step = self._steps[1] if self.shared else self._steps[0]
+    logits, self.k, self.v = step(self.state, self.k, self.v, tokens, bcast(q_pos),
+                                  bcast(self.pos), np.int32(start), freqs, sinks=evict,
+                                  prefill=prefill, last_only=last_only, rotated=self.rotated)
+    self.shared = False  # the step's outputs are new buffers, this decoder's alone
     self.length, self.seen = new_length, self.seen + s
     return logits
 

@@ -16,10 +16,11 @@ floor/ceil (no gradient through the indices, gradient through w), embeddings
 (q.k + q.e) by sqrt(head_dim) at the end; here q arrives pre-scaled, which is the same.
 Its npos defaults to block size + 1 (``npos = 0`` here); our default is 64.
 
-Position ids are never read, so the logits are trivially invariant to shifting them
-(``relative = True``) and randomized training positions do not affect CoPE. One
-instance is shared by all layers (like the reference's ``--cope-shared``; its default
-is one table per layer).
+Position ids are read only to keep a key after the query out of its count (for sorted
+ids, which every forward uses, the causal mask already does), so the logits are invariant
+to shifting them (``relative = True``) and randomized training positions do not affect
+CoPE. One instance is shared by all layers (like the reference's ``--cope-shared``; its
+default is one table per layer).
 
 Blockwise evaluation cannot serve CoPE: p_ij sums the gates of every key between j
 and i, i.e. a query's whole row. ``blockwise = False`` makes long evaluation take the
@@ -40,14 +41,15 @@ def causal_gate_mask(sq, sk):
   return jnp.arange(sk)[None, :] <= jnp.arange(sq)[:, None] + (sk - sq)
 
 
-def cope_positions(gate_logits, npos):
+def cope_positions(gate_logits, npos, keep=True):
   """Contextual positions p [b, h, sq, sk] from logits q.k [b, h, sq, sk] (float32).
 
   p_ij = sum over keys t in [j, i] of sigmoid(logit_it), clamped to npos - 1; 0 where
-  j > i (masked keys contribute no gate).
+  j > i (masked keys contribute no gate). ``keep`` (bool, broadcast to the logits): the
+  keys that may contribute a gate at all (``CoPE.scores``).
   """
   sq, sk = gate_logits.shape[-2:]
-  gates = jax.nn.sigmoid(gate_logits) * causal_gate_mask(sq, sk)
+  gates = jax.nn.sigmoid(gate_logits) * (causal_gate_mask(sq, sk) & keep)
   p = jnp.flip(jnp.cumsum(jnp.flip(gates, -1), axis=-1), -1)  # sum_{t >= j}
   return jnp.minimum(p, npos - 1)
 
@@ -96,7 +98,9 @@ class CoPE(PositionalEncoding):
     self.table = nnx.Param(jnp.zeros((self.npos, model_config.head_dim), jnp.float32))
 
   def scores(self, q, k, q_pos, k_pos):
-    del q_pos, k_pos
     logits = qk_dot(q, k)
-    p = cope_positions(logits, self.npos)
+    # Gates only from keys at or before the query's position: for the sorted ids of every
+    # forward the index mask already implies it; it masks a KV cache's empty slots and a
+    # decoded chunk's later tokens, which lie after the query (``models.generate``).
+    p = cope_positions(logits, self.npos, k_pos[:, None, None, :] <= q_pos[:, None, :, None])
     return logits + interpolate_position_logits(q, self.table[...], p)

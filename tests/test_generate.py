@@ -305,3 +305,27 @@ def test_branches_continue_the_prefix_and_leave_it_unchanged(tiny_config):
   assert dec.length == dec.seen == 20  # the parent's own next step sees only the prompt
   want = _full(model, jnp.concatenate([prompt, conts[2:, :1]], axis=1))[:, 20:]
   assert _max_diff(dec.feed(conts[2:, :1]), want) <= F32_TOL
+
+
+def test_steps_update_the_cache_in_place_except_shared_buffers(tiny_config):
+  """A decoder that owns its cache donates it to the step (the update is in place: the old
+  buffers are gone), while buffers a branch shares survive the branch's and the parent's
+  next steps, so both continue exactly (the copying step)."""
+  _, model = _model("alibi", tiny_config)
+  tokens = _tokens(12, batch=1)
+  dec = CachedDecoder(model, 1, 16)
+  dec.feed(tokens[:, :8])
+  before = dec.k[0]
+  dec.feed(tokens[:, 8:9])
+  assert before.is_deleted()  # donated: written in place
+  shared = dec.k[0]
+  child = dec.branch()
+  got_child = child.feed(tokens[:, 9:10])
+  got_parent = dec.feed(tokens[:, 9:11])
+  assert not shared.is_deleted()
+  want = _full(model, tokens[:, :11])
+  assert _max_diff(got_child, want[:, 9:10]) <= F32_TOL
+  assert _max_diff(got_parent, want[:, 9:11]) <= F32_TOL
+  after = dec.k[0]
+  dec.feed(tokens[:, 11:12])  # the parent owns fresh buffers again
+  assert after.is_deleted()
