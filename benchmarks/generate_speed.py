@@ -4,6 +4,8 @@ forward over the whole sequence for every new token), at a given context length.
   python benchmarks/generate_speed.py --run=runs/rope --context=1024 --new=32
   python benchmarks/generate_speed.py --run=pretrained:smollm2-135m --context=1024,4096 \
       --dtype=auto --modes=cached,prefill
+  python benchmarks/generate_speed.py --run=pretrained:smollm2-135m --context=4096 \
+      --dtype=auto --modes=cached --variant=dynamic:factor=2
 Modes: cached / uncached (new tokens/s), prefill (prompt tokens/s of the prompt's pass into
 an empty cache, the needle's and every long prompt's cost). Prints one line per mode and
 context, with the CPU; compile time excluded (first step timed
@@ -21,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+import extensions
 from evaluation.runner import variant_model
 from models.generate import CachedDecoder
 from models.layers import cpu_description
@@ -72,14 +75,21 @@ def main(argv=None):
   p.add_argument("--new", type=int, default=16)
   p.add_argument("--dtype", default="", help="matmul dtype override: auto | float32 | bfloat16")
   p.add_argument("--modes", default="cached,uncached")
+  p.add_argument("--variant", default="", help="a context-extension variant as in "
+                 "eval_extrapolate.py, e.g. dynamic:factor=2 (set up for the longest context "
+                 "plus the new tokens)")
   args = p.parse_args(argv)
+  contexts = [int(c) for c in args.context.split(",")]
   config, model = checkpoint.load_run(args.run)
-  if args.dtype:
+  if args.variant:
+    spec = extensions.parse_variants(args.variant)[0]
+    config = extensions.apply_variant(config, spec, max(contexts) + args.new)
+  if args.variant or args.dtype:
     model = variant_model(model, config, args.dtype)
   print(f"cpu {cpu_description()}", flush=True)
   vocab = model.embedding.shape[0]
   modes = {"cached": cached_tps, "uncached": uncached_tps, "prefill": prefill_tps}
-  for context in [int(c) for c in args.context.split(",")]:
+  for context in contexts:
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, vocab, (1, context)), jnp.int32)
     for name in args.modes.split(","):
       print(f"{args.run} context {context}: {name} {modes[name](model, tokens, args.new):.2f} "

@@ -60,3 +60,22 @@ def test_generate_speed_prints_the_cpu_and_one_line_per_context_and_mode(
   assert [line.split(": ")[1].split()[0] for line in lines[1:]] == ["cached", "uncached",
                                                                     "prefill"] * 2
   assert len(speeds) == 6 and min(speeds) > 0
+
+
+def test_generate_speed_decodes_the_variant_asked_for(capsys, monkeypatch, tiny_config):
+  """--variant reaches the decoded model: dynamic NTK (the cache keeps keys unrotated and
+  re-rotates them every step), set up for the longest context plus the new tokens."""
+  from benchmarks import generate_speed
+  from configs.common import resolve
+  from models import build_model
+  config = resolve(tiny_config(posenc="rope", train_len=16))
+  monkeypatch.setattr(generate_speed.checkpoint, "load_run",
+                      lambda spec: (config, build_model(config)))
+  built = []
+  real = generate_speed.variant_model
+  monkeypatch.setattr(generate_speed, "variant_model",
+                      lambda m, c, d: built.append(real(m, c, d)) or built[-1])
+  generate_speed.main(["--run", "pretrained:x", "--context", "8,24", "--new", "3",
+                       "--modes", "cached", "--variant", "dynamic:factor=2"])
+  assert len(built) == 1 and built[0].posenc.length_dependent
+  assert len(capsys.readouterr().out.strip().splitlines()) == 3
