@@ -184,7 +184,7 @@ class CachedDecoder:
     graphdef, self.state = split_model(model)
     if model not in _STEPS:  # compiled steps per model, not per decoder (generate calls)
       _STEPS[model] = _make_steps(graphdef)
-    self._steps = _STEPS[model]
+    self._donating_step, self._copying_step = _STEPS[model]
     attn = model.blocks[0].attn
     kv_dtype = jax.eval_shape(attn.project, jax.ShapeDtypeStruct((1, 1, model.embedding.shape[1]),
                                                                  jnp.float32))[1].dtype
@@ -246,7 +246,7 @@ class CachedDecoder:
     # own path (blockwise when long), not over the whole buffer: the 16k needle prompt of a
     # pretrained model would otherwise build [s, capacity] logits per layer.
     prefill = self.length == 0 and evict is None
-    step = self._steps[1] if self.shared else self._steps[0]
+    step = self._copying_step if self.shared else self._donating_step
     logits, self.k, self.v = step(self.state, self.k, self.v, tokens, bcast(q_pos),
                                   bcast(self.pos), np.int32(start), freqs, sinks=evict,
                                   prefill=prefill, last_only=last_only, rotated=self.rotated)
