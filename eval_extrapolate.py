@@ -30,6 +30,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from configs.common import normalize_argv
 from evaluation import report, results, sweep
 from training import compile_cache
 from training.allocator import reexec_with_huge_pages
@@ -80,17 +81,6 @@ def options_from_flags():
     if FLAGS[key].present:
       opts[key] = FLAGS[key].value
   return opts
-
-
-def normalize_argv(argv):
-  """--max-tokens=1 -> --max_tokens=1 (the issue spells flags with dashes; absl with '_')."""
-  out = []
-  for a in argv:
-    if a.startswith("--") and not a.startswith("--config"):
-      name, eq, value = a[2:].partition("=")
-      a = "--" + name.replace("-", "_") + eq + value
-    out.append(a)
-  return out
 
 
 def main(argv):

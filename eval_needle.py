@@ -11,11 +11,13 @@ books of --split (byte runs: bytes; a checkpoint: its BPE). Rows go to --out/nee
 then --out/needle.md (grid + effective length) and one heatmap per run and variant.
 """
 import os
+import sys
 
 import numpy as np
 from absl import app, flags
 
 import extensions
+from configs.common import normalize_argv
 from evaluation import needle, results
 from evaluation.runner import eval_dtype_for, variant_model
 from extensions import NotApplicable
@@ -210,4 +212,4 @@ def main(argv):
 if __name__ == "__main__":  # flag names are single words: no --a-b spelling to normalise
   reexec_with_huge_pages()  # first: glibc reads its tunables at start (training/allocator.py)
   define_flags()
-  app.run(main)
+  app.run(main, argv=normalize_argv(sys.argv))

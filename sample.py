@@ -20,6 +20,7 @@ import numpy as np
 from absl import app, flags
 
 import extensions
+from configs.common import normalize_argv
 from evaluation.runner import variant_model
 from input_pipeline import text as text_data
 from input_pipeline.codec import Codec
@@ -113,5 +114,4 @@ def main(argv):
 
 if __name__ == "__main__":
   reexec_with_huge_pages()  # first: glibc reads its tunables at start (training/allocator.py)
-  from eval_extrapolate import normalize_argv  # pylint: disable=g-import-not-at-top (its flags)
   app.run(main, argv=normalize_argv(sys.argv))

@@ -33,6 +33,18 @@ def parse_args(arg, defaults):
   return out
 
 
+def normalize_argv(argv):
+  """--max-tokens=1 -> --max_tokens=1 (the issues spell flags with dashes, absl with '_');
+  ``--config...`` stays as written. For every script's ``app.run``."""
+  out = []
+  for a in argv:
+    if a.startswith("--") and not a.startswith("--config"):
+      name, eq, value = a[2:].partition("=")
+      a = "--" + name.replace("-", "_") + eq + value
+    out.append(a)
+  return out
+
+
 def _choice(what, value, choices):
   if value not in choices:
     raise ValueError(f"unknown {what} {value!r}; valid choices: {', '.join(map(str, choices))}")

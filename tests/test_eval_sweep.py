@@ -199,6 +199,20 @@ def test_samples_continue_the_same_passage_at_each_multiple(smoke):
     assert f"**{k}x ({n} bytes of prompt" in text
 
 
+def test_sample_command_line_with_dashed_flags(smoke):
+  """``python sample.py`` as a user types it (flags spelled with dashes, as in the issues):
+  it runs and prints the JSON it promises (a script importing another's flags once crashed
+  here with absl's DuplicateFlagError)."""
+  cfg, _ = smoke
+  proc = subprocess.run(
+      [sys.executable, "sample.py", f"--run={os.path.join(cfg.train.runs_dir, 'rope-s0')}",
+       "--prompt=It was the best of times", "--max-new-tokens=5", "--temperature=0", "--json"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["new_tokens"] == 5 and out["prompt_tokens"] == len("It was the best of times")
+
+
 def test_sample_dtype_override(smoke):
   import numpy as np
   import sample
