@@ -193,7 +193,7 @@ class Attention(nnx.Module):
 
   def project(self, x):
     """q [b, s, h, d] and k, v [b, s, kv, d] of x [b, s, d], before any positional hook
-    (what the KV cache of ``models.generate`` stores: keys unrotated)."""
+    (``models.generate`` caches keys rotated or not, depending on the encoding)."""
     b, s, _ = x.shape
     h, kv = self.num_heads, self.num_kv_heads
     return jnp.split(self.qkv(x).reshape(b, s, h + 2 * kv, self.head_dim), [h, h + kv], axis=2)
