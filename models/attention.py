@@ -98,9 +98,29 @@ def within_span(fast, fallback, max_distance):
 def forward_only(fast, reference):
   """A function computing ``fast(*args)`` where nothing differentiates it; under a gradient
   (its forward rule) ``reference``'s value and gradient instead: a forward-only fast path
-  that leaves training exactly as ``reference`` computes it."""
-  fn = jax.custom_vjp(lambda *args: fast(*args))
-  fn.defvjp(lambda *args: jax.vjp(reference, *args), lambda vjp, g: vjp(g))
+  that leaves training exactly as ``reference`` computes it. What either function closes
+  over (an encoding's trainable bias, a tracer under the gradient) becomes an explicit
+  argument of the custom VJP (``jax.closure_convert``): a custom VJP closing over a tracer
+  leaks it (T5 and KERPLE bf16 training failed so, UnexpectedTracerError)."""
+  def fn(*args):
+    fast_fn, fast_consts = jax.closure_convert(fast, *args)
+    ref_fn, ref_consts = jax.closure_convert(reference, *args)
+
+    @jax.custom_vjp
+    def run(args, fast_consts, ref_consts):
+      return fast_fn(*args, *fast_consts)
+
+    def run_fwd(args, fast_consts, ref_consts):
+      out, vjp = jax.vjp(lambda a, c: ref_fn(*a, *c), args, ref_consts)
+      return out, (vjp, fast_consts)
+
+    def run_bwd(res, g):
+      vjp, fast_consts = res
+      d_args, d_ref = vjp(g)
+      return d_args, jax.tree.map(jnp.zeros_like, fast_consts), d_ref
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(args, fast_consts, ref_consts)
   return fn
 
 

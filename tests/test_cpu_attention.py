@@ -119,13 +119,17 @@ def test_forward_only_is_fast_alone_and_the_reference_under_a_gradient():
   assert float(value) == 9.0 and float(grad) == 6.0
 
 
-def test_bf16_model_evaluates_with_the_kernel_and_trains_as_xla(monkeypatch):
+@pytest.mark.parametrize("posenc", ["rope", "alibi", "t5_bias", "kerple_log", "kerple_power",
+                                    "sandwich"])
+def test_bf16_model_evaluates_with_the_kernel_and_trains_as_xla(monkeypatch, posenc):
   """A bf16 model: its forward with the bf16 kernel is XLA's bf16 forward to bf16 rounding,
-  and its loss and gradient under jax.grad are XLA's (forward_only), whatever the choice."""
+  and its loss and gradient under jax.grad are XLA's (forward_only), whatever the choice;
+  also for the encodings whose kernel bias is trainable (T5's table, KERPLE's r1 / r2),
+  which the custom VJP must take as arguments (they leaked as tracers before)."""
   results = {}
   for choice in ("xla", "kernel"):
     monkeypatch.setenv("LENX_CPU_ATTENTION", choice)
-    loss, params = _model_loss("rope", False, "bfloat16")
+    loss, params = _model_loss(posenc, False, "bfloat16")
     results[choice] = jax.jit(loss)(params), jax.jit(jax.value_and_grad(loss))(params)
   (fwd_x, (loss_x, g_x)), (fwd_k, (loss_k, g_k)) = results["xla"], results["kernel"]
   assert _rel(fwd_k, fwd_x) < 2e-2 and float(fwd_k) != float(fwd_x)  # another computation
