@@ -19,9 +19,8 @@ import time
 import numpy as np
 from absl import app, flags
 
-import extensions
 from configs.common import normalize_argv
-from evaluation.runner import variant_model
+from evaluation.runner import one_variant
 from input_pipeline import text as text_data
 from input_pipeline.codec import Codec
 from models.generate import generate
@@ -74,13 +73,8 @@ def continuation(run, prompt_ids, *, max_new_tokens, variant="none", sinks=None,
   """(config as run: variant and dtype applied, new token ids, seconds) of one sampled
   continuation of ``prompt_ids``; ``dtype`` overrides the run's matmul dtype (as
   eval_extrapolate.py --dtype)."""
-  config, model = checkpoint.load_run(run)
-  spec = extensions.parse_variants(variant)
-  if len(spec) != 1:
-    raise ValueError(f"--variant takes one variant, got {variant!r}")
-  total = len(prompt_ids) + max_new_tokens
-  vconf = extensions.apply_variant(config, spec[0], total)
-  model = variant_model(model, vconf, dtype)
+  vconf, model = one_variant(*checkpoint.load_run(run), variant,
+                             len(prompt_ids) + max_new_tokens, dtype)
   if (sinks is None) != (window is None):
     raise ValueError("--sinks and --window go together (StreamingLLM cache = sinks + window)")
   capacity = sinks + window if sinks is not None else None

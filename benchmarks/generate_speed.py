@@ -23,8 +23,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-import extensions
-from evaluation.runner import variant_model
+from evaluation.runner import one_variant
 from models.generate import CachedDecoder
 from models.layers import cpu_description
 from training import checkpoint
@@ -81,11 +80,9 @@ def main(argv=None):
   args = p.parse_args(argv)
   contexts = [int(c) for c in args.context.split(",")]
   config, model = checkpoint.load_run(args.run)
-  if args.variant:
-    spec = extensions.parse_variants(args.variant)[0]
-    config = extensions.apply_variant(config, spec, max(contexts) + args.new)
   if args.variant or args.dtype:
-    model = variant_model(model, config, args.dtype)
+    _, model = one_variant(config, model, args.variant or "none", max(contexts) + args.new,
+                           args.dtype)
   print(f"cpu {cpu_description()}", flush=True)
   vocab = model.embedding.shape[0]
   modes = {"cached": cached_tps, "uncached": uncached_tps, "prefill": prefill_tps}

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import extensions
 from evaluation import windows
 from evaluation.metrics import Accumulator
 from models import build_model
@@ -39,6 +40,17 @@ def variant_model(run_model, variant_config, dtype=""):
   model = build_model(variant_config)
   nnx.update(model, nnx.state(run_model, nnx.Param))
   return model
+
+
+def one_variant(run_config, run_model, variant, eval_len, dtype=""):
+  """(config, model) of a run under one variant spec (``"yarn"``, ``"dynamic:factor=2"``)
+  set up for ``eval_len`` tokens, in ``dtype`` (``variant_model``): what a script decoding
+  one variant (sample.py, benchmarks/generate_speed.py) runs."""
+  specs = extensions.parse_variants(variant)
+  if len(specs) != 1:
+    raise ValueError(f"--variant takes one variant, got {variant!r}")
+  config = extensions.apply_variant(run_config, specs[0], eval_len)
+  return config, variant_model(run_model, config, dtype)
 
 
 def _computation(config):

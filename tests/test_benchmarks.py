@@ -41,6 +41,7 @@ def test_generate_speed_prints_the_cpu_and_one_line_per_context_and_mode(
   """benchmarks/generate_speed.py on a checkpoint (here a tiny model): --dtype reaches the
   model, every (context, mode) gets a positive tokens/s."""
   from benchmarks import generate_speed
+  from evaluation import runner
   from configs.common import resolve
   from models import build_model
   config = resolve(tiny_config(posenc="rope", train_len=16))
@@ -49,8 +50,8 @@ def test_generate_speed_prints_the_cpu_and_one_line_per_context_and_mode(
     seen["spec"] = spec
     return config, build_model(config)
   monkeypatch.setattr(generate_speed.checkpoint, "load_run", load_run)
-  real = generate_speed.variant_model
-  monkeypatch.setattr(generate_speed, "variant_model",
+  real = runner.variant_model
+  monkeypatch.setattr(runner, "variant_model",
                       lambda m, c, d: seen.setdefault("dtype", d) and real(m, c, d))
   generate_speed.main(["--run", "pretrained:x", "--context", "8,16", "--new", "3",
                        "--dtype", "bfloat16", "--modes", "cached,uncached,prefill"])
@@ -66,14 +67,15 @@ def test_generate_speed_decodes_the_variant_asked_for(capsys, monkeypatch, tiny_
   """--variant reaches the decoded model: dynamic NTK (the cache keeps keys unrotated and
   re-rotates them every step), set up for the longest context plus the new tokens."""
   from benchmarks import generate_speed
+  from evaluation import runner
   from configs.common import resolve
   from models import build_model
   config = resolve(tiny_config(posenc="rope", train_len=16))
   monkeypatch.setattr(generate_speed.checkpoint, "load_run",
                       lambda spec: (config, build_model(config)))
   built = []
-  real = generate_speed.variant_model
-  monkeypatch.setattr(generate_speed, "variant_model",
+  real = runner.variant_model
+  monkeypatch.setattr(runner, "variant_model",
                       lambda m, c, d: built.append(real(m, c, d)) or built[-1])
   generate_speed.main(["--run", "pretrained:x", "--context", "8,24", "--new", "3",
                        "--modes", "cached", "--variant", "dynamic:factor=2"])
