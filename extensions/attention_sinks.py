@@ -48,6 +48,9 @@ class LMInfinite(PiecewiseRoPE):
     attended = (rel < p["n_local"]) | (k_pos < p["n_global"])  # the Lambda
     return jnp.where(attended, part, NOT_ATTENDED)
 
+  def kernel_form(self, p):
+    return 1, p["n_global"], max(p["n_local"], p["limit"]) + 1
+
 
 @register("streaming_llm")
 class StreamingLLM(PiecewiseRoPE):
@@ -67,3 +70,6 @@ class StreamingLLM(PiecewiseRoPE):
     rel = q_pos - k_pos
     part = jnp.where(rel <= p["recent"], 0, 1)  # 0: in the recent window, 1: a sink
     return jnp.where((rel <= p["recent"]) | (k_pos < p["sinks"]), part, NOT_ATTENDED)
+
+  def kernel_form(self, p):
+    return 1, p["sinks"], p["recent"] + 2

@@ -43,3 +43,6 @@ class DualChunk(PiecewiseRoPE):
     s = p["chunk_size"] - p["local_window"]
     behind = q_pos // s - k_pos // s  # chunks between query and key
     return jnp.minimum(behind, 2).astype(jnp.int32)
+
+  def kernel_form(self, p):
+    return p["chunk_size"] - p["local_window"], 0, 3

@@ -14,12 +14,18 @@ tile needs only its own positions: the methods run blockwise (no L x L matrix) a
 the full computation. The RoPE encoding calls ``scores`` when its config has a
 ``scores_rule`` (JSON ``{"name": ..., params}``, written by ``PiecewiseRoPE.configure``)
 and then leaves q and k unrotated in ``rotate``.
+
+On the CPU, evaluation runs the same rule in the fused attention kernel
+(``models.cpu_attention.piecewise_attention``) for every method that declares its
+``kernel_form``: the part of a pair is a function of clamp(q // div - k // div) and of
+whether the key is a sink, read into two small tables from ``select`` itself.
 """
 import functools
 import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from extensions import Extension, get
 from models.fast_attention import NEG_INF
@@ -53,6 +59,14 @@ class PiecewiseRoPE(Extension):
     """Part index per pair (int array broadcast from q_pos [b,1,sq,1], k_pos [b,1,1,sk]);
     -1 = not attended."""
     raise NotImplementedError
+
+  def kernel_form(self, params):
+    """(div, sinks, classes) when ``select`` is a function of the class
+    clamp(q // div - k // div, 0, classes - 1) and of whether the key is a sink (position <
+    sinks) alone: the form the fused CPU kernel evaluates (``kernel_pieces``; tested against
+    ``select`` for every method); None: XLA's blockwise path only."""
+    del params
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,6 +110,48 @@ def scores(rule_json, q, k, q_pos, k_pos, rotate):
   branch = jnp.argmax(jnp.stack(alone + [jnp.array(True)]))
   return jax.lax.switch(branch, [functools.partial(logits_of, [c]) for c in range(len(parts))]
                         + [functools.partial(logits_of, range(len(parts)))])
+
+
+def kernel_tables(ext, params):
+  """(div, sinks, near, sink) of a method's ``kernel_form``: the part of each class, read
+  off ``select`` itself at one pair per class (a non-sink key, and a sink key where there
+  are sinks), so the kernel's rule cannot drift from the method's definition."""
+  div, sinks, classes = ext.kernel_form(params)
+  cls = np.arange(classes)
+  base = -(-sinks // div) * div  # the first block start at or after the sinks
+  def part(q, k):
+    with jax.ensure_compile_time_eval():  # constants, also when called under jit
+      return np.asarray(ext.select(params, q, k), np.int32).reshape(-1)
+  near = part(base + cls * div, np.full(classes, base))
+  sink = part(cls * div, np.zeros(classes, np.int64)) if sinks else near
+  return div, sinks, near, sink
+
+
+def kernel_pieces(rule_json, q, k, q_pos, k_pos, rotate):
+  """The fused kernel's operands for a rule with a ``kernel_form``, else None: (queries
+  [P_q, b, s, h, d], keys [P_k, b, s, h, d], pieces) for ``cpu_attention.piecewise_attention``,
+  each distinct position map's rotation computed once over the whole sequence."""
+  ext, params = load_rule(rule_json)
+  if ext.kernel_form(params) is None:
+    return None
+  qmaps, kmaps = [], []
+  pairs = [(_index(qmaps, qm), _index(kmaps, km)) for qm, km in ext.parts(params)]
+  queries = jnp.stack([rotate(q, fn(q_pos)) for fn in qmaps])
+  keys = jnp.stack([rotate(k, fn(k_pos)) for fn in kmaps])
+  part_q, part_k = zip(*pairs)
+  return queries, keys, (part_q, part_k, *kernel_tables(ext, params))
+
+
+def _index(maps, fn):
+  """fn's index in maps (a list of distinct position maps), appended if new."""
+  if fn not in maps:
+    maps.append(fn)
+  return maps.index(fn)
+
+
+def has_kernel_form(rule_json):
+  ext, params = load_rule(rule_json)
+  return ext.kernel_form(params) is not None
 
 
 def tile_attended(rule_json, q_pos, k_pos):

@@ -21,3 +21,6 @@ class ReRoPE(PiecewiseRoPE):
 
   def select(self, p, q_pos, k_pos):
     return (q_pos - k_pos >= p["window"]).astype("int32")  # 0 near, 1 capped
+
+  def kernel_form(self, p):
+    return 1, 0, p["window"] + 1

@@ -46,3 +46,6 @@ class SelfExtend(PiecewiseRoPE):
 
   def select(self, p, q_pos, k_pos):
     return (q_pos - k_pos >= p["window"]).astype("int32")  # 0 neighbour, 1 grouped
+
+  def kernel_form(self, p):
+    return 1, 0, p["window"] + 1

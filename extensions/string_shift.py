@@ -35,3 +35,6 @@ class String(PiecewiseRoPE):
 
   def select(self, p, q_pos, k_pos):
     return (q_pos - k_pos >= p["shift"]).astype("int32")  # 0 original, 1 shifted
+
+  def kernel_form(self, p):
+    return 1, 0, p["shift"] + 1

@@ -67,12 +67,15 @@ def attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, impl="full", block_s
 
   bfloat16 runs the kernel only where nothing differentiates it (evaluation, prefill):
   under a gradient, XLA's bf16 attention, as before the bf16 kernel existed, so bf16
-  training keeps its measured speed and numbers (``forward_only``)."""
+  training keeps its measured speed and numbers (``forward_only``). Piecewise RoPE logits
+  (``enc.has_kernel_pieces``) likewise, in both dtypes: the kernel has no backward for them."""
   rows = stats_rows(with_stats, q.shape[0])
   kw = dict(with_stats=with_stats, impl=impl, block_size=block_size)
   if cpu_attention.use_kernel(q, k, enc):
     kernel = functools.partial(_kernel_attend, enc=enc, rows=rows)
     xla = lambda *args: _xla_attend(*args, enc, **kw)
+    if enc.has_kernel_pieces:  # forward only: no backward of piecewise logits in the kernel
+      return forward_only(kernel, xla)(q, k, v, q_pos, k_pos)
     if not (enc.content_only or enc.kernel_bias() is not None):  # a table to s - 1 only
       kernel = within_span(kernel, xla, q.shape[1] - 1)
     if q.dtype == jnp.bfloat16:
@@ -125,6 +128,9 @@ def forward_only(fast, reference):
 
 
 def _kernel_attend(q, k, v, q_pos, k_pos, enc, rows):
+  if enc.has_kernel_pieces:
+    queries, keys, pieces = enc.kernel_pieces(q, k, q_pos, k_pos)
+    return cpu_attention.piecewise_attention(queries, keys, v, q_pos, k_pos, pieces, rows)
   bias = enc.kernel_bias(max_distance=q.shape[1] - 1)
   if rows:
     return cpu_attention.attention_with_stats(q, k, v, q_pos, k_pos, bias, rows)

@@ -27,7 +27,11 @@ float32 or bfloat16, self-attention with s and d multiples of 8, an encoding who
 are plain q.k (``enc.content_only``) or q.k plus a bias of the query - key distance that the kernel
 forms itself from the positions (``enc.kernel_bias()``: ALiBi's slopes, T5's bucket
 table; KERPLE's and Sandwich's tables over distances 0..s - 1, used while the positions span
-less than s: ``attention.within_span``). ``attention_with_stats`` also returns the attention
+less than s: ``attention.within_span``), or piecewise RoPE logits (Self-Extend, DCA, ReRoPE,
+STRING, LM-Infinite, StreamingLLM: ``enc.has_kernel_pieces``; ``piecewise_attention``, forward
+only: queries and keys rotated once per part, the part of each pair from its positions, a
+tile of one part one product, a tile outside a Lambda mask skipped; XLA's blockwise path ran
+these 2-4x slower, benchmarks/piecewise_speed.py). ``attention_with_stats`` also returns the attention
 entropy and attended distance, accumulated online in the same pass (no gradient through
 them). ``LENX_CPU_ATTENTION=auto|
 kernel|xla``: auto = the kernel wherever it applies and builds: float32 train steps and 16k
@@ -58,7 +62,9 @@ CHOICES = ("auto", "kernel", "xla")
 _TARGETS = {"forward": "LenxCausalAttentionForward", "backward": "LenxCausalAttentionBackward",
             "forward_stats": "LenxCausalAttentionForwardStats",
             "forward_bf16": "LenxCausalAttentionForwardBf16",
-            "forward_stats_bf16": "LenxCausalAttentionForwardStatsBf16"}
+            "forward_stats_bf16": "LenxCausalAttentionForwardStatsBf16",
+            "piecewise": "LenxPiecewiseAttentionForward",
+            "piecewise_bf16": "LenxPiecewiseAttentionForwardBf16"}
 DTYPES = (jnp.float32, jnp.bfloat16)  # of q, k, v
 
 
@@ -132,7 +138,8 @@ def use_kernel(q, k, enc):
   ``jax.ShapeDtypeStruct``s)."""
   s, d = q.shape[1], q.shape[3]
   shapes_fit = q.shape == k.shape and s % 8 == 0 and d % 8 == 0
-  plain = enc.content_only or enc.kernel_bias(max_distance=s - 1) is not None
+  plain = (enc.content_only or enc.kernel_bias(max_distance=s - 1) is not None
+           or enc.has_kernel_pieces)
   return (shapes_fit and plain and q.dtype == k.dtype and q.dtype in DTYPES and enabled()[0])
 
 
@@ -238,6 +245,29 @@ def _forward_stats(q, k, v, q_pos, k_pos, slopes, table, parts, rows):
 
 
 _attention_stats.defvjp(_forward_stats, lambda parts, rows, res, g: _backward(parts, res, g[0]))
+
+
+def piecewise_attention(queries, keys, v, q_pos, k_pos, pieces, rows=0):
+  """Causal attention whose logits are piecewise RoPE (``extensions.piecewise``): pair (i, j)
+  gets part c's logit queries[part_q[c]][i] . keys[part_k[c]][j] or is masked, c from the
+  positions by ``pieces`` = (part_q, part_k, div, sinks, near, sink): c = near[clamp(i // div
+  - j // div, 0, T - 1)] (``sink`` for keys at positions < sinks; -1 = masked). queries /
+  keys [P, b, s, h, d] (one dtype, q pre-scaled), v [b, s, h, d] -> (out [b, s, h, d]
+  float32, {"entropy", "distance"} over the first ``rows`` batch rows, or None). Forward
+  only (evaluation): no gradient rule; ``attention.attend`` wraps it in ``forward_only``."""
+  part_q, part_k, div, sinks, near, sink = pieces
+  b, s, h, _ = v.shape
+  per_query = jax.ShapeDtypeStruct((b, h, s), jnp.float32)
+  q_pos, k_pos = (jnp.broadcast_to(p, (b, s)).astype(jnp.int32) for p in (q_pos, k_pos))
+  tables = [jnp.asarray(np.asarray(t, np.int32)) for t in (part_q, part_k, near, sink)]
+  out, _, entropy, distance = _call(
+      _target("piecewise", v), (jax.ShapeDtypeStruct(v.shape, jnp.float32), per_query,
+                                per_query, per_query),
+      queries, keys, v, q_pos, k_pos, *tables, div=np.int64(div), sinks=np.int64(sinks),
+      stats_rows=np.int64(rows))
+  if not rows:
+    return out, None
+  return out, {"entropy": jnp.mean(entropy[:rows]), "distance": jnp.mean(distance[:rows])}
 
 
 if __name__ == "__main__":  # python -m models.cpu_attention: build now, print where

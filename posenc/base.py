@@ -157,6 +157,21 @@ class PositionalEncoding(nnx.Module):
     plain = type(self).scores is PositionalEncoding.scores
     return self.distance_bias(max_distance) if plain else None
 
+  @property
+  def has_kernel_pieces(self):
+    """Whether ``kernel_pieces`` gives this encoding's logits (then the fused CPU kernel
+    evaluates them: models/cpu_attention.py, ``piecewise_attention``)."""
+    return False
+
+  def kernel_pieces(self, q, k, q_pos, k_pos):
+    """For logits that are the q.k of queries and keys rotated per part, the part of each
+    pair chosen from its positions (piecewise RoPE methods, ``extensions.piecewise``):
+    (queries [P_q, b, s, h, d], keys [P_k, b, s, h, d], pieces) as
+    ``cpu_attention.piecewise_attention`` takes them; None where ``has_kernel_pieces`` is
+    False."""
+    del q, k, q_pos, k_pos
+    return None
+
   def tile_attended(self, q_pos, k_pos):
     """For an encoding whose logits mask pairs beyond the causal mask: whether any pair of a
     (query block, key block) tile at positions q_pos [b, bq], k_pos [b, bk] may be attended

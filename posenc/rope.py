@@ -142,6 +142,15 @@ class RoPE(PositionalEncoding):
       return qk_dot(q, k)
     return _piecewise().scores(self.scores_rule, q, k, q_pos, k_pos, self._rotate)
 
+  @property
+  def has_kernel_pieces(self):
+    return bool(self.scores_rule) and _piecewise().has_kernel_form(self.scores_rule)
+
+  def kernel_pieces(self, q, k, q_pos, k_pos):
+    if not self.scores_rule:
+      return None
+    return _piecewise().kernel_pieces(self.scores_rule, q, k, q_pos, k_pos, self._rotate)
+
   def tile_attended(self, q_pos, k_pos):
     if not self.scores_rule:
       return None

@@ -13,7 +13,7 @@ from configs.common import resolve
 from extensions import NotApplicable, Variant, apply_variant, parse_variants, piecewise
 from input_pipeline import positions
 from models import build_model
-from models import blockwise
+from models import blockwise, cpu_attention
 from models.attention import attend, full_attend
 from models.blockwise import blockwise_attend
 from posenc.base import qk_dot
@@ -199,6 +199,100 @@ def test_blockwise_equals_full(spec, tiny_config):
     full = full_attend(q, k, v, pos, pos, enc)[0]
     out = attend(q, k, v, pos, pos, enc, impl="blockwise", block_size=block)[0]
     assert float(jnp.max(jnp.abs(out - full)) / jnp.max(jnp.abs(full))) < 1e-5, (spec, s)
+
+
+# ---------------------------------------------------------------- the fused CPU kernel
+# Parameters that put part borders inside the kernel's tiles (128 queries x 256 keys) and
+# leave whole tiles to one part or masked, at 520 tokens (partial blocks at the end).
+KERNEL_VARIANTS = ["self_extend:window=100,group=3", "rerope:window=300",
+                   "dual_chunk:chunk_size=200,local_window=40", "string:shift=150,local=20",
+                   "lm_infinite:n_global=4,n_local=200,limit=150",
+                   "lm_infinite:n_global=0,n_local=130", "streaming_llm:sinks=4,recent=300",
+                   "resonance+self_extend:window=64"]
+
+
+def _kernel_rule_parts(pieces, q_pos, k_pos):
+  """The part of every pair as the kernel computes it from ``pieces`` (a numpy re-statement
+  of causal_attention.cc's Pieces::part)."""
+  _, _, div, sinks, near, sink = pieces
+  cls = np.clip(q_pos[:, None] // div - k_pos[None, :] // div, 0, len(near) - 1)
+  return np.where(k_pos[None, :] < sinks, np.asarray(sink)[cls], np.asarray(near)[cls])
+
+
+@pytest.mark.parametrize("spec", KERNEL_VARIANTS + ["dual_chunk", "string", "streaming_llm",
+                                                    "lm_infinite", "self_extend", "rerope"])
+def test_kernel_rule_is_the_methods_select(spec, tiny_config):
+  """The kernel's class tables (read off ``select`` at one pair per class) give every
+  causal pair the part ``select`` gives it, at contiguous, offset and gapped positions far
+  past the tables."""
+  run = resolve(tiny_config(posenc="rope", train_len=256))
+  enc = build_model(apply_variant(run, parse_variants(spec)[0], 4096)).posenc
+  ext, params = piecewise.load_rule(enc.scores_rule)
+  pieces = piecewise.kernel_pieces(enc.scores_rule, *_qk(8), jnp.arange(8)[None],
+                                   jnp.arange(8)[None], ROT)[2]
+  r = np.random.RandomState(1)
+  for pos in (np.arange(1500), np.arange(1500) + 37, np.sort(r.choice(6000, 1500, replace=False))):
+    want = np.asarray(ext.select(params, pos[:, None], pos[None, :]))
+    got = _kernel_rule_parts(pieces, pos, pos)
+    causal = np.tril(np.ones((len(pos),) * 2, bool))
+    np.testing.assert_array_equal(got[causal], want[causal])
+    assert len(set(want[causal].ravel())) > 1  # the test spans a border
+
+
+def _kernel_vs_xla(enc, q, k, v, pos, monkeypatch, rows=0):
+  """attend's (out, stats) with the kernel, then with XLA's blockwise path."""
+  results = []
+  for choice in ("kernel", "xla"):
+    monkeypatch.setenv("LENX_CPU_ATTENTION", choice)
+    results.append(attend(q, k, v, pos, pos, enc, with_stats=rows, impl="blockwise",
+                          block_size=64))
+  return results
+
+
+@pytest.mark.parametrize("spec", KERNEL_VARIANTS)
+def test_kernel_equals_xla_for_piecewise_methods(spec, tiny_config, monkeypatch):
+  """float32: the fused kernel's output and attention statistics equal XLA's blockwise
+  piecewise path (to float32 rounding), at offset and at gapped positions."""
+  run = resolve(tiny_config(posenc="rope", train_len=256, **{"model.head_dim": 16}))
+  enc = build_model(apply_variant(run, parse_variants(spec)[0], 1024)).posenc
+  monkeypatch.setenv("LENX_CPU_ATTENTION", "kernel")
+  x = jax.ShapeDtypeStruct((1, 520, enc.num_heads, enc.head_dim), jnp.float32)
+  assert cpu_attention.use_kernel(x, x, enc)
+  r = np.random.RandomState(2)
+  q, k, v = (jnp.asarray(r.randn(2, 520, enc.num_heads, enc.head_dim) * 1.5, jnp.float32)
+             for _ in range(3))
+  for pos in (jnp.broadcast_to(jnp.arange(520) + 3, (2, 520)), jnp.arange(1040)[None, ::2]):
+    (out, stats), (want, want_stats) = _kernel_vs_xla(enc, q, k, v, pos, monkeypatch, rows=1)
+    scale = float(jnp.max(jnp.abs(want)))
+    assert float(jnp.max(jnp.abs(out - want))) < 4e-6 * scale, spec
+    for name in ("entropy", "distance"):
+      np.testing.assert_allclose(stats[name], want_stats[name], rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["self_extend:window=100,group=3", "streaming_llm:sinks=4,recent=300",
+                                  "dual_chunk:chunk_size=200,local_window=40"])
+def test_bf16_kernel_equals_xla_bf16_and_gradients_are_xlas(spec, tiny_config, monkeypatch):
+  """bfloat16: the kernel = XLA's bf16 piecewise attention to bf16 rounding; under a
+  gradient the XLA path runs (the kernel has no backward for piecewise logits), in both
+  dtypes, so gradients equal XLA's exactly."""
+  run = resolve(tiny_config(posenc="rope", train_len=256, **{"model.head_dim": 16}))
+  enc = build_model(apply_variant(run, parse_variants(spec)[0], 1024)).posenc
+  r = np.random.RandomState(3)
+  q, k, v = (jnp.asarray(r.randn(1, 520, enc.num_heads, enc.head_dim) * 1.5, jnp.bfloat16)
+             for _ in range(3))
+  pos = jnp.arange(520)[None]
+  (out, _), (want, _) = _kernel_vs_xla(enc, q, k, v, pos, monkeypatch)
+  assert float(jnp.max(jnp.abs(out - want)) / jnp.max(jnp.abs(want))) < 1e-2
+  for dtype in (jnp.float32, jnp.bfloat16):
+    qkv = [t.astype(dtype) for t in (q, k, v)]
+    grads = []
+    for choice in ("kernel", "xla"):
+      monkeypatch.setenv("LENX_CPU_ATTENTION", choice)
+      loss = lambda *x: jnp.sum(attend(*x, pos, pos, enc, impl="blockwise", block_size=64)[0]
+                                * v.astype(jnp.float32))
+      grads.append(jax.grad(loss, (0, 1, 2))(*qkv))
+    for got, want in zip(*grads):
+      np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("spec", ["lm_infinite:n_global=4,n_local=12", "streaming_llm:sinks=4,recent=11"])

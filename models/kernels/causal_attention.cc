@@ -31,6 +31,12 @@
 // each pair of products is one VDPBF16PS lane (Intel SDM, "VDPBF16PS": dst += a[2i] b[2i] +
 // a[2i+1] b[2i+1]); elsewhere the same pairs are widened to float32 and multiplied (exact:
 // a bf16 x bf16 product fits in float32's mantissa). The backward is float32's.
+// Piecewise RoPE logits (LenxPiecewiseAttentionForward[Bf16], forward only; Pieces below):
+// S[i, j] = Q_c[i] . K_c[j] with queries and keys rotated per part c (in Python, once per
+// sequence) and c chosen per pair from the positions, or the pair masked; a tile whose
+// pairs all take one part costs one product, a tile of only masked pairs is skipped (a
+// Lambda mask then costs O(s x window)), and only the tiles where parts meet classify
+// pairs one by one and compute every part they use.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -61,7 +67,8 @@ inline float hmax(v8 x) { float m = x[0]; for (int i = 1; i < 8; ++i) m = std::m
 // e^x for 8 lanes: Cephes expf (x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial, then
 // scaled by 2^n through the exponent bits); relative error ~1e-7 on [-87, 88].
 inline v8 exp8(v8 x) {
-  x = x < -87.0f ? v8{} - 87.0f : x;
+  const auto underflow = x < -87.0f;  // e^x < 1.7e-38: exactly 0 (a masked logit adds nothing)
+  x = underflow ? v8{} - 87.0f : x;
   x = x > 88.0f ? v8{} + 88.0f : x;
   v8 fx = x * 1.44269504088896341f + 0.5f;
   v8i ti = __builtin_convertvector(fx, v8i);
@@ -78,7 +85,7 @@ inline v8 exp8(v8 x) {
   v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
   v8 scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
+  return underflow ? v8{} : y * scale;
 }
 
 // x's first `count` lanes, zeros after them: a vector select (writing single lanes sent the
@@ -363,6 +370,11 @@ inline float online_softmax_row(float* row, int64_t n, int64_t nk, RowSums& st,
   for (int64_t j = n; j < padded; ++j) row[j] = kNegInf;
   v8 mv = v8{} + kNegInf;
   for (int64_t j = 0; j < padded; j += 8) { v8 x = load8(row + j); mv = x > mv ? x : mv; }
+  if (hmax(mv) <= kNegInf) {  // every key of this tile masked (a piecewise rule): P row = 0
+    for (int64_t j = 0; j < padded; j += 8) store8(row + j, v8{});
+    zero_tail(row, padded, nk);
+    return 1.0f;
+  }
   float m_new = std::max(st.m, hmax(mv));
   v8 sv{}, esv{}, edv{};
   for (int64_t j = 0; j < padded; j += 8) {
@@ -444,11 +456,13 @@ struct Shape {
   // packed operands of one problem: key panels [d][s] (K^T, V^T) and d panels [s][d]
   int64_t key_panels() const { return d * padded16(s); }
   int64_t d_panels() const { return s * padded16(d); }
-  // scratch floats per thread: packed operands (forward: K^T, V; backward: K^T, V^T, K, Q,
-  // dO), two tiles, row statistics
-  int64_t scratch(bool backward) const {
-    return (backward ? 2 * key_panels() + 3 * d_panels() : key_panels() + d_panels()) +
-           2 * kBq * kLd + 3 * kBq + (sizeof(RowSums) / sizeof(float)) * kBq;
+  // scratch floats per thread: packed operands (forward: K^T per key set, V; backward: K^T,
+  // V^T, K, Q, dO), two tiles, row statistics; a piecewise forward also a third tile and
+  // the tile's part indices (int8)
+  int64_t scratch(bool backward, int64_t key_sets = 1, bool pieces = false) const {
+    return (backward ? 2 * key_panels() + 3 * d_panels() : key_sets * key_panels() + d_panels()) +
+           2 * kBq * kLd + 3 * kBq + (sizeof(RowSums) / sizeof(float)) * kBq +
+           (pieces ? kBq * kLd + kBq * kLd / 4 : 0);
   }
 };
 
@@ -479,6 +493,46 @@ struct Stats {
   const int32_t *pq = nullptr, *pk = nullptr;
 };
 
+constexpr int kMaxParts = 4;
+
+inline int64_t floor_div(int64_t a, int64_t b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0))); }
+
+// Piecewise RoPE logits (extensions/piecewise.py): pair (i, j) gets part c's logit
+// Q_c[i] . K_{set(c)}[j] (queries and keys rotated at the part's positions), or is masked
+// (c = -1), with c from the positions alone: c = table[clamp(i // div - j // div, 0, T - 1)],
+// the table of sink keys (key position < sinks) or of the others. Self-Extend, ReRoPE,
+// STRING (div 1, two parts by distance), Dual Chunk Attention (div = chunk, three parts by
+// chunks apart) and the Lambda masks (LM-Infinite, StreamingLLM: sinks) all have this form.
+template <typename T>
+struct Pieces {
+  int parts = 0;
+  const T* q[kMaxParts];        // this problem's queries of part c (row stride ld)
+  int key_set[kMaxParts];       // which of the key sets part c multiplies
+  int key_sets = 0;
+  const T* k[kMaxParts];        // this problem's key sets
+  const int32_t *pq, *pk;       // positions of this batch row's queries / keys
+  int64_t div = 1, sinks = 0, classes = 1;
+  const int32_t *near, *sink;   // part per class: keys at or past `sinks` / before it
+
+  int64_t cls(int64_t qp, int64_t kp) const {
+    return std::min(std::max<int64_t>(floor_div(qp, div) - floor_div(kp, div), 0), classes - 1);
+  }
+  int part(int32_t qp, int32_t kp) const { return (kp < sinks ? sink : near)[cls(qp, kp)]; }
+
+  // The one part every pair of tile (queries i0.., keys j0..) uses (-1: all masked), or -2
+  // when its pairs differ (then classified per pair). From the extreme classes of the tile:
+  // the class falls as the key position grows and rises with the query's, whatever the order.
+  int uniform(int64_t i0, int64_t nq, int64_t j0, int64_t nk) const {
+    auto [q_lo, q_hi] = std::minmax_element(pq + i0, pq + i0 + nq);
+    auto [k_lo, k_hi] = std::minmax_element(pk + j0, pk + j0 + nk);
+    if (*k_lo < sinks) return -2;
+    const int64_t lo = cls(*q_lo, *k_hi), hi = cls(*q_hi, *k_lo);
+    for (int64_t c = lo + 1; c <= hi; ++c)
+      if (near[c] != near[lo]) return -2;
+    return near[lo];
+  }
+};
+
 // P's row rounded to bf16 (n a multiple of 8).
 inline void round_row(const float* src, bf16* dst, int64_t n) {
 #ifdef LENX_NATIVE_BF16
@@ -493,28 +547,74 @@ inline void round_row(const float* src, bf16* dst, int64_t n) {
 
 // One problem's forward: O (rows of out, stride ld), LSE (lse[0 .. s)) and the statistics;
 // T = float or bf16 (q, k, v; see the top of the file).
+// S of a tile whose pairs use several parts or mask some (Pieces::uniform == -2): each
+// used part's Q_c K_c^T (the first into st, the others into alt), merged pair by pair,
+// masked pairs -inf; false when every pair is masked (the tile adds nothing).
+template <typename T, typename Packed>
+bool mixed_logits(const Pieces<T>& pc, const Packed* kts, int64_t i0, int64_t nq, int64_t j0,
+                  int64_t nk, int64_t d, int64_t ld, float* st, float* alt, int8_t* sel) {
+  const int64_t diag = i0 - j0;
+  unsigned used = 0;  // bit c + 1 for part c, bit 0 for masked
+  for (int64_t r = 0; r < nq; ++r)
+    for (int64_t c = 0, n = visible(r, diag, nk); c < n; ++c) {
+      const int p = pc.part(pc.pq[i0 + r], pc.pk[j0 + c]);
+      sel[r * kLd + c] = static_cast<int8_t>(p);
+      used |= 1u << (p + 1);
+    }
+  bool first = true;
+  for (int p = 0; p < pc.parts; ++p) {
+    if (!(used & (1u << (p + 1)))) continue;
+    float* dst = first ? st : alt;
+    causal_matmul(Part::kCols, diag, false, nq, nk, d, {pc.q[p] + i0 * ld, ld, 1},
+                  kts[pc.key_set[p]].at(0, j0), dst, kLd);
+    if (!first)
+      for (int64_t r = 0; r < nq; ++r)
+        for (int64_t c = 0, n = visible(r, diag, nk); c < n; ++c)
+          if (sel[r * kLd + c] == p) st[r * kLd + c] = alt[r * kLd + c];
+    first = false;
+  }
+  if (first) return false;
+  if (used & 1u)
+    for (int64_t r = 0; r < nq; ++r)
+      for (int64_t c = 0, n = visible(r, diag, nk); c < n; ++c)
+        if (sel[r * kLd + c] < 0) st[r * kLd + c] = kNegInf;
+  return true;
+}
+
 template <typename T>
 void forward_problem(const Shape& sh, const T* q, const T* k, const T* v, float* o,
-                     float* lse, const Bias& bias, const Stats& stats, float* work) {
+                     float* lse, const Bias& bias, const Stats& stats, float* work,
+                     const Pieces<T>& pieces = {}) {
   constexpr bool kBf16 = std::is_same_v<T, bf16>;
   using Packed = std::conditional_t<kBf16, uint32_t, float>;
-  const int64_t s = sh.s, d = sh.d, ld = sh.stride();
+  using KeyPanels = std::conditional_t<kBf16, PairPanels, Panels>;
+  const int64_t s = sh.s, d = sh.d, ld = sh.stride(), sets = std::max(1, pieces.key_sets);
   Packed* packed = reinterpret_cast<Packed*>(work);
-  const auto kt = pack_keys(k, ld, d, s, packed);                        // K^T
-  const auto vp = pack_values(v, ld, s, d, packed + sh.key_panels());   // V
-  float* st = work + sh.key_panels() + sh.d_panels();
+  KeyPanels kts[kMaxParts];
+  for (int64_t c = 0; c < sets; ++c)                                      // K^T (per key set)
+    kts[c] = pack_keys(pieces.parts ? pieces.k[c] : k, ld, d, s, packed + c * sh.key_panels());
+  const auto vp = pack_values(v, ld, s, d, packed + sets * sh.key_panels());   // V
+  float* st = work + sets * sh.key_panels() + sh.d_panels();
   bf16* ph = reinterpret_cast<bf16*>(st + kBq * kLd);  // P in bf16 (the free second tile)
   const ViewT<T> pv{kBf16 ? reinterpret_cast<const T*>(ph) : reinterpret_cast<const T*>(st), kLd,
                     1};
   RowSums* sums = reinterpret_cast<RowSums*>(st + 2 * kBq * kLd + 3 * kBq);
+  float* alt = reinterpret_cast<float*>(sums + kBq);  // pieces only: a third tile, part indices
+  int8_t* sel = reinterpret_cast<int8_t*>(alt + kBq * kLd);
   for (int64_t i0 = 0; i0 < s; i0 += kBq) {
     const int64_t nq = std::min(kBq, s - i0);
     std::fill(sums, sums + nq, RowSums{});
     zero_rows(o + i0 * ld, nq, d, ld);
     for (int64_t j0 = 0; j0 < i0 + nq; j0 += kBk) {
       const int64_t nk = std::min(kBk, s - j0), diag = i0 - j0;
-      causal_matmul(Part::kCols, diag, false, nq, nk, d, {q + i0 * ld, ld, 1}, kt.at(0, j0), st,
-                    kLd);                                                     // S = Q K^T
+      const int part = pieces.parts ? pieces.uniform(i0, nq, j0, nk) : 0;
+      if (part == -1) continue;  // a masked tile (outside a Lambda): skipped
+      if (part >= 0)
+        causal_matmul(Part::kCols, diag, false, nq, nk, d,
+                      {(pieces.parts ? pieces.q[part] : q) + i0 * ld, ld, 1},
+                      kts[pieces.parts ? pieces.key_set[part] : 0].at(0, j0), st, kLd);  // S = Q K^T
+      else if (!mixed_logits(pieces, kts, i0, nq, j0, nk, d, ld, st, alt, sel))
+        continue;
       for (int64_t r = 0; r < nq; ++r) {
         if (bias.on()) bias.add_row(st + r * kLd, visible(r, diag, nk), i0 + r, j0);
         float alpha = stats.entropy
@@ -596,11 +696,12 @@ using F32Out = ffi::ResultBuffer<ffi::F32>;
 // Checks the shape of q [b, s, h, d], then runs fn(shape, problem, offset of its rows,
 // scratch) for every (batch, head) problem on `threads` threads.
 template <typename Buffer, typename Fn>
-ffi::Error for_each_head(const Buffer& q, int64_t threads, bool backward, Fn fn) {
+ffi::Error for_each_head(const Buffer& q, int64_t threads, bool backward, Fn fn,
+                         int64_t key_sets = 1, bool pieces = false) {
   const Shape sh = shape_of(q);
   if (sh.s % 8 || sh.d % 8)
     return ffi::Error::InvalidArgument("sequence length and head dim must be multiples of 8");
-  for_each_problem(sh.b * sh.h, threads, sh.scratch(backward),
+  for_each_problem(sh.b * sh.h, threads, sh.scratch(backward, key_sets, pieces),
                    [&](int64_t prob, float* work) { fn(sh, prob, sh.offset(prob), work); });
   return ffi::Error::Success();
 }
@@ -619,6 +720,16 @@ Bias bias_of(const Shape& sh, int64_t prob, const S32& pq, const S32& pk, const 
   return bias;
 }
 
+// Where problem `prob`'s statistics go: entropy / distance [b, h, s] (when given) for the
+// problems of the first stats_rows batch rows; none otherwise.
+Stats stats_of(const Shape& sh, int64_t prob, const S32& pq, const S32& pk, float* entropy,
+               float* distance, int64_t stats_rows) {
+  if (!entropy || prob / sh.h >= stats_rows) return {};
+  const int64_t row = (prob / sh.h) * sh.s;
+  return {entropy + prob * sh.s, distance + prob * sh.s, pq.typed_data() + row,
+          pk.typed_data() + row};
+}
+
 // The forward of every problem; statistics into entropy / distance [b, h, s] (when given)
 // for the problems of the first stats_rows batch rows.
 template <typename In>
@@ -627,10 +738,7 @@ ffi::Error forward_all(const In& q, const In& k, const In& v, const S32& pq, con
                        int64_t threads, int64_t parts, float* entropy = nullptr,
                        float* distance = nullptr, int64_t stats_rows = 0) {
   return for_each_head(q, threads, false, [&](const Shape& sh, int64_t prob, int64_t off, float* work) {
-    Stats stats;
-    if (entropy && prob / sh.h < stats_rows)
-      stats = {entropy + prob * sh.s, distance + prob * sh.s,
-               pq.typed_data() + (prob / sh.h) * sh.s, pk.typed_data() + (prob / sh.h) * sh.s};
+    const Stats stats = stats_of(sh, prob, pq, pk, entropy, distance, stats_rows);
     forward_problem(sh, q.typed_data() + off, k.typed_data() + off, v.typed_data() + off,
                     out + off, lse + prob * sh.s, bias_of(sh, prob, pq, pk, slopes, table, parts),
                     stats, work);
@@ -657,6 +765,45 @@ ffi::Error ForwardStats(ffi::Buffer<DT> q, ffi::Buffer<DT> k, ffi::Buffer<DT> v,
                      threads, parts, entropy->typed_data(), distance->typed_data(), stats_rows);
 }
 
+// The piecewise RoPE forward (Pieces): query sets qs [P_q, b, s, h, d] and key sets
+// ks [P_k, b, s, h, d] (rotated per part), v [b, s, h, d], positions [b, s], part_q /
+// part_k [P] (the sets of part c), class tables near / sink [T] -> out, lse and the
+// statistics of the first stats_rows batch rows (zero elsewhere).
+template <ffi::DataType DT>
+ffi::Error PiecewiseForward(ffi::Buffer<DT> qs, ffi::Buffer<DT> ks, ffi::Buffer<DT> v, S32 pq,
+                            S32 pk, S32 part_q, S32 part_k, S32 near, S32 sink, F32Out out,
+                            F32Out lse, F32Out entropy, F32Out distance, int64_t threads,
+                            int64_t div, int64_t sinks, int64_t stats_rows) {
+  using T = std::conditional_t<DT == ffi::DataType::BF16, bf16, float>;
+  const int64_t parts = part_q.element_count(), key_sets = ks.dimensions()[0];
+  const int64_t per_set = v.element_count();
+  if (parts < 1 || parts > kMaxParts || key_sets > kMaxParts || div < 1)
+    return ffi::Error::InvalidArgument("piecewise attention: 1..4 parts and key sets, div >= 1");
+  for (float* x : {entropy->typed_data(), distance->typed_data()})
+    std::fill(x, x + entropy->element_count(), 0.0f);
+  const T *q0 = reinterpret_cast<const T*>(qs.typed_data()),
+          *k0 = reinterpret_cast<const T*>(ks.typed_data());
+  return for_each_head(v, threads, false, [&](const Shape& sh, int64_t prob, int64_t off,
+                                              float* work) {
+    Pieces<T> pc;
+    pc.parts = static_cast<int>(parts);
+    pc.key_sets = static_cast<int>(key_sets);
+    for (int c = 0; c < pc.parts; ++c) {
+      pc.q[c] = q0 + part_q.typed_data()[c] * per_set + off;
+      pc.key_set[c] = part_k.typed_data()[c];
+    }
+    for (int c = 0; c < pc.key_sets; ++c) pc.k[c] = k0 + c * per_set + off;
+    pc.pq = pq.typed_data() + (prob / sh.h) * sh.s;
+    pc.pk = pk.typed_data() + (prob / sh.h) * sh.s;
+    pc.div = div, pc.sinks = sinks, pc.classes = near.element_count();
+    pc.near = near.typed_data(), pc.sink = sink.typed_data();
+    forward_problem(sh, pc.q[0], pc.k[0], reinterpret_cast<const T*>(v.typed_data()) + off,
+                    out->typed_data() + off, lse->typed_data() + prob * sh.s, Bias{},
+                    stats_of(sh, prob, pq, pk, entropy->typed_data(), distance->typed_data(),
+                             stats_rows), work, pc);
+  }, key_sets, true);
+}
+
 ffi::Error Backward(F32 q, F32 k, F32 v, F32 out, F32 lse, F32 dout, S32 pq, S32 pk, F32 slopes,
                     F32 table, F32Out dq, F32Out dk, F32Out dv, F32Out dslopes, F32Out dtable,
                     int64_t threads, int64_t parts) {
@@ -679,6 +826,17 @@ auto forward_binding() {
       .template Ret<F32>().template Ret<F32>();
 }
 
+// qs, ks, v, q_pos, k_pos, part_q, part_k, near, sink -> out, lse, entropy, distance
+template <ffi::DataType DT>
+auto piecewise_binding() {
+  using In = ffi::Buffer<DT>;
+  return ffi::Ffi::Bind().template Arg<In>().template Arg<In>().template Arg<In>()
+      .template Arg<S32>().template Arg<S32>().template Arg<S32>().template Arg<S32>()
+      .template Arg<S32>().template Arg<S32>().template Ret<F32>().template Ret<F32>()
+      .template Ret<F32>().template Ret<F32>().template Attr<int64_t>("threads")
+      .template Attr<int64_t>("div").template Attr<int64_t>("sinks")
+      .template Attr<int64_t>("stats_rows");
+}
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LenxCausalAttentionForward, Forward<ffi::F32>,
@@ -697,6 +855,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LenxCausalAttentionForwardStatsBf16, ForwardStats<
                               forward_binding<ffi::BF16>().Ret<F32>().Ret<F32>()
                                   .Attr<int64_t>("threads").Attr<int64_t>("parts")
                                   .Attr<int64_t>("stats_rows"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LenxPiecewiseAttentionForward, PiecewiseForward<ffi::F32>,
+                              piecewise_binding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LenxPiecewiseAttentionForwardBf16, PiecewiseForward<ffi::BF16>,
+                              piecewise_binding<ffi::BF16>());
 
 // q, k, v, out, lse, d_out, q_pos, k_pos, slopes, table -> dq, dk, dv, d_slopes [b, h],
 // d_table [b, h, T]
