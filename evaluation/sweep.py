@@ -169,6 +169,9 @@ def run_sweep(opts, *, verbose=True):
   eval_dtype = runner.eval_dtype_for(getattr(opts, "dtype", ""))
   runs = [_Run(d, eval_dtype) for d in expand_runs(opts.runs)]
   lengths, variants = parse_lengths(opts.lengths), parse_variants(opts.variants)
+  # "none" first, wherever it is listed: the variants that compute what it computes at a
+  # length reuse its row instead of computing their own (and none its own after them)
+  variants = sorted(variants, key=lambda v: v.label != "none")
   os.makedirs(opts.out, exist_ok=True)
   results = ResultsFile(os.path.join(opts.out, "results.jsonl"))
   segment_len = segment_len_for(opts, lengths)

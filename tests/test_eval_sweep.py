@@ -139,6 +139,10 @@ def test_variant_identical_to_none_reuses_its_row_and_matches_a_recompute(smoke,
   computed = next(r for r in alone if r["length"] == 16)
   assert "same_as" not in computed
   assert computed["nll"] == pytest.approx(at_l["nll"], abs=1e-6)
+  # "none" listed last is still computed first, so the identical variant reuses it
+  later = sweep.run_sweep(_one_run_opts(cfg, tmp_path / "later", variants="linear,none",
+                                        lengths="16"), verbose=False)
+  assert [r.get("same_as") for r in later if r["variant"] == "linear"] == ["none"]
 
 
 def test_dtype_override_is_recorded_keyed_and_validated(smoke, tmp_path):
