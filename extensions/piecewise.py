@@ -150,6 +150,7 @@ def _index(maps, fn):
 
 
 def has_kernel_form(rule_json):
+  """Whether the rule's method declares a ``kernel_form`` (runs in the fused CPU kernel)."""
   ext, params = load_rule(rule_json)
   return ext.kernel_form(params) is not None
 

@@ -219,12 +219,18 @@ def _kernel_rule_parts(pieces, q_pos, k_pos):
   return np.where(k_pos[None, :] < sinks, np.asarray(sink)[cls], np.asarray(near)[cls])
 
 
-@pytest.mark.parametrize("spec", KERNEL_VARIANTS + ["dual_chunk", "string", "streaming_llm",
-                                                    "lm_infinite", "self_extend", "rerope"])
+KERNEL_METHODS = [n for n in extensions.names()  # every method that declares a kernel_form
+                  if getattr(type(extensions.get(n)), "kernel_form",
+                             piecewise.PiecewiseRoPE.kernel_form)
+                  is not piecewise.PiecewiseRoPE.kernel_form]
+
+
+@pytest.mark.parametrize("spec", KERNEL_VARIANTS + KERNEL_METHODS)  # + their defaults
 def test_kernel_rule_is_the_methods_select(spec, tiny_config):
   """The kernel's class tables (read off ``select`` at one pair per class) give every
   causal pair the part ``select`` gives it, at contiguous, offset and gapped positions far
-  past the tables."""
+  past the tables: for every registered piecewise method at its defaults too, so a new
+  method's ``kernel_form`` is checked without touching this file."""
   run = resolve(tiny_config(posenc="rope", train_len=256))
   enc = build_model(apply_variant(run, parse_variants(spec)[0], 4096)).posenc
   ext, params = piecewise.load_rule(enc.scores_rule)
