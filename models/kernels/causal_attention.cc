@@ -512,17 +512,26 @@ struct Pieces {
   const T* k[kMaxParts];        // this problem's key sets
   const int32_t *pq, *pk;       // positions of this batch row's queries / keys
   int64_t div = 1, sinks = 0, classes = 1;
-  const int32_t *near, *sink;   // part per class: keys at or past `sinks` / before it
+  const int32_t *near = nullptr, *sink = nullptr;  // part per class: keys at or past `sinks` / before it
 
   int64_t cls(int64_t qp, int64_t kp) const {
     return std::min(std::max<int64_t>(floor_div(qp, div) - floor_div(kp, div), 0), classes - 1);
   }
   int part(int32_t qp, int32_t kp) const { return (kp < sinks ? sink : near)[cls(qp, kp)]; }
 
+  // Plain causal attention as one part without a rule: every tile uniform, part 0.
+  static Pieces single(const T* q, const T* k) {
+    Pieces pc;
+    pc.parts = pc.key_sets = 1;
+    pc.q[0] = q, pc.k[0] = k, pc.key_set[0] = 0;
+    return pc;
+  }
+
   // The one part every pair of tile (queries i0.., keys j0..) uses (-1: all masked), or -2
   // when its pairs differ (then classified per pair). From the extreme classes of the tile:
   // the class falls as the key position grows and rises with the query's, whatever the order.
   int uniform(int64_t i0, int64_t nq, int64_t j0, int64_t nk) const {
+    if (!near) return 0;  // no rule (single)
     auto [q_lo, q_hi] = std::minmax_element(pq + i0, pq + i0 + nq);
     auto [k_lo, k_hi] = std::minmax_element(pk + j0, pk + j0 + nk);
     if (*k_lo < sinks) return -2;
@@ -584,15 +593,17 @@ bool mixed_logits(const Pieces<T>& pc, const Packed* kts, int64_t i0, int64_t nq
 template <typename T>
 void forward_problem(const Shape& sh, const T* q, const T* k, const T* v, float* o,
                      float* lse, const Bias& bias, const Stats& stats, float* work,
-                     const Pieces<T>& pieces = {}) {
+                     const Pieces<T>* pieces = nullptr) {
   constexpr bool kBf16 = std::is_same_v<T, bf16>;
   using Packed = std::conditional_t<kBf16, uint32_t, float>;
   using KeyPanels = std::conditional_t<kBf16, PairPanels, Panels>;
-  const int64_t s = sh.s, d = sh.d, ld = sh.stride(), sets = std::max(1, pieces.key_sets);
+  const Pieces<T> one = Pieces<T>::single(q, k);
+  const Pieces<T>& pc = pieces ? *pieces : one;
+  const int64_t s = sh.s, d = sh.d, ld = sh.stride(), sets = pc.key_sets;
   Packed* packed = reinterpret_cast<Packed*>(work);
   KeyPanels kts[kMaxParts];
   for (int64_t c = 0; c < sets; ++c)                                      // K^T (per key set)
-    kts[c] = pack_keys(pieces.parts ? pieces.k[c] : k, ld, d, s, packed + c * sh.key_panels());
+    kts[c] = pack_keys(pc.k[c], ld, d, s, packed + c * sh.key_panels());
   const auto vp = pack_values(v, ld, s, d, packed + sets * sh.key_panels());   // V
   float* st = work + sets * sh.key_panels() + sh.d_panels();
   bf16* ph = reinterpret_cast<bf16*>(st + kBq * kLd);  // P in bf16 (the free second tile)
@@ -607,13 +618,12 @@ void forward_problem(const Shape& sh, const T* q, const T* k, const T* v, float*
     zero_rows(o + i0 * ld, nq, d, ld);
     for (int64_t j0 = 0; j0 < i0 + nq; j0 += kBk) {
       const int64_t nk = std::min(kBk, s - j0), diag = i0 - j0;
-      const int part = pieces.parts ? pieces.uniform(i0, nq, j0, nk) : 0;
+      const int part = pc.uniform(i0, nq, j0, nk);
       if (part == -1) continue;  // a masked tile (outside a Lambda): skipped
       if (part >= 0)
-        causal_matmul(Part::kCols, diag, false, nq, nk, d,
-                      {(pieces.parts ? pieces.q[part] : q) + i0 * ld, ld, 1},
-                      kts[pieces.parts ? pieces.key_set[part] : 0].at(0, j0), st, kLd);  // S = Q K^T
-      else if (!mixed_logits(pieces, kts, i0, nq, j0, nk, d, ld, st, alt, sel))
+        causal_matmul(Part::kCols, diag, false, nq, nk, d, {pc.q[part] + i0 * ld, ld, 1},
+                      kts[pc.key_set[part]].at(0, j0), st, kLd);                // S = Q K^T
+      else if (!mixed_logits(pc, kts, i0, nq, j0, nk, d, ld, st, alt, sel))
         continue;
       for (int64_t r = 0; r < nq; ++r) {
         if (bias.on()) bias.add_row(st + r * kLd, visible(r, diag, nk), i0 + r, j0);
@@ -800,7 +810,7 @@ ffi::Error PiecewiseForward(ffi::Buffer<DT> qs, ffi::Buffer<DT> ks, ffi::Buffer<
     forward_problem(sh, pc.q[0], pc.k[0], reinterpret_cast<const T*>(v.typed_data()) + off,
                     out->typed_data() + off, lse->typed_data() + prob * sh.s, Bias{},
                     stats_of(sh, prob, pq, pk, entropy->typed_data(), distance->typed_data(),
-                             stats_rows), work, pc);
+                             stats_rows), work, &pc);
   }, key_sets, true);
 }
 
