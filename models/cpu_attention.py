@@ -14,8 +14,9 @@ inputs and outputs as ``attention.full_attend`` / ``blockwise_attend`` (q pre-sc
 [b, s, h, d]); equal to them to float32 rounding (tests/test_cpu_attention.py).
 
 bfloat16 (q, k, v in bf16, as a bf16 model prepares them): the forward multiplies bf16 pairs
-with float32 accumulation (VDPBF16PS where the CPU has AVX512_BF16, the same products
-widened to float32 elsewhere), rounds P to bf16 for P V as XLA's bf16 path does, and keeps
+with float32 accumulation (AMX tiles, TDPBF16PS, where the CPU has amx_bf16 and d % 32 == 0;
+VDPBF16PS where it has AVX512_BF16; the same products widened to float32 elsewhere:
+``amx()`` says which; ``LENX_CPU_AMX=0`` keeps the vector tiles), rounds P to bf16 for P V as XLA's bf16 path does, and keeps
 the softmax and the output in float32; its gradient is the float32 backward's at the
 bf16 inputs (the row log-sum-exp it uses is float32-exact: the S products of bf16 values
 are exact in float32). Why: XLA:CPU's bf16 attention on the AVX-512 + avx512_bf16 EPYC ran
@@ -116,6 +117,13 @@ def _available():
   except (RuntimeError, OSError) as e:
     warnings.warn(f"{e}\nfalling back to XLA's attention (LENX_CPU_ATTENTION=xla silences this)")
     return False
+
+
+def amx():
+  """Whether the bf16 forward multiplies with AMX tiles here: built for a CPU with amx_bf16,
+  the tile registers granted by the OS, ``LENX_CPU_AMX`` not 0 (False where the kernel does
+  not build)."""
+  return _available() and bool(ctypes.cdll.LoadLibrary(load()).LenxCpuAmx())
 
 
 def enabled(backend=None):

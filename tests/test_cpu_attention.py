@@ -110,6 +110,28 @@ def test_bf16_kernel_across_blocks_equals_xla_bf16_attention(bias):
     assert _rel(stats[name], stats32[name]) < 1e-5  # the softmax runs in float32 either way
 
 
+@pytest.mark.skipif(not cpu_attention.amx(), reason="AMX tiles need a CPU with amx_bf16")
+def test_amx_tiles_equal_the_vector_tiles(monkeypatch):
+  """On an AMX CPU the bf16 forward's products run as 16 x 16 tiles (whole 16-row blocks, 32
+  contraction indices a step, the last < 32 keys and rows past the last 16-row block by the
+  vector tiles): the same bf16 products accumulated in float32 in another order, so equal
+  to the vector tiles' answer (LENX_CPU_AMX=0) to float32 rounding; 520 tokens with a
+  distance bias and statistics reach every partial block."""
+  b, s, h, d = 1, 520, 2, 64
+  q, k, v, _ = (t.astype(jnp.bfloat16) for t in _qkv((b, s, h, d), seed=8))
+  pos = _positions(b, s, 9)
+  bias = (jnp.linspace(0.01, 0.1, h), jnp.linspace(-1.0, 1.0, 5 * h).reshape(h, 5))
+  tiles = cpu_attention.attention_with_stats(q, k, v, pos, pos, bias, 1)
+  monkeypatch.setenv("LENX_CPU_AMX", "0")
+  assert not cpu_attention.amx()
+  vector = cpu_attention.attention_with_stats(q, k, v, pos, pos, bias, 1)
+  # another order: S differs in its last bits, which can flip P's rounding to bf16; each
+  # path is within 2e-6 of the float64 algorithm (above), measured 1.5e-6 apart
+  assert 0.0 < _rel(tiles[0], vector[0]) < 4e-6
+  for name in ("entropy", "distance"):
+    assert _rel(tiles[1][name], vector[1][name]) < 1e-5
+
+
 def test_forward_only_is_fast_alone_and_the_reference_under_a_gradient():
   from models.attention import forward_only
   fn = forward_only(lambda x, n: 2.0 * x, lambda x, n: x ** 2)  # n: an integer argument

@@ -51,6 +51,14 @@
 #include <immintrin.h>
 #define LENX_NATIVE_BF16 1
 #endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <cstdlib>
+#include <string_view>
+#define LENX_AMX 1
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -305,6 +313,81 @@ Panels pack_values(const float* v, int64_t ld, int64_t s, int64_t d, float* dst)
   return pack({v, ld, 1}, s, d, dst);
 }
 
+#ifdef LENX_AMX
+// Intel AMX (bf16 forward products where the CPU has amx_bf16): TDPBF16PS adds a 16 x 32
+// bf16 tile of A times a 16 (pair-rows) x 16 (columns) tile of bf16 pairs of B into a 16 x 16
+// float32 tile of C, C[r, c] += sum_p A[r, 2p] B[2p, c] + A[r, 2p + 1] B[2p + 1, c] (Intel SDM,
+// "TDPBF16PS"): the pairing of VDPBF16PS, so a PairPanels block of 16 pair-rows (64-byte rows)
+// is a B tile as packed. Why: on the 2-core AMX Xeon the vector tiles ran a 16k bf16
+// evaluation at 0.45x the speed of XLA's AMX GEMMs (benchmarks/README.md, seventeenth
+// session). Linux hands out the tile registers only after ARCH_REQ_XCOMP_PERM (once per
+// process); LENX_CPU_AMX=0 keeps the vector tiles (read per call: tests compare the two).
+bool amx_enabled() {
+  static const bool permitted = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  const char* env = std::getenv("LENX_CPU_AMX");
+  return permitted && !(env && std::string_view(env) == "0");
+}
+
+// Every tile register 16 rows x 64 bytes (palette 1); loaded by the thread that multiplies
+// (the tile state is per thread, and XLA's own GEMMs may have configured other shapes).
+void amx_configure() {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+    uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+  } config;
+  _tile_loadconfig(&config);
+}
+
+// Tiles 0..NT-1: C (16 rows x 16 NT columns at c, row stride ldc floats); 6: A; 7: B.
+template <int NT>
+void amx_block(const bf16* a, int64_t ars, PairPanels b, int64_t k0, int64_t k1, float* c,
+               int64_t ldc, bool accumulate) {
+  const int64_t cb = ldc * sizeof(float), ab = ars * sizeof(bf16);
+  if (accumulate) {
+    if constexpr (NT > 0) _tile_loadd(0, c, cb);
+    if constexpr (NT > 1) _tile_loadd(1, c + kCols, cb);
+    if constexpr (NT > 2) _tile_loadd(2, c + 2 * kCols, cb);
+    if constexpr (NT > 3) _tile_loadd(3, c + 3 * kCols, cb);
+  } else {
+    if constexpr (NT > 0) _tile_zero(0);
+    if constexpr (NT > 1) _tile_zero(1);
+    if constexpr (NT > 2) _tile_zero(2);
+    if constexpr (NT > 3) _tile_zero(3);
+  }
+  constexpr int64_t kb = 4 * kCols;  // bytes per pair-row of a panel
+  for (int64_t k = k0; k < k1; k += 32) {
+    _tile_loadd(6, a + k, ab);
+    if constexpr (NT > 0) { _tile_loadd(7, b.at(k, 0).data, kb); _tile_dpbf16ps(0, 6, 7); }
+    if constexpr (NT > 1) { _tile_loadd(7, b.at(k, kCols).data, kb); _tile_dpbf16ps(1, 6, 7); }
+    if constexpr (NT > 2) { _tile_loadd(7, b.at(k, 2 * kCols).data, kb); _tile_dpbf16ps(2, 6, 7); }
+    if constexpr (NT > 3) { _tile_loadd(7, b.at(k, 3 * kCols).data, kb); _tile_dpbf16ps(3, 6, 7); }
+  }
+  if constexpr (NT > 0) _tile_stored(0, c, cb);
+  if constexpr (NT > 1) _tile_stored(1, c + kCols, cb);
+  if constexpr (NT > 2) _tile_stored(2, c + 2 * kCols, cb);
+  if constexpr (NT > 3) _tile_stored(3, c + 3 * kCols, cb);
+}
+
+// C (+)= A B for 16 rows (A at a, C at c) over contraction [0, k) in steps of 32 and the
+// columns [0, cols) rounded up to 16 (packed panels are zero padded to 16 columns).
+void amx_rows(const bf16* a, int64_t ars, PairPanels b, int64_t k, int64_t cols, float* c,
+              int64_t ldc, bool accumulate) {
+  for (int64_t col = 0; col < cols; col += 4 * kCols) {
+    const PairPanels bc = b.at(0, col);
+    switch (std::min<int64_t>(4, (cols - col + kCols - 1) / kCols)) {
+      case 4: amx_block<4>(a, ars, bc, 0, k, c + col, ldc, accumulate); break;
+      case 3: amx_block<3>(a, ars, bc, 0, k, c + col, ldc, accumulate); break;
+      case 2: amx_block<2>(a, ars, bc, 0, k, c + col, ldc, accumulate); break;
+      default: amx_block<1>(a, ars, bc, 0, k, c + col, ldc, accumulate);
+    }
+  }
+}
+#endif
+
 // C (+)= A B (m x n, n % 8 == 0, contraction kdim), only the causal part (see Part); C
 // row-major (ldc), A read in place, B packed (float32 Panels, or bf16 PairPanels with A bf16:
 // the contraction range is then taken in whole pairs; the extra index reads a zero of P).
@@ -312,7 +395,33 @@ template <typename B>
 void causal_matmul(Part part, int64_t diag, bool accumulate, int64_t m, int64_t n, int64_t kdim,
                    ViewT<typename B::A> a, B b, float* c, int64_t ldc) {
   constexpr int64_t step = B::kStep;
-  for (int64_t r0 = 0; r0 < m; r0 += kRows) {
+  int64_t r_vec = 0;  // rows from here on take the vector tiles
+#ifdef LENX_AMX
+  // AMX for whole 16-row blocks: S = Q K^T (kCols, kdim = d a multiple of 32) and P V (kKeys;
+  // the last < 32 keys of a block's range by the vector tiles below, accumulating)
+  if constexpr (std::is_same_v<B, PairPanels>) {
+    const int64_t d = part == Part::kCols ? kdim : n;  // C's columns stay inside a head's row
+    if (part != Part::kTrKeys && d % 32 == 0 && amx_enabled()) {
+      amx_configure();
+      for (; r_vec + 16 <= m; r_vec += 16) {
+        const int64_t seen = std::min(r_vec + 16 + diag, part == Part::kCols ? n : kdim);
+        const int64_t k1 = part == Part::kKeys ? seen : kdim, cols = part == Part::kCols ? seen : n;
+        const int64_t kw = k1 / 32 * 32;
+        const auto* ar = a.data + r_vec * a.rs;
+        float* cr = c + r_vec * ldc;
+        if (kw > 0) amx_rows(ar, a.rs, b, kw, cols, cr, ldc, accumulate);
+        if (kw == k1) continue;
+        for (int64_t r = 0; r < 16; r += kRows)
+          for (int64_t col = 0; col < cols; col += kCols)
+            tile_rows<2>(static_cast<int>(std::min<int64_t>(kRows, 16 - r)),
+                         ar + r * a.rs + kw, a.rs, a.cs, b.at(kw, col).data,
+                         (k1 - kw + 1) / 2 * 2, cr + r * ldc + col, ldc, accumulate || kw > 0);
+      }
+      _tile_release();
+    }
+  }
+#endif
+  for (int64_t r0 = r_vec; r0 < m; r0 += kRows) {
     int rows = static_cast<int>(std::min<int64_t>(kRows, m - r0));
     int64_t k0 = part == Part::kTrKeys ? std::max<int64_t>(0, r0 - diag) / step * step : 0;
     int64_t k1 = part == Part::kKeys ? std::min(kdim, (r0 + rows + diag + step - 1) / step * step)
@@ -342,9 +451,9 @@ inline int64_t visible(int64_t r, int64_t diag, int64_t nk) { return std::min(nk
 // Zeros a row of P / dS from `padded` (its visible keys rounded up to 8, already zero past
 // the visible ones) as far as the products read it: a 6-row register tile of P V, dS K,
 // dS^T Q or P^T dO contracts over the keys visible to its last row, at most 5 past this
-// row's own.
+// row's own; a 16-row AMX tile of P V at most 15.
 inline void zero_tail(float* row, int64_t padded, int64_t nk) {
-  if (padded < nk) store8(row + padded, v8{});  // nk is a multiple of 8
+  for (int64_t j = padded; j < std::min(nk, padded + 16); j += 8) store8(row + j, v8{});  // nk % 8 == 0
 }
 
 // Zeros `rows` rows of d floats (d % 8 == 0) at stride ld: vector stores, where a memset
@@ -636,7 +745,7 @@ void forward_problem(const Shape& sh, const T* q, const T* k, const T* v, float*
         if (alpha != 1.0f) for (int64_t t = 0; t < d; ++t) orow[t] *= alpha;
         if (kBf16) {  // as far as P V reads the row (zero_tail)
           const int64_t n = visible(r, diag, nk);
-          round_row(st + r * kLd, ph + r * kLd, std::min(nk, (n + 7) / 8 * 8 + 8));
+          round_row(st + r * kLd, ph + r * kLd, std::min(nk, (n + 7) / 8 * 8 + 16));
         }
       }
       causal_matmul(Part::kKeys, diag, true, nq, d, nk, pv, vp.at(j0, 0), o + i0 * ld,
@@ -879,3 +988,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LenxCausalAttentionBackward, Backward,
                                   .Arg<F32>().Ret<F32>().Ret<F32>().Ret<F32>().Ret<F32>()
                                   .Ret<F32>().Attr<int64_t>("threads")
                                   .Attr<int64_t>("parts"));
+
+// 1 where the bf16 forward multiplies with AMX tiles (models/cpu_attention.py: amx()).
+extern "C" int LenxCpuAmx() {
+#ifdef LENX_AMX
+  return amx_enabled() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
