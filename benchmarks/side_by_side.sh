@@ -16,9 +16,10 @@ D="--layers 2 --d-model 128 --heads 4 --ffn 352 --seq-len 128 --batch 32 --steps
 R="--layers 2 --d-model 128 --heads 4 --ffn 352 --seq-len 128 --batch 4 --steps 100 --warmup-steps 10"
 DTYPES=${DTYPES:-"float32 bfloat16"}
 $L -c "import json; from models.layers import cpu_description, auto_dtype, cpu_dots; \
-from models.cpu_attention import enabled; from training.allocator import huge_pages_env; \
+from models.cpu_attention import enabled, amx; from training.allocator import huge_pages_env; \
 print('cpu', json.dumps({**cpu_description(), 'auto_dtype': auto_dtype(), 'cpu_dots': \
-cpu_dots(), 'cpu_attention_kernel': enabled(), 'malloc_huge_pages': huge_pages_env()[1]}))"
+cpu_dots(), 'cpu_attention_kernel': enabled(), 'cpu_attention_amx': amx(), \
+'malloc_huge_pages': huge_pages_env()[1]}))"
 # lenx ROW ARGS...: one throughput.py run per dtype in $DTYPES; the first one of each call
 # also measures this machine's matmul peaks (f32 and bf16: MFU), the others skip it
 lenx() {

@@ -342,10 +342,11 @@ void amx_configure() {
   _tile_loadconfig(&config);
 }
 
-// Tiles 0..NT-1: C (16 rows x 16 NT columns at c, row stride ldc floats); 6: A; 7: B.
+// C (+)= A B, 16 rows x 16 NT columns, contraction [0, kn) (kn % 32 == 0). Tiles 0..NT-1: C
+// (row stride ldc floats); 6: A; 7: B.
 template <int NT>
-void amx_block(const bf16* a, int64_t ars, PairPanels b, int64_t k0, int64_t k1, float* c,
-               int64_t ldc, bool accumulate) {
+void amx_block(const bf16* a, int64_t ars, PairPanels b, int64_t kn, float* c, int64_t ldc,
+               bool accumulate) {
   const int64_t cb = ldc * sizeof(float), ab = ars * sizeof(bf16);
   if (accumulate) {
     if constexpr (NT > 0) _tile_loadd(0, c, cb);
@@ -359,7 +360,7 @@ void amx_block(const bf16* a, int64_t ars, PairPanels b, int64_t k0, int64_t k1,
     if constexpr (NT > 3) _tile_zero(3);
   }
   constexpr int64_t kb = 4 * kCols;  // bytes per pair-row of a panel
-  for (int64_t k = k0; k < k1; k += 32) {
+  for (int64_t k = 0; k < kn; k += 32) {
     _tile_loadd(6, a + k, ab);
     if constexpr (NT > 0) { _tile_loadd(7, b.at(k, 0).data, kb); _tile_dpbf16ps(0, 6, 7); }
     if constexpr (NT > 1) { _tile_loadd(7, b.at(k, kCols).data, kb); _tile_dpbf16ps(1, 6, 7); }
@@ -379,10 +380,10 @@ void amx_rows(const bf16* a, int64_t ars, PairPanels b, int64_t k, int64_t cols,
   for (int64_t col = 0; col < cols; col += 4 * kCols) {
     const PairPanels bc = b.at(0, col);
     switch (std::min<int64_t>(4, (cols - col + kCols - 1) / kCols)) {
-      case 4: amx_block<4>(a, ars, bc, 0, k, c + col, ldc, accumulate); break;
-      case 3: amx_block<3>(a, ars, bc, 0, k, c + col, ldc, accumulate); break;
-      case 2: amx_block<2>(a, ars, bc, 0, k, c + col, ldc, accumulate); break;
-      default: amx_block<1>(a, ars, bc, 0, k, c + col, ldc, accumulate);
+      case 4: amx_block<4>(a, ars, bc, k, c + col, ldc, accumulate); break;
+      case 3: amx_block<3>(a, ars, bc, k, c + col, ldc, accumulate); break;
+      case 2: amx_block<2>(a, ars, bc, k, c + col, ldc, accumulate); break;
+      default: amx_block<1>(a, ars, bc, k, c + col, ldc, accumulate);
     }
   }
 }
