@@ -14,15 +14,16 @@ inputs and outputs as ``attention.full_attend`` / ``blockwise_attend`` (q pre-sc
 [b, s, h, d]); equal to them to float32 rounding (tests/test_cpu_attention.py).
 
 bfloat16 (q, k, v in bf16, as a bf16 model prepares them): the forward multiplies bf16 pairs
-with float32 accumulation (AMX tiles, TDPBF16PS, where the CPU has amx_bf16 and d % 32 == 0;
-VDPBF16PS where it has AVX512_BF16; the same products widened to float32 elsewhere:
-``amx()`` says which; ``LENX_CPU_AMX=0`` keeps the vector tiles), rounds P to bf16 for P V as XLA's bf16 path does, and keeps
-the softmax and the output in float32; its gradient is the float32 backward's at the
-bf16 inputs (the row log-sum-exp it uses is float32-exact: the S products of bf16 values
-are exact in float32). Why: XLA:CPU's bf16 attention on the AVX-512 + avx512_bf16 EPYC ran
-its tiles at ~200 GFLOP/s with the softmax in separate passes over [s, s] blocks: most of
-SmolLM2's long-prompt time (benchmarks/README.md). On the AMX Xeon XLA's bf16 dots run on
-AMX: the vector tiles' 16k evaluation step took 2.2x XLA's there, the AMX tiles' 0.73x.
+with float32 accumulation (AMX tiles, TDPBF16PS, where the CPU has amx_bf16 and d % 32 ==
+0; VDPBF16PS where it has AVX512_BF16; the same products widened to float32 elsewhere:
+``amx()`` says which, ``LENX_CPU_AMX=0`` keeps the vector tiles), rounds P to bf16 for P V
+as XLA's bf16 path does, and keeps the softmax and the output in float32; its gradient is
+the float32 backward's at the bf16 inputs (the row log-sum-exp it uses is float32-exact:
+the S products of bf16 values are exact in float32). Why: XLA:CPU's bf16 attention on the
+AVX-512 + avx512_bf16 EPYC ran its tiles at ~200 GFLOP/s with the softmax in separate passes
+over [s, s] blocks: most of SmolLM2's long-prompt time (benchmarks/README.md). On the AMX
+Xeon XLA's bf16 dots run on AMX: the vector tiles' 16k evaluation step took 2.2x XLA's
+there, the AMX tiles' 0.73x.
 
 Where: ``use_kernel`` - CPU backend, one device (a custom call has no sharding rule),
 float32 or bfloat16, self-attention with s and d multiples of 8, an encoding whose logits
@@ -39,11 +40,11 @@ them). ``LENX_CPU_ATTENTION=auto|
 kernel|xla``: auto = the kernel wherever it applies and builds: float32 train steps and 16k
 evaluation were faster with it on both AMD EPYC classes measured (avx2 + fma; avx512f +
 avx512_bf16), and on the Intel Xeon with AMX float32 train steps 1.06-1.28x, bf16 16k
-evaluation 1.36x, float32 16k evaluation and bf16 train steps level (benchmarks/README.md); kernel = the same, a build failure an error;
-xla = never. The library is compiled on first use with the
-system C++ compiler (``$CXX`` or g++, -O3 -march=native) into ``$LENX_KERNEL_CACHE``
-(default ~/.cache/lenx/kernels), keyed by the source, the jaxlib headers and this CPU's
-flags. Where it cannot be built, auto falls back to XLA with one warning; kernel raises.
+evaluation 1.36x, float32 16k evaluation and bf16 train steps level (benchmarks/README.md);
+kernel = the same, a build failure an error; xla = never. The library is compiled on first
+use with the system C++ compiler (``$CXX`` or g++, -O3 -march=native) into
+``$LENX_KERNEL_CACHE`` (default ~/.cache/lenx/kernels), keyed by the source, the jaxlib
+headers and this CPU's flags. Where it cannot be built, auto falls back to XLA with one warning; kernel raises.
 """
 import ctypes
 import functools

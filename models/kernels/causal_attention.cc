@@ -453,8 +453,8 @@ inline int64_t visible(int64_t r, int64_t diag, int64_t nk) { return std::min(nk
 // the visible ones) as far as the products read it: a 6-row register tile of P V, dS K,
 // dS^T Q or P^T dO contracts over the keys visible to its last row, at most 5 past this
 // row's own; a 16-row AMX tile of P V at most 15.
-inline void zero_tail(float* row, int64_t padded, int64_t nk) {
-  for (int64_t j = padded; j < std::min(nk, padded + 16); j += 8) store8(row + j, v8{});  // nk % 8 == 0
+inline void zero_tail(float* row, int64_t padded, int64_t nk) {  // nk % 8 == 0
+  for (int64_t j = padded; j < std::min(nk, padded + 16); j += 8) store8(row + j, v8{});
 }
 
 // Zeros `rows` rows of d floats (d % 8 == 0) at stride ld: vector stores, where a memset
