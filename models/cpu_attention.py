@@ -44,7 +44,8 @@ evaluation 1.36x, float32 16k evaluation and bf16 train steps level (benchmarks/
 kernel = the same, a build failure an error; xla = never. The library is compiled on first
 use with the system C++ compiler (``$CXX`` or g++, -O3 -march=native) into
 ``$LENX_KERNEL_CACHE`` (default ~/.cache/lenx/kernels), keyed by the source, the jaxlib
-headers and this CPU's flags. Where it cannot be built, auto falls back to XLA with one warning; kernel raises.
+headers and this CPU's flags. Where it cannot be built, auto falls back to XLA with one
+warning; kernel raises.
 """
 import ctypes
 import functools

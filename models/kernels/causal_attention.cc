@@ -321,7 +321,7 @@ Panels pack_values(const float* v, int64_t ld, int64_t s, int64_t d, float* dst)
 // is a B tile as packed. Why: on the 2-core AMX Xeon the vector tiles ran a 16k bf16
 // evaluation at 0.45x the speed of XLA's AMX GEMMs (benchmarks/README.md, seventeenth
 // session). Linux hands out the tile registers only after ARCH_REQ_XCOMP_PERM (once per
-// process); LENX_CPU_AMX=0 keeps the vector tiles (read per call: tests compare the two).
+// process); LENX_CPU_AMX=0 keeps the vector tiles (read per problem: tests compare the two).
 bool amx_enabled() {
   static const bool permitted = [] {
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
@@ -331,16 +331,29 @@ bool amx_enabled() {
   return permitted && !(env && std::string_view(env) == "0");
 }
 
-// Every tile register 16 rows x 64 bytes (palette 1); loaded by the thread that multiplies
-// (the tile state is per thread, and XLA's own GEMMs may have configured other shapes).
-void amx_configure() {
-  struct alignas(64) {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-    uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-  } config;
-  _tile_loadconfig(&config);
-}
+thread_local bool amx_tiles = false;  // this thread's tiles are configured (AmxScope)
+
+// The tiles for one problem's bf16 forward on this thread (tile state is per thread, and
+// XLA's own GEMMs may configure other shapes between calls): every tile register 16 rows
+// x 64 bytes (palette 1), configured once here and released when the problem is done.
+struct AmxScope {
+  bool on;
+  explicit AmxScope(bool want) : on(want && amx_enabled()) {
+    if (!on) return;
+    struct alignas(64) {
+      uint8_t palette = 1, start_row = 0, reserved[14] = {};
+      uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+      uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+    } config;
+    _tile_loadconfig(&config);
+    amx_tiles = true;
+  }
+  ~AmxScope() {
+    if (!on) return;
+    _tile_release();
+    amx_tiles = false;
+  }
+};
 
 // C (+)= A B, 16 rows x 16 NT columns, contraction [0, kn) (kn % 32 == 0). Tiles 0..NT-1: C
 // (row stride ldc floats); 6: A; 7: B.
@@ -387,6 +400,10 @@ void amx_rows(const bf16* a, int64_t ars, PairPanels b, int64_t k, int64_t cols,
     }
   }
 }
+#else
+struct AmxScope {
+  explicit AmxScope(bool) {}
+};
 #endif
 
 // C (+)= A B (m x n, n % 8 == 0, contraction kdim), only the causal part (see Part); C
@@ -402,8 +419,7 @@ void causal_matmul(Part part, int64_t diag, bool accumulate, int64_t m, int64_t 
   // the last < 32 keys of a block's range by the vector tiles below, accumulating)
   if constexpr (std::is_same_v<B, PairPanels>) {
     const int64_t d = part == Part::kCols ? kdim : n;  // C's columns stay inside a head's row
-    if (part != Part::kTrKeys && d % 32 == 0 && amx_enabled()) {
-      amx_configure();
+    if (part != Part::kTrKeys && d % 32 == 0 && amx_tiles) {
       for (; r_vec + 16 <= m; r_vec += 16) {
         const int64_t seen = std::min(r_vec + 16 + diag, part == Part::kCols ? n : kdim);
         const int64_t k1 = part == Part::kKeys ? seen : kdim, cols = part == Part::kCols ? seen : n;
@@ -418,7 +434,6 @@ void causal_matmul(Part part, int64_t diag, bool accumulate, int64_t m, int64_t 
                          ar + r * a.rs + kw, a.rs, a.cs, b.at(kw, col).data,
                          (k1 - kw + 1) / 2 * 2, cr + r * ldc + col, ldc, accumulate || kw > 0);
       }
-      _tile_release();
     }
   }
 #endif
@@ -710,6 +725,7 @@ void forward_problem(const Shape& sh, const T* q, const T* k, const T* v, float*
   const Pieces<T> one = Pieces<T>::single(q, k);
   const Pieces<T>& pc = pieces ? *pieces : one;
   const int64_t s = sh.s, d = sh.d, ld = sh.stride(), sets = pc.key_sets;
+  const AmxScope amx(kBf16);  // the env and the tile configuration: once per problem
   Packed* packed = reinterpret_cast<Packed*>(work);
   KeyPanels kts[kMaxParts];
   for (int64_t c = 0; c < sets; ++c)                                      // K^T (per key set)
