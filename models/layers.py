@@ -44,11 +44,16 @@ SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def cpu_description(path="/proc/cpuinfo"):
-  """{"model": CPU model name, "flags": which of SPEED_FLAGS it has}: what a speed figure
-  must name, since matmul speed (and whether bf16 helps) depends on them."""
+  """{"model": CPU model name (with its x86 family / model numbers), "flags": which of
+  SPEED_FLAGS it has}: what a speed figure must name, since matmul speed (and whether bf16
+  helps) depends on them. The numbers matter where the name does not tell CPU classes
+  apart: a cloud VM's "AMD EPYC" is Zen 4 (family 25) or Zen 5 (family 26)."""
   flags = cpu_flags(path)
-  return {"model": _cpuinfo_field("model name", path) or platform.processor(),
-          "flags": [f for f in SPEED_FLAGS if f in flags]}
+  model = _cpuinfo_field("model name", path) or platform.processor()
+  family = _cpuinfo_field("cpu family", path)
+  if family:
+    model += f" (family {family} model {_cpuinfo_field('model', path)})"
+  return {"model": model, "flags": [f for f in SPEED_FLAGS if f in flags]}
 
 
 def auto_dtype(backend=None, flags=None):

@@ -88,9 +88,12 @@ def test_auto_dtype_follows_the_hardware():
 def test_cpu_description_names_model_and_speed_flags(tmp_path):
   from models.layers import cpu_description
   info = tmp_path / "cpuinfo"
-  info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\n"
+  info.write_text("processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
                   "flags\t\t: fpu sse2 avx avx2 fma bmi2\nprocessor\t: 1\n")
-  assert cpu_description(str(info)) == {"model": "AMD EPYC 7B13", "flags": ["avx2", "fma"]}
+  assert cpu_description(str(info)) == {"model": "AMD EPYC (family 26 model 2)",
+                                        "flags": ["avx2", "fma"]}
+  info.write_text("model name\t: AMD EPYC 7B13\nflags\t\t: avx2\n")  # no family: name only
+  assert cpu_description(str(info))["model"] == "AMD EPYC 7B13"
   assert cpu_description(str(tmp_path / "absent"))["flags"] == []
 
 
