@@ -24,7 +24,8 @@
 // S in both passes from the positions: bias = -slope_h |i - j| + table_h[clamp(i - j, 0, T-1)];
 // the backward also returns its gradients, d slope_h = -sum dS |i - j|, d table_h[n] = sum of
 // dS over the pairs whose clamped distance is n. The matmul
-// micro-kernel uses GCC vector extensions, so -march=native picks AVX2 + FMA (or AVX-512).
+// micro-kernel uses GCC vectors of 8 floats (AVX2 + FMA under -march=native; a declared
+// vector type is not widened), and of 16 floats where the compiler targets AVX-512.
 // bfloat16 forward (the same handlers with a _Bf16 suffix): q, k, v in bf16, S = Q K^T and
 // O += P V as bf16 products accumulated in float32 (P rounded to bf16 for the second, as
 // XLA's bf16 attention does), softmax and output in float32. Where the CPU has AVX512_BF16
@@ -142,7 +143,7 @@ constexpr int kRows = 8;   // rows of a register tile: 8 accumulators cover the 
 #else
 constexpr int kRows = 6;   // rows of a register tile (x 2 vectors: 12 of AVX2's 16 registers)
 #endif
-constexpr int kCols = 16;  // columns of a packed B panel (two 8-lane vectors)
+constexpr int kCols = 16;  // columns of a packed B panel (two 8-lane vectors; one on AVX-512)
 
 // C[r, 0:8*NV] (+)= sum_{k < kn} A[r, k] B[k, 0:8*NV], r < R, with A read in place
 // (element (r, k) at a[r * ars + k * aks]) and B from a packed [kn][kCols] panel
@@ -152,9 +153,9 @@ constexpr int kCols = 16;  // columns of a packed B panel (two 8-lane vectors)
 // With AVX-512 a 16-column panel row is one 512-bit vector, so a full-width tile (NV == 2)
 // keeps one accumulator per row, not two 256-bit halves: the same products in the same
 // order per lane (results unchanged), in half the instructions. It pays where the core
-// executes 512-bit FMAs at full width (AMD Zen 5, Intel server cores; the 256-bit tiles ran
-// 16k evaluation 1.3x slower than XLA's 512-bit dots on a Zen 5 EPYC) and costs nothing
-// where it splits them in two (Zen 4: the same FMA count per cycle).
+// executes 512-bit FMAs at full width (AMD Zen 5, Intel server cores; with 256-bit tiles
+// the kernel's 16k evaluation step took 1.1x (bf16) / 1.3x (f32) XLA's on a Zen 5 EPYC) and
+// should cost nothing where it splits them in two (Zen 4: the same FMA count per cycle).
 typedef float v16 __attribute__((vector_size(64)));
 inline v16 load16(const float* p) { v16 r; std::memcpy(&r, p, sizeof r); return r; }
 inline void store16(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
