@@ -37,16 +37,14 @@ tile of one part one product, a tile outside a Lambda mask skipped; XLA's blockw
 these 2-4x slower, benchmarks/piecewise_speed.py). ``attention_with_stats`` also returns the attention
 entropy and attended distance, accumulated online in the same pass (no gradient through
 them). ``LENX_CPU_ATTENTION=auto|
-kernel|xla``: auto = the kernel wherever it applies and builds: float32 train steps and 16k
-evaluation were faster with it on the AMD EPYC classes measured (avx2 + fma; Zen 4 with
-avx512f + avx512_bf16), and on the Intel Xeon with AMX float32 train steps 1.06-1.28x, bf16 16k
-evaluation 1.36x, float32 16k evaluation and bf16 train steps level; on a Zen 5 EPYC (full-width
-512-bit FMAs) float32 train steps 1.44x, bf16 16k evaluation 1.07x, float32 16k evaluation
-0.96x and bf16 train steps level, since its tiles are 512-bit on AVX-512 (benchmarks/README.md);
-kernel = the same, a build failure an error; xla = never. The library is compiled on first
-use with the system C++ compiler (``$CXX`` or g++, -O3 -march=native) into
-``$LENX_KERNEL_CACHE`` (default ~/.cache/lenx/kernels), keyed by the source, the jaxlib
-headers and this CPU's flags. Where it cannot be built, auto falls back to XLA with one
+kernel|xla``: auto = the kernel wherever it applies and builds: on every CPU class measured
+(AMD EPYC with avx2 + fma, Zen 4 and Zen 5 with avx512f + avx512_bf16, Intel Xeon with AMX)
+float32 train steps and 16k evaluation in the dtype ``auto`` picks there were faster with it,
+the rest level but for float32 16k evaluation on Zen 5 (0.96x XLA's speed; paired A/Bs per
+class in benchmarks/README.md). kernel = the same, a build failure an error; xla = never.
+The library is compiled on first use with the system C++ compiler (``$CXX`` or g++, -O3
+-march=native) into ``$LENX_KERNEL_CACHE`` (default ~/.cache/lenx/kernels), keyed by the
+source, the jaxlib headers and this CPU's flags. Where it cannot be built, auto falls back to XLA with one
 warning; kernel raises.
 """
 import ctypes
