@@ -172,6 +172,7 @@ def write_report(out, rows):
     fig.savefig(os.path.join(out, f"needle_heatmap_{safe}.png"), dpi=100)
     plt.close(fig)
   lines += _across_seeds_lines(needle.across_seeds(rows))
+  lines += _paired_lines(needle.paired_trials(rows))
   results.write_atomic(os.path.join(out, "needle.md"), "\n".join(lines) + "\n")
 
 
@@ -188,6 +189,21 @@ def _across_seeds_lines(summary):
       lines.append(f"| {group} | {variant} | {length} | {s['seeds']} | {s['accuracy']:.3f} +- "
                    f"{s['accuracy_sd']:.3f} [{s['accuracy_min']:.2f}, {s['accuracy_max']:.2f}] | "
                    f"{s['rank']:.2f} +- {s['rank_sd']:.2f} |")
+  return lines + [""]
+
+
+def _paired_lines(pairs):
+  """needle.md's paired table: two variants on the same trials, exact match by trial."""
+  if not pairs:
+    return []
+  lines = ["## Variants paired by trial (the same examples; exact match: both / only a / "
+           "only b / neither, exact McNemar p; key ranked first: a / b)", "",
+           "| run | length | depth | trials | a | b | both | only a | only b | neither | p | "
+           "key first a / b |", "|---" * 12 + "|"]
+  for q in pairs:
+    lines.append(f"| {q['run']} | {q['length']} | {q['depth']:g} | {q['trials']} | {q['a']} | "
+                 f"{q['b']} | {q['both']} | {q['only_a']} | {q['only_b']} | {q['neither']} | "
+                 f"{q['p']:.3f} | {q['first_a']} / {q['first_b']} |")
   return lines + [""]
 
 

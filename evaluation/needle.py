@@ -97,18 +97,63 @@ def score_example(model, example, **cache_kw):
 
 def evaluate_cell(model, filler, encode, length, depth, trials, seed=0, distractors=9):
   """Row fields of one (length, depth) cell: accuracy with its 95 % interval, mean rank,
-  and the teacher-forced accuracy of each answer token (``token_accuracy``, first to last)."""
-  hits, ranks, correct = 0, [], []
+  the teacher-forced accuracy of each answer token (``token_accuracy``, first to last), and
+  each trial's outcome (``trial_exact``, ``trial_rank``): trial t's example depends only on
+  (seed, length, depth, t), so two variants' rows of a cell can be compared trial by trial
+  (``paired_trials``)."""
+  exact, ranks, correct = [], [], []
   for t in range(trials):
     rng = np.random.default_rng([seed, length, int(round(depth * 1000)), t])
-    exact, rank, ok = score_example(model, make_example(filler, encode, length, depth, rng,
-                                                        distractors))
-    hits += exact
+    hit, rank, ok = score_example(model, make_example(filler, encode, length, depth, rng,
+                                                      distractors))
+    exact.append(int(hit))
     ranks.append(rank)
     correct.append(ok)
+  hits = sum(exact)
   return {"trials": trials, "accuracy": hits / trials, "ci": list(wilson_interval(hits, trials)),
           "mean_rank": float(np.mean(ranks)), "distractors": distractors,
-          "token_accuracy": np.mean(correct, axis=0).round(4).tolist()}
+          "token_accuracy": np.mean(correct, axis=0).round(4).tolist(),
+          "trial_exact": exact, "trial_rank": ranks}
+
+
+def mcnemar_exact_p(only_a, only_b):
+  """Two-sided exact McNemar test (McNemar 1947; the binomial sign test on the discordant
+  pairs): P(a split at least this uneven | each discordant trial is a fair coin)."""
+  n, k = only_a + only_b, min(only_a, only_b)
+  if n == 0:
+    return 1.0
+  tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+  return min(1.0, 2 * tail)
+
+
+# the fields that fix a cell's examples (rows equal on these scored the same trials), and
+# the matmul dtype, so that a pair differs in its variant only
+SAME_EXAMPLES = ("run_dir", "length", "depth", "seed", "trials", "distractors", "split",
+                 "eval_dtype")
+
+
+def paired_trials(rows):
+  """Every pair of variants scored on the same examples in one dtype (rows equal on
+  SAME_EXAMPLES, both with per-trial outcomes): exact match split into both / only a / only b / neither, the
+  exact McNemar p of a vs b, and the trials where each ranks the true key first."""
+  cells = {}
+  for r in rows:
+    if r.get("status") == "ok" and "trial_exact" in r:
+      cells.setdefault(tuple(r.get(f) for f in SAME_EXAMPLES), []).append(r)
+  out = []
+  for _, rs in sorted(cells.items(), key=lambda kv: str(kv[0])):
+    rs = sorted(rs, key=lambda r: r["variant"])
+    for i, a in enumerate(rs):
+      for b in rs[i + 1:]:
+        ea, eb = np.array(a["trial_exact"], bool), np.array(b["trial_exact"], bool)
+        only_a, only_b = int((ea & ~eb).sum()), int((eb & ~ea).sum())
+        out.append({"run": a["run"], "length": a["length"], "depth": a["depth"],
+                    "trials": len(ea), "a": a["variant"], "b": b["variant"],
+                    "both": int((ea & eb).sum()), "only_a": only_a, "only_b": only_b,
+                    "neither": int((~ea & ~eb).sum()), "p": mcnemar_exact_p(only_a, only_b),
+                    "first_a": int((np.array(a["trial_rank"]) == 1).sum()),
+                    "first_b": int((np.array(b["trial_rank"]) == 1).sum())})
+  return out
 
 
 def effective_length(rows, train_len, threshold=0.85, relative=True):

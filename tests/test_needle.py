@@ -150,3 +150,47 @@ def test_bad_lengths_and_depths_are_clear_errors_before_any_run_is_read(tmp_path
   with pytest.raises(ValueError, match="--lengths: 'abc' is not a token count or xF"):
     eval_needle.parse_lengths("1024,abc", 128)
   assert eval_needle.parse_lengths("x0.5, 4096", 128) == [64, 4096]
+
+
+def test_cell_keeps_each_trials_outcome(tiny_config):
+  """The row's per-trial outcomes are the trials themselves: they add up to the cell's
+  accuracy and mean rank, and trial t is the example seeded by (seed, length, depth, t)."""
+  config, model = _model("rope", tiny_config, layers=1)
+  row = needle.evaluate_cell(model, FILLER, ENCODE, 96, 0.5, trials=3, seed=1, distractors=2)
+  assert len(row["trial_exact"]) == len(row["trial_rank"]) == 3
+  assert sum(row["trial_exact"]) / 3 == row["accuracy"]
+  assert np.mean(row["trial_rank"]) == pytest.approx(row["mean_rank"])
+  rng = np.random.default_rng([1, 96, 500, 2])
+  exact, rank, _ = needle.score_example(model, needle.make_example(FILLER, ENCODE, 96, 0.5, rng, 2))
+  assert (row["trial_exact"][2], row["trial_rank"][2]) == (int(exact), rank)
+
+
+def test_mcnemar_exact_p_is_the_two_sided_sign_test():
+  assert needle.mcnemar_exact_p(0, 0) == 1.0
+  assert needle.mcnemar_exact_p(3, 3) == 1.0
+  assert needle.mcnemar_exact_p(5, 0) == pytest.approx(2 / 32)  # 5 of 5 discordant one way
+  assert needle.mcnemar_exact_p(1, 6) == needle.mcnemar_exact_p(6, 1) == pytest.approx(
+      2 * (1 + 7) / 128)
+  assert needle.mcnemar_exact_p(0, 20) < 1e-5
+
+
+def test_paired_trials_pairs_only_rows_scored_on_the_same_examples():
+  def row(variant, exact, ranks, depth=0.5, seed=0, **extra):
+    return {"run": "m", "run_dir": "runs/m", "variant": variant, "length": 64, "depth": depth,
+            "seed": seed, "trials": len(exact), "distractors": 9, "split": "test",
+            "status": "ok", "trial_exact": exact, "trial_rank": ranks, **extra}
+  rows = [row("yarn", [1, 1, 0, 0, 1], [1, 1, 2, 1, 1]),
+          row("self_extend", [1, 1, 1, 1, 0], [1, 1, 1, 1, 3]),
+          row("none", [0, 0, 0, 0, 0], [5] * 5, depth=0.0),       # another cell: no pair
+          row("none", [1, 0, 1, 0, 1], [1] * 5, seed=1),          # other examples: no pair
+          row("none", [1, 1, 1, 1, 1], [1] * 5, eval_dtype="float32"),  # other dtype
+          {**row("ntk", [1] * 5, [1] * 5), "trial_exact": None} | {"status": "skipped: x"}]
+  pairs = needle.paired_trials(rows)
+  assert len(pairs) == 1
+  q = pairs[0]
+  assert (q["a"], q["b"]) == ("self_extend", "yarn")
+  assert (q["both"], q["only_a"], q["only_b"], q["neither"]) == (2, 2, 1, 0)
+  assert q["p"] == pytest.approx(needle.mcnemar_exact_p(2, 1))
+  assert (q["first_a"], q["first_b"]) == (4, 4)
+  text = "\n".join(eval_needle._paired_lines(pairs))
+  assert "| m | 64 | 0.5 | 5 | self_extend | yarn | 2 | 2 | 1 | 0 | 1.000 | 4 / 4 |" in text
