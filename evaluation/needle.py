@@ -134,8 +134,9 @@ SAME_EXAMPLES = ("run_dir", "length", "depth", "seed", "trials", "distractors", 
 
 def paired_trials(rows):
   """Every pair of variants scored on the same examples in one dtype (rows equal on
-  SAME_EXAMPLES, both with per-trial outcomes): exact match split into both / only a / only b / neither, the
-  exact McNemar p of a vs b, and the trials where each ranks the true key first."""
+  SAME_EXAMPLES, both with per-trial outcomes): exact match split into both / only a /
+  only b / neither, the exact McNemar p of a vs b, and the trials where each ranks the true
+  key first."""
   cells = {}
   for r in rows:
     if r.get("status") == "ok" and "trial_exact" in r:
