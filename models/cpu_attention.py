@@ -44,8 +44,8 @@ the rest level but for float32 16k evaluation on Zen 5 (0.96x XLA's speed; paire
 class in benchmarks/README.md). kernel = the same, a build failure an error; xla = never.
 The library is compiled on first use with the system C++ compiler (``$CXX`` or g++, -O3
 -march=native) into ``$LENX_KERNEL_CACHE`` (default ~/.cache/lenx/kernels), keyed by the
-source, the jaxlib headers and this CPU's flags. Where it cannot be built, auto falls back to XLA with one
-warning; kernel raises.
+source, the jaxlib headers and this CPU's flags. Where it cannot be built, auto falls back
+to XLA with one warning; kernel raises.
 """
 import ctypes
 import functools
