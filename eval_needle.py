@@ -8,8 +8,11 @@
 --lengths: token counts, or xF = F times each run's training length. Filler comes from the
 books of --split (byte runs: bytes; a checkpoint: its BPE). Rows go to --out/needle.jsonl
 (one per run x variant x length x depth; a rerun skips finished rows, writes are atomic),
+each trial's outcome to --out/needle_trials.jsonl as it is scored (an interrupted cell
+resumes from its last trial; a cell asked for more trials reuses those scored before),
 then --out/needle.md (grid + effective length) and one heatmap per run and variant.
 """
+import functools
 import os
 import sys
 
@@ -47,6 +50,8 @@ def define_flags():
 
 KEY_FIELDS = ("run_dir", "variant", "length", "depth", "trials", "distractors", "split", "seed",
               "eval_dtype")  # eval_dtype: only in rows of a --dtype override
+# Trial t's example depends on neither the cell's trial count nor anything scored before it.
+TRIAL_FIELDS = tuple(k for k in KEY_FIELDS if k != "trials")
 MAX_FILLER_CHARS = 4_000_000  # BPE filler: tokenise only this much of the split
 
 
@@ -94,6 +99,8 @@ def run_grid(opts, log=print):
   depths = parse_depths(opts.depths)
   os.makedirs(opts.out, exist_ok=True)
   store = results.ResultsFile(os.path.join(opts.out, "needle.jsonl"), KEY_FIELDS)
+  trial_log = os.path.join(opts.out, "needle_trials.jsonl")
+  scored = scored_trials(trial_log)
   eval_dtype = eval_dtype_for(getattr(opts, "dtype", ""))
   for run_dir in [r.strip() for r in opts.runs.split(",") if r.strip()]:
     config = checkpoint.read_config(run_dir)
@@ -123,11 +130,27 @@ def run_grid(opts, log=print):
           model = variant_model(loaded["model"], vconf, eval_dtype)
           row.update(status="ok", **needle.evaluate_cell(
               model, loaded["filler"], loaded["codec"].encode, length, depth, opts.trials,
-              opts.seed, opts.distractors))
+              opts.seed, opts.distractors, done=scored.get(results.row_key(row, TRIAL_FIELDS)),
+              on_trial=functools.partial(_keep_trial, trial_log, row, log)))
           store.add(row)
           log(f"{row['run']} {row['variant']} L={length} depth={depth}: "
               f"acc {row['accuracy']:.2f} rank {row['mean_rank']:.2f}")
   return list(store.rows.values())
+
+
+def scored_trials(path):
+  """{cell key (TRIAL_FIELDS): {t: outcome}} of the trials in a trial log."""
+  out = {}
+  for r in results.read_rows(path):
+    out.setdefault(results.row_key(r, TRIAL_FIELDS), {})[r["trial"]] = {
+        k: r[k] for k in ("exact", "rank", "correct")}
+  return out
+
+
+def _keep_trial(path, row, log, t, outcome):
+  results.append_row(path, {**{k: row[k] for k in TRIAL_FIELDS if k in row}, "trial": t,
+                            **outcome})
+  log(f"  trial {t + 1}/{row['trials']}: exact {outcome['exact']} rank {outcome['rank']}")
 
 
 def write_report(out, rows):

@@ -95,24 +95,38 @@ def score_example(model, example, **cache_kw):
   return bool(correct.all()), 1 + int((logp[1:] > logp[0]).sum()), correct
 
 
-def evaluate_cell(model, filler, encode, length, depth, trials, seed=0, distractors=9):
+def evaluate_cell(model, filler, encode, length, depth, trials, seed=0, distractors=9,
+                  done=None, on_trial=None):
   """Row fields of one (length, depth) cell: accuracy with its 95 % interval, mean rank,
   the teacher-forced accuracy of each answer token (``token_accuracy``, first to last), and
   each trial's outcome (``trial_exact``, ``trial_rank``): trial t's example depends only on
   (seed, length, depth, t), so two variants' rows of a cell can be compared trial by trial
-  (``paired_trials``)."""
-  exact, ranks, correct = [], [], []
+  (``paired_trials``) and a cell can resume from trials scored before.
+
+  done: {t: outcome} of trials already scored (an interrupted or a smaller cell);
+  on_trial(t, outcome) is called after each new trial, so a caller can keep it. An outcome
+  is {"exact": 0 | 1, "rank": int, "correct": [bool per answer token]}."""
+  done = dict(done or {})
   for t in range(trials):
+    if t in done:
+      continue
     rng = np.random.default_rng([seed, length, int(round(depth * 1000)), t])
     hit, rank, ok = score_example(model, make_example(filler, encode, length, depth, rng,
                                                       distractors))
-    exact.append(int(hit))
-    ranks.append(rank)
-    correct.append(ok)
-  hits = sum(exact)
+    done[t] = {"exact": int(hit), "rank": rank, "correct": [bool(c) for c in ok]}
+    if on_trial is not None:
+      on_trial(t, done[t])
+  return cell_fields([done[t] for t in range(trials)], distractors)
+
+
+def cell_fields(outcomes, distractors):
+  """A cell's row fields from its trials' outcomes (in trial order)."""
+  exact = [o["exact"] for o in outcomes]
+  ranks = [o["rank"] for o in outcomes]
+  hits, trials = sum(exact), len(outcomes)
   return {"trials": trials, "accuracy": hits / trials, "ci": list(wilson_interval(hits, trials)),
           "mean_rank": float(np.mean(ranks)), "distractors": distractors,
-          "token_accuracy": np.mean(correct, axis=0).round(4).tolist(),
+          "token_accuracy": np.mean([o["correct"] for o in outcomes], axis=0).round(4).tolist(),
           "trial_exact": exact, "trial_rank": ranks}
 
 

@@ -54,6 +54,20 @@ def write_atomic(path, text):
   os.replace(tmp, path)
 
 
+def append_row(path, row):
+  """Appends one row to a log that grows a line per event (no rewrite: cheap however long
+  it gets). A kill mid-line leaves one malformed line, which ``read_rows`` skips; the
+  newline written first if the file does not end with one keeps the next row whole."""
+  with open(path, "ab+") as f:
+    torn = False
+    if f.seek(0, os.SEEK_END) > 0:
+      f.seek(-1, os.SEEK_END)
+      torn = f.read(1) != b"\n"
+    f.write((("\n" if torn else "") + json.dumps(_clean(row), sort_keys=True) + "\n").encode())
+    f.flush()
+    os.fsync(f.fileno())
+
+
 class ResultsFile:
   """The rows of one results file, keyed for resumption (by ``key_fields``: a sweep's
   KEY_FIELDS by default; the needle grid passes its own)."""

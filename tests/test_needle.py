@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import eval_needle
-from evaluation import needle
+from evaluation import needle, results
 from models.generate import generate
 from test_generate import _model  # sharpened tiny models (non-uniform logits)
 
@@ -110,6 +110,54 @@ def test_grid_is_resumable(tmp_path, tiny_config, monkeypatch):
   eval_needle.write_report(str(tmp_path), rows)
   assert (tmp_path / "needle.md").exists()
   assert list(tmp_path.glob("needle_heatmap_*.png"))
+
+
+def _grid_opts(out, trials):
+  return types.SimpleNamespace(runs="runs/fake", lengths="x6", depths="0.5", trials=trials,
+                               distractors=2, variants="none", split="test", seed=0,
+                               out=str(out))
+
+
+def test_killed_cell_resumes_from_its_last_trial(tmp_path, tiny_config, monkeypatch):
+  """A cell killed after two of four trials scores only the other two when rerun and ends
+  equal to an uninterrupted cell; asking the cell for six trials later scores two more,
+  its first four unchanged."""
+  config, model = _model("rope", tiny_config, layers=1)
+  monkeypatch.setattr(eval_needle.checkpoint, "read_config", lambda _: config)
+  monkeypatch.setattr(eval_needle.checkpoint, "load_run", lambda _: (config, model))
+  monkeypatch.setattr(eval_needle, "filler_tokens", lambda *_: FILLER)
+  whole = eval_needle.run_grid(_grid_opts(tmp_path / "whole", 4), log=lambda *_: None)[0]
+  scored, real = [], needle.score_example
+
+  def killed_after(n):
+    def score(*a, **k):
+      if len(scored) == n:
+        raise KeyboardInterrupt
+      scored.append(1)
+      return real(*a, **k)
+    return score
+  monkeypatch.setattr(needle, "score_example", killed_after(2))
+  with pytest.raises(KeyboardInterrupt):
+    eval_needle.run_grid(_grid_opts(tmp_path / "cut", 4), log=lambda *_: None)
+  assert not (tmp_path / "cut" / "needle.jsonl").exists()
+  monkeypatch.setattr(needle, "score_example", killed_after(100))
+  resumed = eval_needle.run_grid(_grid_opts(tmp_path / "cut", 4), log=lambda *_: None)[0]
+  assert len(scored) == 4  # 2 before the kill + the 2 missing ones
+  fields = ("accuracy", "ci", "mean_rank", "token_accuracy", "trial_exact", "trial_rank")
+  assert {f: resumed[f] for f in fields} == {f: whole[f] for f in fields}
+  more = eval_needle.run_grid(_grid_opts(tmp_path / "cut", 6), log=lambda *_: None)
+  six = [r for r in more if r["trials"] == 6][0]
+  assert len(scored) == 6 and six["trial_exact"][:4] == whole["trial_exact"]
+  assert six["trial_rank"][:4] == whole["trial_rank"]
+
+
+def test_append_row_keeps_the_next_row_whole_after_a_torn_line(tmp_path, capsys):
+  path = tmp_path / "log.jsonl"
+  path.write_text('{"a": 1}\n{"b": 2')  # killed mid-line
+  results.append_row(str(path), {"c": 3})
+  results.append_row(str(path), {"d": float("nan")})
+  assert results.read_rows(str(path)) == [{"a": 1}, {"c": 3}, {"d": None}]
+  assert "log.jsonl:2 is not valid JSON" in capsys.readouterr().err
 
 
 def test_across_seeds_averages_depths_then_seeds():
