@@ -163,18 +163,19 @@ def write_report(out, rows):
     if r.get("status") == "ok":
       groups.setdefault((r["run"], r["variant"], r["train_len"]), []).append(r)
   lines = ["# Needle retrieval (teacher-forced exact match; mean over trials)", "",
-           "Effective length: longest length whose accuracy (mean over depths) stays >= 0.85 x "
-           "the accuracy at the training length (rel) or >= 0.85 (abs).", ""]
+           "Effective length: longest length whose accuracy (mean over the depths evaluated at "
+           "every length) stays >= 0.85 x the accuracy at the training length (rel; a variant "
+           "evaluated only past it: the model's own, variant none) or >= 0.85 (abs).", ""]
   for (run, variant, train_len), rs in sorted(groups.items()):
     lengths = sorted({r["length"] for r in rs})
     depths = sorted({r["depth"] for r in rs})
     cell = {(r["length"], r["depth"]): r for r in rs}
     grid = np.array([[cell[(n, d)]["accuracy"] if (n, d) in cell else np.nan for n in lengths]
                      for d in depths])
-    rel = needle.effective_length(rs, train_len, relative=True)
-    ab = needle.effective_length(rs, train_len, relative=False)
-    lines += [f"## {run} {variant} (train_len {train_len}): effective length rel {rel}, "
-              f"abs {ab}", "", "| depth \\ length | " + " | ".join(map(str, lengths)) + " |",
+    lines += [f"## {run} {variant} (train_len {train_len}): effective length "
+              + _effective_length_text(rs, groups.get((run, "none", train_len), []), train_len,
+                                       depths),
+              "", "| depth \\ length | " + " | ".join(map(str, lengths)) + " |",
               "|---" * (len(lengths) + 1) + "|"]
     lines += [f"| {d:g} | " + " | ".join(f"{x:.2f}" for x in grid[i]) + " |"
               for i, d in enumerate(depths)]
@@ -213,6 +214,19 @@ def _across_seeds_lines(summary):
                    f"{s['accuracy_sd']:.3f} [{s['accuracy_min']:.2f}, {s['accuracy_max']:.2f}] | "
                    f"{s['rank']:.2f} +- {s['rank_sd']:.2f} |")
   return lines + [""]
+
+
+def _effective_length_text(rows, none_rows, train_len, depths):
+  """'rel X, abs Y', saying over which depths and against which rows where it is not the
+  whole grid of the run's own rows."""
+  ref = () if any(r["length"] == train_len for r in rows) else none_rows
+  rel = needle.effective_length(rows, train_len, relative=True, reference=ref)
+  text = f"rel {rel}, abs {needle.effective_length(rows, train_len, relative=False)}"
+  over = needle.common_depths(rows)
+  notes = ([f"over depths {', '.join(f'{d:g}' for d in over)}"] if over != depths or ref
+           else [])
+  notes += [f"rel against none at {train_len}"] if ref else []
+  return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _paired_lines(pairs):

@@ -171,20 +171,38 @@ def paired_trials(rows):
   return out
 
 
-def effective_length(rows, train_len, threshold=0.85, relative=True):
-  """Longest length L such that at every evaluated length up to L the accuracy averaged
-  over depths is >= threshold x (the accuracy at the training length if ``relative``,
-  else 1.0); None if even the shortest fails (or relative and L_train has accuracy 0)."""
+def common_depths(rows):
+  """Depths evaluated at every length of ``rows``: a mean over depths compares lengths only
+  over these (a depth-0 needle fails where a depth-0.5 one does not)."""
   by_len = {}
   for r in rows:
-    by_len.setdefault(r["length"], []).append(r["accuracy"])
-  mean = {n: float(np.mean(a)) for n, a in by_len.items()}
-  ref = mean.get(train_len) if relative else 1.0
-  if not ref:
-    return None
+    by_len.setdefault(r["length"], set()).add(r["depth"])
+  return sorted(set.intersection(*by_len.values())) if by_len else []
+
+
+def _mean_accuracy(rows, length, depths):
+  """Accuracy at ``length`` averaged over ``depths``; None if one of them is missing."""
+  by_depth = {r["depth"]: r["accuracy"] for r in rows if r["length"] == length}
+  return float(np.mean([by_depth[d] for d in depths])) if set(depths) <= set(by_depth) else None
+
+
+def effective_length(rows, train_len, threshold=0.85, relative=True, reference=()):
+  """Longest length L such that at every evaluated length up to L the accuracy averaged
+  over ``common_depths(rows)`` is >= threshold x (the accuracy at the training length over
+  the same depths if ``relative``, else 1.0); None if even the shortest fails, or relative
+  and that accuracy is 0 or unknown. reference: rows to read the training length's accuracy
+  from when ``rows`` have none there (a variant evaluated only past L: the model's own rows,
+  variant none)."""
+  depths = common_depths(rows)
+  lengths = sorted({r["length"] for r in rows})
+  ref = 1.0
+  if relative:
+    ref = _mean_accuracy(rows if train_len in lengths else reference, train_len, depths)
+    if not ref:
+      return None
   best = None
-  for n in sorted(mean):
-    if mean[n] < threshold * ref:
+  for n in lengths:
+    if _mean_accuracy(rows, n, depths) < threshold * ref:
       break
     best = n
   return best

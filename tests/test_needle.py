@@ -85,6 +85,22 @@ def test_wilson_interval_and_effective_length():
     needle.make_example(FILLER, ENCODE, 300, 1.5, np.random.default_rng(0))
 
 
+def test_effective_length_compares_lengths_over_the_same_depths():
+  """A length evaluated at fewer depths is compared over those only, and a variant with no
+  row at the training length is read against the model's own (variant none) there."""
+  none = [{"length": n, "depth": d, "accuracy": a} for n, accs in
+          {64: (1, 1, 1), 128: (0.0, 0.9, 1)}.items() for d, a in zip((0, 0.5, 1), accs)]
+  assert needle.common_depths(none) == [0, 0.5, 1]
+  assert needle.effective_length(none, 128, relative=False) == 64  # mean 0.63 at 128
+  variant = [{"length": 256, "depth": 0.5, "accuracy": 0.8},
+             {"length": 512, "depth": 0.5, "accuracy": 0.7}]
+  assert needle.common_depths(variant + none) == [0.5]
+  assert needle.effective_length(variant, 128, relative=True, reference=none) == 256
+  assert needle.effective_length(variant, 128, relative=True) is None  # no reference
+  assert needle.effective_length(variant + none, 128, relative=False) == 128  # 0.8 < 0.85
+  assert needle.effective_length(variant + none, 128, relative=True) == 256  # over 0.5 only
+
+
 def test_grid_is_resumable(tmp_path, tiny_config, monkeypatch):
   config, model = _model("rope", tiny_config, layers=1)
   monkeypatch.setattr(eval_needle.checkpoint, "read_config", lambda _: config)
