@@ -152,18 +152,20 @@ def _xla_attend(q, k, v, q_pos, k_pos, enc, *, with_stats, impl, block_size):
   return full_attend(q, k, v, q_pos, k_pos, enc, with_stats=with_stats)
 
 
-def full_attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, key_mask=None):
+def full_attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, key_mask=None,
+                causal=True):
   """Full causal attention. q/k/v [b, s, h, d] (q pre-scaled) -> [b, s, h, d] float32.
 
   Without stats, the softmax and P V run in ``fast_attention.softmax_pv`` (custom
   VJP); with stats, the plain formulation (probabilities are needed). ``key_mask``
   [b or 1, sq, sk] (bool, optional) removes keys as well (a KV cache's empty slots and a
-  decoded chunk's later tokens: ``models.generate``).
+  decoded chunk's later tokens: ``models.generate``); ``causal=False`` leaves the causal
+  mask to it (query rows that are not in sequence order).
   """
   logits = enc.scores(q, k, q_pos, k_pos)
   if key_mask is not None:
     logits = jnp.where(key_mask[:, None], logits, NEG_INF)
-  offset = k.shape[1] - q.shape[1]
+  offset = k.shape[1] - q.shape[1] if causal else k.shape[1]
   if not with_stats:
     return softmax_pv(logits, v, offset, v.dtype), None
   probs = causal_softmax(logits, offset)

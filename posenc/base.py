@@ -136,6 +136,13 @@ class PositionalEncoding(nnx.Module):
     cls = type(self)
     return cls.scores is PositionalEncoding.scores and cls.bias is PositionalEncoding.bias
 
+  @property
+  def same_rule_every_head(self):
+    """Whether ``scores`` treats every head alike (no per-head bias, slope or table), so
+    that the heads' queries may be stacked as more query rows of one head (a KV cache's
+    grouped-query step: ``models.generate``). False unless an encoding says so."""
+    return False
+
   def distance_bias(self, max_distance=None):
     """(slopes [h] or None, table [h, T] or None) when ``bias`` is exactly
     -slopes_h |i - j| + table_h[clamp(i - j, 0, T - 1)] for query position i and key position

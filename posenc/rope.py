@@ -137,6 +137,10 @@ class RoPE(PositionalEncoding):
   def content_only(self):
     return not self.scores_rule
 
+  @property
+  def same_rule_every_head(self):
+    return True  # the rotation and any piecewise rule depend on positions only
+
   def scores(self, q, k, q_pos, k_pos):
     if not self.scores_rule:
       return qk_dot(q, k)

@@ -9,10 +9,12 @@ import pytest
 from flax import nnx
 
 import extensions
+import extensions.piecewise
 import posenc
 from configs.common import resolve
 from evaluation.runner import variant_model
 from models import build_model
+from models import generate as generate_module
 from models.generate import (CachedDecoder, _compute_in_float32, filtered_probs, generate,
                              sample)
 
@@ -99,6 +101,27 @@ def test_cached_equals_full_every_rope_variant(variant, tiny_config):
   model = variant_model(model, extensions.apply_variant(config, spec, LENGTH))
   tokens = _tokens()
   assert _max_diff(_cached(model, tokens), _full(model, tokens)) <= F32_TOL
+
+
+PIECEWISE = [v for v in extensions.names()
+             if isinstance(extensions.get(v), extensions.piecewise.PiecewiseRoPE)]
+
+
+@pytest.mark.parametrize("variant", PIECEWISE)
+def test_piecewise_grouped_query_steps_fold_the_query_heads(variant, tiny_config, monkeypatch):
+  """4 query heads reading 2 kv heads under a piecewise RoPE method: the decode steps score
+  each cached kv head once, its two query heads stacked as query rows (``folded_attend``),
+  and equal the full forward."""
+  config, model = _model("rope", tiny_config, **{"model.num_heads": 4, "model.num_kv_heads": 2})
+  spec = extensions.parse_variants(variant)[0]
+  model = variant_model(model, extensions.apply_variant(config, spec, LENGTH))
+  folded = []
+  real = generate_module.folded_attend
+  monkeypatch.setattr(generate_module, "folded_attend",
+                      lambda q, k, *a: folded.append(q.shape[2] // k.shape[2]) or real(q, k, *a))
+  tokens = _tokens()
+  assert _max_diff(_cached(model, tokens), _full(model, tokens)) <= F32_TOL
+  assert folded and set(folded) == {2}
 
 
 def _dynamic(config, eval_len, rope_type="dynamic"):
