@@ -219,13 +219,13 @@ def _across_seeds_lines(summary):
 def _effective_length_text(rows, none_rows, train_len, depths):
   """'rel X, abs Y', saying over which depths and against which rows where it is not the
   whole grid of the run's own rows."""
-  ref = () if any(r["length"] == train_len for r in rows) else none_rows
-  rel = needle.effective_length(rows, train_len, relative=True, reference=ref)
+  rel = needle.effective_length(rows, train_len, relative=True, reference=none_rows)
   text = f"rel {rel}, abs {needle.effective_length(rows, train_len, relative=False)}"
+  by_none = not any(r["length"] == train_len for r in rows)  # effective_length's choice
   over = needle.common_depths(rows)
-  notes = ([f"over depths {', '.join(f'{d:g}' for d in over)}"] if over != depths or ref
+  notes = ([f"over depths {', '.join(f'{d:g}' for d in over)}"] if over != depths or by_none
            else [])
-  notes += [f"rel against none at {train_len}"] if ref else []
+  notes += [f"rel against none at {train_len}"] if by_none else []
   return text + (f" ({'; '.join(notes)})" if notes else "")
 
 

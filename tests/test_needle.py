@@ -101,11 +101,16 @@ def test_effective_length_compares_lengths_over_the_same_depths():
   assert needle.effective_length(variant + none, 128, relative=True) == 256  # over 0.5 only
 
 
-def test_grid_is_resumable(tmp_path, tiny_config, monkeypatch):
-  config, model = _model("rope", tiny_config, layers=1)
+def _fake_run(monkeypatch, config, model):
+  """eval_needle reads this tiny model as the run "runs/fake", FILLER as its books."""
   monkeypatch.setattr(eval_needle.checkpoint, "read_config", lambda _: config)
   monkeypatch.setattr(eval_needle.checkpoint, "load_run", lambda _: (config, model))
   monkeypatch.setattr(eval_needle, "filler_tokens", lambda *_: FILLER)
+
+
+def test_grid_is_resumable(tmp_path, tiny_config, monkeypatch):
+  config, model = _model("rope", tiny_config, layers=1)
+  _fake_run(monkeypatch, config, model)
   calls = []
   real = needle.evaluate_cell
   monkeypatch.setattr(needle, "evaluate_cell", lambda *a, **k: calls.append(a[3:5]) or real(*a, **k))
@@ -139,9 +144,7 @@ def test_killed_cell_resumes_from_its_last_trial(tmp_path, tiny_config, monkeypa
   equal to an uninterrupted cell; asking the cell for six trials later scores two more,
   its first four unchanged."""
   config, model = _model("rope", tiny_config, layers=1)
-  monkeypatch.setattr(eval_needle.checkpoint, "read_config", lambda _: config)
-  monkeypatch.setattr(eval_needle.checkpoint, "load_run", lambda _: (config, model))
-  monkeypatch.setattr(eval_needle, "filler_tokens", lambda *_: FILLER)
+  _fake_run(monkeypatch, config, model)
   whole = eval_needle.run_grid(_grid_opts(tmp_path / "whole", 4), log=lambda *_: None)[0]
   scored, real = [], needle.score_example
 
