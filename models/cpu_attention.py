@@ -146,11 +146,16 @@ def enabled(backend=None):
                 "and in bf16 (avx512_bf16; AMX tiles on amx_bf16)")
 
 
+# The kernel's sequence length is a whole number of 8-row tiles; ``attention.attend`` pads
+# a chunk of another length (a needle prompt ends wherever its answer starts).
+SEQ_MULTIPLE = 8
+
+
 def use_kernel(q, k, enc):
   """Whether ``attention.attend`` hands (q, k, v) to ``causal_attention`` (q, k: arrays or
   ``jax.ShapeDtypeStruct``s)."""
   s, d = q.shape[1], q.shape[3]
-  shapes_fit = q.shape == k.shape and s % 8 == 0 and d % 8 == 0
+  shapes_fit = q.shape == k.shape and s % SEQ_MULTIPLE == 0 and d % 8 == 0
   plain = (enc.content_only or enc.kernel_bias(max_distance=s - 1) is not None
            or enc.has_kernel_pieces)
   return (shapes_fit and plain and q.dtype == k.dtype and q.dtype in DTYPES and enabled()[0])

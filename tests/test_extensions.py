@@ -276,6 +276,34 @@ def test_kernel_equals_xla_for_piecewise_methods(spec, tiny_config, monkeypatch)
     np.testing.assert_allclose(stats[name], want_stats[name], rtol=1e-5)
 
 
+@pytest.mark.parametrize("posenc, spec", [("rope", "none"), ("alibi", "none"),
+                                          ("rope", "self_extend:window=100,group=3")])
+def test_a_length_off_the_kernels_tile_multiple_runs_in_the_kernel_padded(
+    posenc, spec, tiny_config, monkeypatch):
+  """A chunk of 517 tokens (a needle prompt ends where its answer starts) runs in the fused
+  kernel, padded at the end to 520 (it had fallen back to XLA's path): the output equals
+  XLA's, and so do the gradients (the padding is sliced off before they flow back)."""
+  run = resolve(tiny_config(posenc=posenc, train_len=256, **{"model.head_dim": 16}))
+  enc = build_model(apply_variant(run, parse_variants(spec)[0], 1024)).posenc
+  r = np.random.RandomState(4)
+  q, k, v, g = (jnp.asarray(r.randn(2, 517, 2, 16), jnp.float32) for _ in range(4))
+  pos = jnp.broadcast_to(jnp.arange(517) + 5, (2, 517))
+  loss = lambda q, k, v: jnp.sum(attend(q, k, v, pos, pos, enc, impl="blockwise",
+                                        block_size=64)[0] * g)
+  got = {}
+  for choice in ("kernel", "xla"):
+    monkeypatch.setenv("LENX_CPU_ATTENTION", choice)
+    out = attend(q, k, v, pos, pos, enc, impl="blockwise", block_size=64)[0]
+    traced = str(jax.make_jaxpr(lambda *x: attend(*x, pos, pos, enc)[0])(q, k, v))
+    got[choice] = out, jax.grad(loss, (0, 1, 2))(q, k, v), "lenx_causal_attention" in traced
+  (out, grads, used), (want, want_grads, used_xla) = got["kernel"], got["xla"]
+  assert out.shape == q.shape and used and not used_xla
+  scale = float(jnp.max(jnp.abs(want)))
+  assert float(jnp.max(jnp.abs(out - want))) < 4e-6 * scale
+  for a, b in zip(grads, want_grads):
+    assert float(jnp.max(jnp.abs(a - b))) < 1e-5 * float(jnp.max(jnp.abs(b)))
+
+
 @pytest.mark.parametrize("spec", ["self_extend:window=100,group=3", "streaming_llm:sinks=4,recent=300",
                                   "dual_chunk:chunk_size=200,local_window=40"])
 def test_bf16_kernel_equals_xla_bf16_and_gradients_are_xlas(spec, tiny_config, monkeypatch):
