@@ -61,9 +61,10 @@ def stats_rows(with_stats, batch):
 
 def attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, impl="full", block_size=512):
   """Causal attention: the fused CPU kernel where it applies (``cpu_attention.use_kernel``;
-  a length off its tile multiple padded, ``_pad_sequence``), else full or blockwise (see ``use_blockwise``); same result every way. with_stats: also
-  the mean attention entropy and distance (``attention_stats``) over all rows (True) or
-  the first n rows (an int); the kernel computes them in the same pass.
+  without statistics, a length off its tile multiple is padded, ``_pad_sequence``), else
+  full or blockwise (see ``use_blockwise``); same result every way. with_stats: also the
+  mean attention entropy and distance (``attention_stats``) over all rows (True) or the
+  first n rows (an int); the kernel computes them in the same pass.
 
   bfloat16 runs the kernel only where nothing differentiates it (evaluation, prefill):
   under a gradient, XLA's bf16 attention, as before the bf16 kernel existed, so bf16
