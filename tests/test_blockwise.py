@@ -77,9 +77,11 @@ def test_blockwise_statistics_equal_the_full_probabilities(name):
 
 
 @pytest.mark.parametrize("impl", ["full", "blockwise"])
-def test_statistics_of_the_first_rows_are_those_rows_alone(impl):
-  """attend(with_stats=n) off the fused kernel (37 tokens: not a multiple of 8): the output
-  of the whole batch, the statistics of its first n rows only, as the kernel computes them."""
+def test_statistics_of_the_first_rows_are_those_rows_alone(impl, monkeypatch):
+  """attend(with_stats=n) off the fused kernel (XLA's path; without statistics a length
+  off the kernel's tiles is padded into it): the output of the whole batch, the statistics
+  of its first n rows only, as the kernel computes them."""
+  monkeypatch.setenv("LENX_CPU_ATTENTION", "xla")
   enc = tiny_model("alibi").posenc
   q, k, v, pos = qkv(enc, 37, b=3, seed=1)
   call = lambda *a, **kw: attend(*a, enc, impl=impl, block_size=8, **kw)
