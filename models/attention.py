@@ -73,7 +73,7 @@ def attend(q, k, v, q_pos, k_pos, enc, *, with_stats=False, impl="full", block_s
   rows = stats_rows(with_stats, q.shape[0])
   kw = dict(with_stats=with_stats, impl=impl, block_size=block_size)
   pad = -q.shape[1] % cpu_attention.SEQ_MULTIPLE
-  if pad and not rows and q.shape == k.shape and cpu_attention.use_kernel(
+  if pad and not rows and cpu_attention.use_kernel(  # which also asks q.shape == k.shape
       *[jax.ShapeDtypeStruct(_padded_shape(x, pad), x.dtype) for x in (q, k)], enc):
     out, _ = attend(*_pad_sequence((q, k, v), (q_pos, k_pos), pad), enc, impl=impl,
                     block_size=block_size)
