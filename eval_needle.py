@@ -10,7 +10,8 @@ books of --split (byte runs: bytes; a checkpoint: its BPE). Rows go to --out/nee
 (one per run x variant x length x depth; a rerun skips finished rows, writes are atomic),
 each trial's outcome to --out/needle_trials.jsonl as it is scored (an interrupted cell
 resumes from its last trial; a cell asked for more trials reuses those scored before),
-then --out/needle.md (grid + effective length) and one heatmap per run and variant.
+then --out/needle.md (grid + effective length), one heatmap per run and variant, and
+--out/needle_by_distance.png (accuracy by how many tokens back the needle sits).
 """
 import functools
 import os
@@ -21,7 +22,7 @@ from absl import app, flags
 
 import extensions
 from configs.common import normalize_argv
-from evaluation import needle, results
+from evaluation import needle, plots, results
 from evaluation.runner import eval_dtype_for, variant_model
 from extensions import NotApplicable
 from input_pipeline import text as text_data
@@ -153,8 +154,27 @@ def _keep_trial(path, row, log, t, outcome):
   log(f"  trial {t + 1}/{row['trials']}: exact {outcome['exact']} rank {outcome['rank']}")
 
 
-def write_report(out, rows):
-  """needle.md (accuracy grid, effective lengths) and one heatmap per run x variant."""
+def distance_function(rows, log=print):
+  """row -> the needle's distance back in tokens (``needle.distance_back`` with its run's own
+  codec), None for a row whose run cannot be read here (an earlier invocation's: left out
+  of the distance figure, said once)."""
+  encoders = {}
+  for run_dir in dict.fromkeys(r["run_dir"] for r in rows):
+    try:
+      encoders[run_dir] = Codec(checkpoint.read_config(run_dir)).encode
+    except FileNotFoundError as e:
+      log(f"needle_by_distance.png leaves out {run_dir}: {e}")
+
+  @functools.lru_cache(maxsize=None)
+  def distance(run_dir, length, depth):
+    encode = encoders.get(run_dir)
+    return None if encode is None else needle.distance_back(encode, length, depth)
+  return lambda r: distance(r["run_dir"], r["length"], r["depth"])
+
+
+def write_report(out, rows, distance_of=None):
+  """needle.md (accuracy grid, effective lengths), one heatmap per run x variant and, given
+  ``distance_of`` (``distance_function``), accuracy by the needle's distance back."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -198,6 +218,9 @@ def write_report(out, rows):
   lines += _across_seeds_lines(needle.across_seeds(rows))
   lines += _paired_lines(needle.paired_trials(rows))
   results.write_atomic(os.path.join(out, "needle.md"), "\n".join(lines) + "\n")
+  placed = [r for r in rows if distance_of is not None and distance_of(r) is not None]
+  if placed:
+    plots.needle_distance_figure(placed, distance_of, os.path.join(out, "needle_by_distance.png"))
 
 
 def _across_seeds_lines(summary):
@@ -259,7 +282,7 @@ def main(argv):
   if not FLAGS.runs or not FLAGS.out:
     raise app.UsageError("need --runs and --out")
   rows = run_grid(FLAGS)
-  write_report(FLAGS.out, rows)
+  write_report(FLAGS.out, rows, distance_function(rows))
 
 
 if __name__ == "__main__":  # flag names are single words: no --a-b spelling to normalise

@@ -56,13 +56,12 @@ def make_example(filler, encode, length, depth, rng, distractors=9):
   needle, question = (np.asarray(encode(t), np.int32) for t in
                       (NEEDLE.format(key=key), QUESTION))
   answer = np.asarray(encode(key), np.int32)
-  n_fill = length - len(needle) - len(question) - len(answer)
+  n_fill, at, answer_at = layout(len(needle), len(question), len(answer), length, depth)
   if n_fill < 0 or n_fill > len(filler):
     raise ValueError(f"length {length} does not fit a needle ({len(needle)} + "
                      f"{len(question)} + {len(answer)} tokens) in {len(filler)} filler tokens")
   start = int(rng.integers(0, len(filler) - n_fill + 1))
   fill = np.asarray(filler[start:start + n_fill], np.int32)
-  at = int(round(depth * n_fill))
   tokens = np.concatenate([fill[:at], needle, fill[at:], question, answer])
   cands = [answer]
   while len(cands) < 1 + distractors:
@@ -71,7 +70,24 @@ def make_example(filler, encode, length, depth, rng, distractors=9):
     if other != key and len(ids) == len(answer) and not any((ids == c).all() for c in cands):
       cands.append(ids)
   return {"tokens": tokens, "needle_at": at, "needle": needle,
-          "answer_at": length - len(answer), "candidates": np.stack(cands)}
+          "answer_at": answer_at, "candidates": np.stack(cands)}
+
+
+def layout(n_needle, n_question, n_answer, length, depth):
+  """(filler tokens, needle start, answer start) of a ``length``-token needle sequence."""
+  n_fill = length - n_needle - n_question - n_answer
+  return n_fill, int(round(depth * n_fill)), length - n_answer
+
+
+def distance_back(encode, length, depth):
+  """Tokens from the needle's start to the answer's first token: how far back the model must
+  look, which is what a positional encoding sees (a depth means another distance at every
+  length). Counted with a representative key: exact for byte runs and for tokenizers that
+  split digits one by one (SmolLM2's), within a token or two for one that merges them."""
+  key = "".join(str(i % 10) for i in range(1, KEY_DIGITS + 1))
+  sizes = [len(encode(t)) for t in (NEEDLE.format(key=key), QUESTION, key)]
+  _, at, answer_at = layout(*sizes, length, depth)
+  return answer_at - at
 
 
 def log_softmax(x):

@@ -260,6 +260,66 @@ def accuracy_figure(rows, path):
   _save(fig, path)
 
 
+def needle_distance_figure(rows, distance_of, path, columns=4):
+  """Needle accuracy against how far back the needle sits (``distance_of(row)``: tokens from
+  its start to the answer), one panel per run group, a line per variant x length, each its
+  own colour; dashed: the training length. A depth is another distance at every length, so
+  this is where lengths and variants compare like with like. Bars: one run's 95 % Wilson
+  interval, or +-1 sd over a group's seeds. Returns {(group, variant, length): (distances,
+  accuracies)}, what was drawn, nearest needle first."""
+  cells = {}
+  for r in rows:
+    if r.get("status") == "ok":
+      key = (group_of(r), r["variant"], r["length"])
+      cells.setdefault(key, {}).setdefault(r["depth"], []).append(r)
+  groups = sorted({g for g, _, _ in cells})
+  ncol, nrow = min(columns, len(groups)), -(-len(groups) // columns)
+  fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.9 * nrow), squeeze=False)
+  drawn = {}
+  for ax, group in zip(axes.flat, groups):
+    keys = sorted((k for k in cells if k[0] == group), key=lambda k: (k[1] != "none", k[1:]))
+    styles = panel_styles(keys)
+    for key in keys:
+      by_depth = cells[key]
+      depths = sorted(by_depth, reverse=True)
+      xs = [distance_of(by_depth[d][0]) for d in depths]
+      ys = [float(np.mean([r["accuracy"] for r in by_depth[d]])) for d in depths]
+      err = np.array([_accuracy_bar(by_depth[d], y) for d, y in zip(depths, ys)]).T
+      ax.errorbar(xs, ys, yerr=err, marker="o", markersize=3, capsize=1.5, linewidth=1.2,
+                  elinewidth=0.7, label=f"{key[1]} L={key[2]}", **styles[key])
+      drawn[key] = (xs, ys)
+    for t in {r["train_len"] for k in keys for rs in cells[k].values() for r in rs}:
+      ax.axvline(t, color="gray", linestyle="--", linewidth=1)
+    _plain_log2_x(ax, [x for k in keys for x in drawn[k][0]])
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(group, fontsize=9)
+    ax.set_xlabel("needle distance back (tokens); dashed: training length")
+    ax.set_ylabel("exact match")
+    ax.legend(fontsize=6)
+  for ax in axes.flat[len(groups):]:
+    ax.set_visible(False)
+  _save(fig, path)
+  return drawn
+
+
+def _plain_log2_x(ax, xs):
+  """Log2 x axis ticked at powers of two written out (16, 256, 4096), at most 8 of them."""
+  ax.set_xscale("log", base=2)
+  ticks = [2 ** e for e in range(int(np.log2(max(min(xs), 1))), int(np.log2(max(xs))) + 2)]
+  ticks = ticks[::-(-len(ticks) // 8)]
+  ax.set_xticks(ticks, [str(t) for t in ticks])
+  ax.minorticks_off()
+
+
+def _accuracy_bar(rows, mean):
+  """(below, above) the mean: the 95 % Wilson interval of one row, +-1 sd over seeds."""
+  if len(rows) == 1:
+    lo, hi = rows[0]["ci"]
+    return (mean - lo, hi - mean)
+  sd = float(np.std([r["accuracy"] for r in rows], ddof=1))
+  return (min(sd, mean), min(sd, 1 - mean))
+
+
 def _save(fig, path):
   fig.tight_layout()
   tmp = path + ".tmp.png"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import eval_needle
-from evaluation import needle, results
+from evaluation import needle, plots, results
 from models.generate import generate
 from test_generate import _model  # sharpened tiny models (non-uniform logits)
 
@@ -24,6 +24,7 @@ def test_needle_placement_is_exact(depth):
   question, answer = ENCODE(needle.QUESTION), ex["candidates"][0]
   n_fill = 300 - n - len(question) - len(answer)
   assert len(tokens) == 300 and at == round(depth * n_fill)
+  assert ex["answer_at"] - at == needle.distance_back(ENCODE, 300, depth)
   np.testing.assert_array_equal(tokens[at:at + n], ex["needle"])
   np.testing.assert_array_equal(tokens[ex["answer_at"]:], answer)
   np.testing.assert_array_equal(tokens[ex["answer_at"] - len(question):ex["answer_at"]], question)
@@ -131,6 +132,36 @@ def test_grid_is_resumable(tmp_path, tiny_config, monkeypatch):
   eval_needle.write_report(str(tmp_path), rows)
   assert (tmp_path / "needle.md").exists()
   assert list(tmp_path.glob("needle_heatmap_*.png"))
+
+
+def test_distance_figure_draws_each_cell_at_its_needles_distance(tmp_path, tiny_config,
+                                                               monkeypatch):
+  config, model = _model("rope", tiny_config, layers=1)
+  _fake_run(monkeypatch, config, model)
+  opts = types.SimpleNamespace(runs="runs/fake", lengths="x4,x6", depths="0,0.5,1", trials=2,
+                               distractors=2, variants="none", split="test", seed=0,
+                               out=str(tmp_path))
+  rows = eval_needle.run_grid(opts, log=lambda *_: None)
+  gone = {**rows[0], "run_dir": "runs/gone", "run": "gone", "group": "gone"}
+
+  def read_config(run_dir):
+    if run_dir == "runs/gone":
+      raise FileNotFoundError("no config.json there")
+    return config
+  monkeypatch.setattr(eval_needle.checkpoint, "read_config", read_config)
+  said = []
+  distance_of = eval_needle.distance_function(rows + [gone], log=said.append)
+  assert distance_of(gone) is None and len(said) == 1 and "runs/gone" in said[0]
+  eval_needle.write_report(str(tmp_path), rows + [gone], distance_of)
+  assert (tmp_path / "needle_by_distance.png").exists()
+  drawn = plots.needle_distance_figure(rows, distance_of, str(tmp_path / "d.png"))
+  assert set(drawn) == {(rows[0]["group"], "none", n) for n in (64, 96)}
+  for (_, _, length), (xs, ys) in drawn.items():
+    ex = [needle.make_example(FILLER, ENCODE, length, d, np.random.default_rng(0))
+          for d in (1.0, 0.5, 0.0)]  # nearest needle first
+    assert xs == [e["answer_at"] - e["needle_at"] for e in ex] and xs == sorted(xs)
+    cell = {r["depth"]: r["accuracy"] for r in rows if r["length"] == length}
+    assert ys == [cell[d] for d in (1.0, 0.5, 0.0)]
 
 
 def _grid_opts(out, trials):
