@@ -274,7 +274,7 @@ def needle_distance_figure(rows, distance_of, path, columns=4):
       cells.setdefault(key, {}).setdefault(r["depth"], []).append(r)
   groups = sorted({g for g, _, _ in cells})
   ncol, nrow = min(columns, len(groups)), -(-len(groups) // columns)
-  fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.9 * nrow), squeeze=False)
+  fig, axes = plt.subplots(nrow, ncol, figsize=(7.0 * ncol, 3.9 * nrow), squeeze=False)
   drawn = {}
   for ax, group in zip(axes.flat, groups):
     keys = sorted((k for k in cells if k[0] == group), key=lambda k: (k[1] != "none", k[1:]))
@@ -295,7 +295,7 @@ def needle_distance_figure(rows, distance_of, path, columns=4):
     ax.set_title(group, fontsize=9)
     ax.set_xlabel("needle distance back (tokens); dashed: training length")
     ax.set_ylabel("exact match")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
   for ax in axes.flat[len(groups):]:
     ax.set_visible(False)
   _save(fig, path)
