@@ -265,14 +265,16 @@ def needle_distance_figure(rows, distance_of, path, columns=4):
   its start to the answer), one panel per run group, a line per variant x length, each its
   own colour; dashed: the training length. A depth is another distance at every length, so
   this is where lengths and variants compare like with like. Bars: one run's 95 % Wilson
-  interval, or +-1 sd over a group's seeds. Returns {(group, variant, length): (distances,
-  accuracies)}, what was drawn, nearest needle first."""
+  interval, or +-1 sd over a group's seeds. A line breaks where depths of the grid were
+  skipped. Returns {(group, variant, length): (distances, accuracies)}, what was drawn,
+  nearest needle first, NaN where a line breaks."""
   cells = {}
   for r in rows:
     if r.get("status") == "ok":
       key = (group_of(r), r["variant"], r["length"])
       cells.setdefault(key, {}).setdefault(r["depth"], []).append(r)
   groups = sorted({g for g, _, _ in cells})
+  step = min(np.diff(sorted({d for c in cells.values() for d in c})), default=1.0)
   ncol, nrow = min(columns, len(groups)), -(-len(groups) // columns)
   fig, axes = plt.subplots(nrow, ncol, figsize=(7.0 * ncol, 3.9 * nrow), squeeze=False)
   drawn = {}
@@ -285,12 +287,15 @@ def needle_distance_figure(rows, distance_of, path, columns=4):
       xs = [distance_of(by_depth[d][0]) for d in depths]
       ys = [float(np.mean([r["accuracy"] for r in by_depth[d]])) for d in depths]
       err = np.array([_accuracy_bar(by_depth[d], y) for d, y in zip(depths, ys)]).T
-      ax.errorbar(xs, ys, yerr=err, marker="o", markersize=3, capsize=1.5, linewidth=1.2,
-                  elinewidth=0.7, label=f"{key[1]} L={key[2]}", **styles[key])
-      drawn[key] = (xs, ys)
+      # the line breaks where depths were skipped: no accuracy is drawn where none was measured
+      gap = np.r_[False, -np.diff(depths) > 1.5 * step]
+      x, y, below, above = _break_at(gap, xs, ys, *err)
+      ax.errorbar(x, y, yerr=[below, above], marker="o", markersize=3, capsize=1.5,
+                  linewidth=1.2, elinewidth=0.7, label=f"{key[1]} L={key[2]}", **styles[key])
+      drawn[key] = (list(x), list(y))
     for t in {r["train_len"] for k in keys for rs in cells[k].values() for r in rs}:
       ax.axvline(t, color="gray", linestyle="--", linewidth=1)
-    _plain_log2_x(ax, [x for k in keys for x in drawn[k][0]])
+    _plain_log2_x(ax, [x for k in keys for x in drawn[k][0] if x == x])
     ax.set_ylim(-0.03, 1.03)
     ax.set_title(group, fontsize=9)
     ax.set_xlabel("needle distance back (tokens); dashed: training length")
@@ -300,6 +305,13 @@ def needle_distance_figure(rows, distance_of, path, columns=4):
     ax.set_visible(False)
   _save(fig, path)
   return drawn
+
+
+def _break_at(gap, *series):
+  """Each series with a NaN before every point where ``gap`` is true: matplotlib breaks a
+  line at a NaN."""
+  at = np.flatnonzero(gap)
+  return [np.insert(np.asarray(v, float), at, np.nan) for v in series]
 
 
 def _plain_log2_x(ax, xs):

@@ -154,14 +154,19 @@ def test_distance_figure_draws_each_cell_at_its_needles_distance(tmp_path, tiny_
   assert distance_of(gone) is None and len(said) == 1 and "runs/gone" in said[0]
   eval_needle.write_report(str(tmp_path), rows + [gone], distance_of)
   assert (tmp_path / "needle_by_distance.png").exists()
-  drawn = plots.needle_distance_figure(rows, distance_of, str(tmp_path / "d.png"))
+  # at 96 the middle depth is missing: its line breaks there instead of bridging the gap
+  kept = [r for r in rows if (r["length"], r["depth"]) != (96, 0.5)]
+  drawn = plots.needle_distance_figure(kept, distance_of, str(tmp_path / "d.png"))
   assert set(drawn) == {(rows[0]["group"], "none", n) for n in (64, 96)}
   for (_, _, length), (xs, ys) in drawn.items():
-    ex = [needle.make_example(FILLER, ENCODE, length, d, np.random.default_rng(0))
-          for d in (1.0, 0.5, 0.0)]  # nearest needle first
-    assert xs == [e["answer_at"] - e["needle_at"] for e in ex] and xs == sorted(xs)
+    depths = (1.0, 0.5, 0.0) if length == 64 else (1.0, None, 0.0)  # nearest needle first
+    ex = {d: needle.make_example(FILLER, ENCODE, length, d, np.random.default_rng(0))
+          for d in depths if d is not None}
     cell = {r["depth"]: r["accuracy"] for r in rows if r["length"] == length}
-    assert ys == [cell[d] for d in (1.0, 0.5, 0.0)]
+    want_x = [ex[d]["answer_at"] - ex[d]["needle_at"] if d is not None else np.nan for d in depths]
+    np.testing.assert_array_equal(xs, want_x)
+    np.testing.assert_array_equal(ys, [cell.get(d, np.nan) for d in depths])
+    assert np.all(np.diff([x for x in xs if x == x]) > 0)
 
 
 def _grid_opts(out, trials):
