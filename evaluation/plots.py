@@ -293,9 +293,8 @@ def needle_distance_figure(rows, distance_of, path, columns=4):
       ax.errorbar(x, y, yerr=[below, above], marker="o", markersize=3, capsize=1.5,
                   linewidth=1.2, elinewidth=0.7, label=f"{key[1]} L={key[2]}", **styles[key])
       drawn[key] = (list(x), list(y))
-    for t in {r["train_len"] for k in keys for rs in cells[k].values() for r in rs}:
-      ax.axvline(t, color="gray", linestyle="--", linewidth=1)
-    _plain_log2_x(ax, [x for k in keys for x in drawn[k][0] if x == x])
+    _log2_axis(ax, _powers_of_two([x for k in keys for x in drawn[k][0] if x == x]),
+               {r["train_len"] for k in keys for rs in cells[k].values() for r in rs})
     ax.set_ylim(-0.03, 1.03)
     ax.set_title(group, fontsize=9)
     ax.set_xlabel("needle distance back (tokens); dashed: training length")
@@ -314,13 +313,10 @@ def _break_at(gap, *series):
   return [np.insert(np.asarray(v, float), at, np.nan) for v in series]
 
 
-def _plain_log2_x(ax, xs):
-  """Log2 x axis ticked at powers of two written out (16, 256, 4096), at most 8 of them."""
-  ax.set_xscale("log", base=2)
+def _powers_of_two(xs):
+  """At most 8 powers of two spanning xs: ticks of a log2 axis (16, 256, 4096)."""
   ticks = [2 ** e for e in range(int(np.log2(max(min(xs), 1))), int(np.log2(max(xs))) + 2)]
-  ticks = ticks[::-(-len(ticks) // 8)]
-  ax.set_xticks(ticks, [str(t) for t in ticks])
-  ax.minorticks_off()
+  return ticks[::-(-len(ticks) // 8)]
 
 
 def _accuracy_bar(rows, mean):
