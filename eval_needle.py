@@ -183,9 +183,11 @@ def write_report(out, rows, distance_of=None):
     if r.get("status") == "ok":
       groups.setdefault((r["run"], r["variant"], r["train_len"]), []).append(r)
   lines = ["# Needle retrieval (teacher-forced exact match; mean over trials)", "",
-           "Effective length: longest length whose accuracy (mean over the depths evaluated at "
-           "every length) stays >= 0.85 x the accuracy at the training length (rel; a variant "
-           "evaluated only past it: the model's own, variant none) or >= 0.85 (abs).", ""]
+           "Effective length: longest length up to which the accuracy (mean over the depths "
+           "evaluated at every length) stays >= 0.85 x the accuracy at the training length, "
+           "counted from the training length up (rel; a variant evaluated only past it: against "
+           "the model's own, variant none; shorter lengths that miss it are listed apart), or "
+           ">= 0.85 counted from the shortest length (abs, RULER's effective context).", ""]
   for (run, variant, train_len), rs in sorted(groups.items()):
     lengths = sorted({r["length"] for r in rs})
     depths = sorted({r["depth"] for r in rs})
@@ -246,9 +248,11 @@ def _effective_length_text(rows, none_rows, train_len, depths):
   text = f"rel {rel}, abs {needle.effective_length(rows, train_len, relative=False)}"
   by_none = not any(r["length"] == train_len for r in rows)  # effective_length's choice
   over = needle.common_depths(rows)
+  short = needle.short_failures(rows, train_len, reference=none_rows)
   notes = ([f"over depths {', '.join(f'{d:g}' for d in over)}"] if over != depths or by_none
            else [])
   notes += [f"rel against none at {train_len}"] if by_none else []
+  notes += [f"under the rel bound below L at {', '.join(map(str, short))}"] if short else []
   return text + (f" ({'; '.join(notes)})" if notes else "")
 
 

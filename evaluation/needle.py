@@ -202,26 +202,46 @@ def _mean_accuracy(rows, length, depths):
   return float(np.mean([by_depth[d] for d in depths])) if set(depths) <= set(by_depth) else None
 
 
+def _bound(rows, train_len, threshold, relative, reference):
+  """The accuracy a length must reach: threshold x the accuracy at the training length over
+  ``common_depths(rows)`` (read from ``reference`` when ``rows`` have none there) if
+  ``relative``, else threshold; None if relative and that accuracy is 0 or unknown."""
+  if not relative:
+    return threshold
+  own = any(r["length"] == train_len for r in rows)
+  ref = _mean_accuracy(rows if own else reference, train_len, common_depths(rows))
+  return threshold * ref if ref else None
+
+
 def effective_length(rows, train_len, threshold=0.85, relative=True, reference=()):
-  """Longest length L such that at every evaluated length up to L the accuracy averaged
-  over ``common_depths(rows)`` is >= threshold x (the accuracy at the training length over
-  the same depths if ``relative``, else 1.0); None if even the shortest fails, or relative
-  and that accuracy is 0 or unknown. reference: rows to read the training length's accuracy
-  from when ``rows`` have none there (a variant evaluated only past L: the model's own rows,
-  variant none)."""
+  """Longest length n such that at every evaluated length from the start up to n the accuracy
+  averaged over ``common_depths(rows)`` reaches ``_bound``. Relative (threshold x the accuracy
+  at the training length): counted from the training length up, since the question is
+  whether retrieval survives past L (lengths below L: ``short_failures``). Absolute
+  (threshold x 1.0): counted from the shortest length, RULER's effective context, which can
+  lie below L. None if the first counted length fails or the bound is unknown. reference:
+  rows to read the training length's accuracy from when ``rows`` have none there (a variant
+  evaluated only past L: the model's own rows, variant none)."""
+  bound = _bound(rows, train_len, threshold, relative, reference)
+  if bound is None:
+    return None
   depths = common_depths(rows)
-  lengths = sorted({r["length"] for r in rows})
-  ref = 1.0
-  if relative:
-    ref = _mean_accuracy(rows if train_len in lengths else reference, train_len, depths)
-    if not ref:
-      return None
   best = None
-  for n in lengths:
-    if _mean_accuracy(rows, n, depths) < threshold * ref:
+  for n in sorted({r["length"] for r in rows if not relative or r["length"] >= train_len}):
+    if _mean_accuracy(rows, n, depths) < bound:
       break
     best = n
   return best
+
+
+def short_failures(rows, train_len, threshold=0.85, reference=()):
+  """Lengths below the training length whose accuracy misses the relative bound: what the
+  relative ``effective_length`` does not count (a model can fail short prompts it never
+  trained on, e.g. absolute encodings whose needle lands at untrained offsets)."""
+  bound = _bound(rows, train_len, threshold, True, reference)
+  depths = common_depths(rows)
+  return [n for n in sorted({r["length"] for r in rows if r["length"] < train_len})
+          if bound is not None and _mean_accuracy(rows, n, depths) < bound]
 
 
 def across_seeds(rows):

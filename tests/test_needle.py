@@ -102,6 +102,21 @@ def test_effective_length_compares_lengths_over_the_same_depths():
   assert needle.effective_length(variant + none, 128, relative=True) == 256  # over 0.5 only
 
 
+def test_relative_effective_length_counts_from_the_training_length_up():
+  """A failure below L (never trained there) does not end the relative count, which asks
+  whether retrieval survives past L; short_failures lists it. The absolute count (RULER's
+  effective context) starts at the shortest length and stops there."""
+  rows = [{"length": n, "depth": d, "accuracy": a} for n, accs in
+          {64: (0.0, 0.2), 128: (1, 1), 256: (0.9, 1), 512: (0.5, 0.6)}.items()
+          for d, a in zip((0, 1), accs)]
+  assert needle.effective_length(rows, 128, relative=True) == 256
+  assert needle.short_failures(rows, 128) == [64]
+  assert needle.effective_length(rows, 128, relative=False) is None  # 0.1 < 0.85 at 64
+  at_l_fails = [dict(r, accuracy=0.0) if r["length"] == 128 else r for r in rows]
+  assert needle.effective_length(at_l_fails, 128, relative=True) is None  # no accuracy at L
+  assert needle.short_failures(at_l_fails, 128) == []  # no bound to miss
+
+
 def _fake_run(monkeypatch, config, model):
   """eval_needle reads this tiny model as the run "runs/fake", FILLER as its books."""
   monkeypatch.setattr(eval_needle.checkpoint, "read_config", lambda _: config)
