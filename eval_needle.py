@@ -129,7 +129,8 @@ def run_grid(opts, log=print):
             store.add({**row, "status": f"skipped: {e}"})
             continue
           model = variant_model(loaded["model"], vconf, eval_dtype)
-          row.update(status="ok", **needle.evaluate_cell(
+          row.update(status="ok", distance=needle.distance_back(loaded["codec"].encode, length,
+                                                                depth), **needle.evaluate_cell(
               model, loaded["filler"], loaded["codec"].encode, length, depth, opts.trials,
               opts.seed, opts.distractors, done=scored.get(results.row_key(row, TRIAL_FIELDS)),
               on_trial=functools.partial(_keep_trial, trial_log, row, log)))
@@ -155,11 +156,13 @@ def _keep_trial(path, row, log, t, outcome):
 
 
 def distance_function(rows, log=print):
-  """row -> the needle's distance back in tokens (``needle.distance_back`` with its run's own
-  codec), None for a row whose run cannot be read here (an earlier invocation's: left out
-  of the distance figure, said once)."""
+  """row -> the needle's distance back in tokens: the row's own ``distance`` (recorded when
+  the cell was scored, so the figure needs no run dir), else ``needle.distance_back`` with
+  its run's own codec; None for an older row whose run cannot be read here (left out of the
+  distance figure, said once)."""
   encoders = {}
-  for run_dir in dict.fromkeys(r["run_dir"] for r in rows):
+  for run_dir in dict.fromkeys(r["run_dir"] for r in rows  # skipped rows are not drawn
+                               if r.get("status") == "ok" and "distance" not in r):
     try:
       encoders[run_dir] = Codec(checkpoint.read_config(run_dir)).encode
     except FileNotFoundError as e:
@@ -169,7 +172,8 @@ def distance_function(rows, log=print):
   def distance(run_dir, length, depth):
     encode = encoders.get(run_dir)
     return None if encode is None else needle.distance_back(encode, length, depth)
-  return lambda r: distance(r["run_dir"], r["length"], r["depth"])
+  return lambda r: (r["distance"] if "distance" in r
+                    else distance(r["run_dir"], r["length"], r["depth"]))
 
 
 def write_report(out, rows, distance_of=None):

@@ -157,16 +157,22 @@ def test_distance_figure_draws_each_cell_at_its_needles_distance(tmp_path, tiny_
                                distractors=2, variants="none", split="test", seed=0,
                                out=str(tmp_path))
   rows = eval_needle.run_grid(opts, log=lambda *_: None)
-  gone = {**rows[0], "run_dir": "runs/gone", "run": "gone", "group": "gone"}
+  for r in rows:  # recorded with the row, so the figure needs no run dir
+    assert r["distance"] == needle.distance_back(ENCODE, r["length"], r["depth"])
+  older = {k: v for k, v in rows[0].items() if k != "distance"}  # a row from before the field
+  gone = {**older, "run_dir": "runs/gone", "run": "gone", "group": "gone"}
+  moved = {**rows[0], "run_dir": "runs/moved"}
 
   def read_config(run_dir):
-    if run_dir == "runs/gone":
+    if run_dir != "runs/fake":
       raise FileNotFoundError("no config.json there")
     return config
   monkeypatch.setattr(eval_needle.checkpoint, "read_config", read_config)
   said = []
   distance_of = eval_needle.distance_function(rows + [gone], log=said.append)
   assert distance_of(gone) is None and len(said) == 1 and "runs/gone" in said[0]
+  assert eval_needle.distance_function([moved], log=said.append)(moved) == rows[0]["distance"]
+  assert len(said) == 1  # runs/moved is never read: its row carries the distance
   eval_needle.write_report(str(tmp_path), rows + [gone], distance_of)
   assert (tmp_path / "needle_by_distance.png").exists()
   # at 96 the middle depth is missing: its line breaks there instead of bridging the gap
