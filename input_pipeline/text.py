@@ -113,12 +113,16 @@ class TextTask(base.Task):
   is_text = True
 
   def __init__(self, name, seed, docs_fn, tokenizer=None, needle_fraction=0.0,
-               repeat_fraction=0.0, repeat_warmup_steps=0):
+               repeat_fraction=0.0, repeat_warmup_steps=0, needle_min_fraction=1.0):
     super().__init__(seed)
     for field, value in (("needle_fraction", needle_fraction),
                          ("repeat_fraction", repeat_fraction)):
       if not 0.0 <= value <= 1.0:
         raise ValueError(f"data.{field} must be in [0, 1], got {value}")
+    if not 0.0 < needle_min_fraction <= 1.0:
+      raise ValueError("data.needle_min_fraction must be in (0, 1] (1 = every pass-key example "
+                       f"fills its window), got {needle_min_fraction}")
+    self.needle_min_fraction = float(needle_min_fraction)
     if needle_fraction + repeat_fraction > 1.0:
       raise ValueError("data.needle_fraction + data.repeat_fraction must be <= 1, got "
                        f"{needle_fraction} + {repeat_fraction}")
@@ -180,11 +184,23 @@ class TextTask(base.Task):
     windows = np.array(windows)
     u = rng.random(len(windows))
     for row in np.flatnonzero(u < needle_fraction):
-      ex = needle.make_example(flat, encode, windows.shape[1], rng.random(), rng, distractors=0)
-      windows[row] = ex["tokens"]
+      n = self._needle_length(windows.shape[1], needle.shortest_example(encode), rng)
+      ex = needle.make_example(flat, encode, n, rng.random(), rng, distractors=0)
+      windows[row, :n] = ex["tokens"]  # n < the window: its own text continues after the key
     for row in np.flatnonzero((u >= needle_fraction) & (u < needle_fraction + repeat_fraction)):
       windows[row] = repeat_span(windows[row], rng)
     return windows
+
+  def _needle_length(self, window, shortest, rng):
+    """Tokens of one pass-key example: the whole window, or with needle_min_fraction < 1 a
+    uniform length in [max(fraction x window, shortest), window], so that the question and
+    key also sit at earlier positions after less context (a model trained only on full
+    windows can fail the first key digit of shorter prompts: results/needle_longwarm/).
+    Draws nothing at 1: the default stream stays bitwise what it was."""
+    if self.needle_min_fraction >= 1.0:
+      return window
+    low = min(window, max(int(np.ceil(self.needle_min_fraction * window)), shortest))
+    return int(rng.integers(low, window + 1))
 
   def eval_batches(self, split, length, batch_size, max_tokens=None):
     """Deterministic per-document windows; see base.eval_windows (adds doc_id, offset)."""
@@ -206,7 +222,8 @@ def make_text_task(cfg, seed):
     fn = functools.partial(tfds_source.tfds_docs, cfg["tfds_name"], cfg["text_key"], data_dir)
   tok = tokenizer.load(cfg["tokenizer"]) if cfg.get("tokenizer") else None
   return TextTask(name, seed, fn, tok, cfg.get("needle_fraction", 0.0),
-                  cfg.get("repeat_fraction", 0.0), cfg.get("repeat_warmup_steps", 0))
+                  cfg.get("repeat_fraction", 0.0), cfg.get("repeat_warmup_steps", 0),
+                  cfg.get("needle_min_fraction", 1.0))
 
 
 def _books_split(data_dir, books_dir, split):

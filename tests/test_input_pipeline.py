@@ -214,6 +214,40 @@ def test_needle_training_mixture_inserts_pass_keys_purely_in_seed_and_step():
     get_task({"name": "books", "needle_fraction": 1.5}, seed=3)
 
 
+def test_shorter_pass_key_examples_end_anywhere_and_the_window_text_follows():
+  """needle_min_fraction < 1: each example opens its window at a uniform length in
+  [fraction x window, window] (never shorter than an example without filler), the key's
+  position varies, and the window's own text follows the key; at 1 nothing is drawn, so
+  the stream is bitwise the full-window one."""
+  from evaluation import needle
+  from input_pipeline import get_task
+  cfg = {"name": "books", "needle_fraction": 1.0}
+  plain = get_task({"name": "books"}, seed=3).train_batch(5, 16, 128)
+  full = get_task(cfg, seed=3).train_batch(5, 16, 128)
+  assert np.array_equal(get_task({**cfg, "needle_min_fraction": 1.0}, seed=3).train_batch(
+      5, 16, 128)["inputs"], full["inputs"])
+  question = needle.QUESTION.encode()
+  shortest = needle.shortest_example(lambda t: np.frombuffer(t.encode(), np.uint8))
+  ends = []
+  for step in range(4):
+    batch = get_task({**cfg, "needle_min_fraction": 0.25}, seed=3).train_batch(step, 16, 128)
+    base = get_task({"name": "books"}, seed=3).train_batch(step, 16, 128)
+    for row in range(16):
+      window = np.concatenate([batch["inputs"][row], batch["targets"][row][-1:]])
+      text = bytes(window.astype(np.uint8))
+      end = text.index(question, text.index(question) + 1) + len(question) + needle.KEY_DIGITS
+      assert text[end - needle.KEY_DIGITS:end].isdigit() and shortest <= end <= 129
+      assert needle.NEEDLE.format(key=text[end - 5:end].decode()).encode() in text[:end]
+      if end < 129:  # the window's own text continues after the key
+        tail = np.concatenate([base["inputs"][row], base["targets"][row][-1:]])[end:]
+        assert np.array_equal(window[end:], tail)
+      ends.append(end)
+  assert min(ends) < 80 and max(ends) > 110 and len(set(ends)) > 20
+  assert not np.array_equal(full["inputs"], plain["inputs"])
+  with pytest.raises(ValueError, match="needle_min_fraction must be in"):
+    get_task({**cfg, "needle_min_fraction": 0.0}, seed=3)
+
+
 def test_repeat_span_copies_a_random_span_at_a_random_distance():
   from input_pipeline.text import KEY_SYMBOLS, repeat_span
   window = np.frombuffer(b"." * 129, np.uint8)  # "." is not among the span's symbols
