@@ -129,8 +129,8 @@ def run_grid(opts, log=print):
             store.add({**row, "status": f"skipped: {e}"})
             continue
           model = variant_model(loaded["model"], vconf, eval_dtype)
-          row.update(status="ok", distance=needle.distance_back(loaded["codec"].encode, length,
-                                                                depth), **needle.evaluate_cell(
+          distance = needle.distance_back(loaded["codec"].encode, length, depth)
+          row.update(status="ok", distance=distance, **needle.evaluate_cell(
               model, loaded["filler"], loaded["codec"].encode, length, depth, opts.trials,
               opts.seed, opts.distractors, done=scored.get(results.row_key(row, TRIAL_FIELDS)),
               on_trial=functools.partial(_keep_trial, trial_log, row, log)))

@@ -246,8 +246,8 @@ def effective_length(rows, train_len, threshold=0.85, relative=True, reference=(
 
 def short_failures(rows, train_len, threshold=0.85, reference=()):
   """Lengths below the training length whose accuracy misses the relative bound: what the
-  relative ``effective_length`` does not count (a model can fail short prompts it never
-  trained on, e.g. absolute encodings whose needle lands at untrained offsets)."""
+  relative ``effective_length`` does not count (a model trained only on full-window
+  examples can fail shorter prompts: results/needle_longwarm/README.md, section 3)."""
   bound = _bound(rows, train_len, threshold, True, reference)
   depths = common_depths(rows)
   return [n for n in sorted({r["length"] for r in rows if r["length"] < train_len})

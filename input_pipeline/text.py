@@ -183,8 +183,9 @@ class TextTask(base.Task):
     encode = self.tokenizer.encode if self.tokenizer is not None else base.encode
     windows = np.array(windows)
     u = rng.random(len(windows))
+    shortest = needle.shortest_example(encode)
     for row in np.flatnonzero(u < needle_fraction):
-      n = self._needle_length(windows.shape[1], needle.shortest_example(encode), rng)
+      n = self._needle_length(windows.shape[1], shortest, rng)
       ex = needle.make_example(flat, encode, n, rng.random(), rng, distractors=0)
       windows[row, :n] = ex["tokens"]  # n < the window: its own text continues after the key
     for row in np.flatnonzero((u >= needle_fraction) & (u < needle_fraction + repeat_fraction)):

@@ -237,7 +237,8 @@ def test_shorter_pass_key_examples_end_anywhere_and_the_window_text_follows():
       text = bytes(window.astype(np.uint8))
       end = text.index(question, text.index(question) + 1) + len(question) + needle.KEY_DIGITS
       assert text[end - needle.KEY_DIGITS:end].isdigit() and shortest <= end <= 129
-      assert needle.NEEDLE.format(key=text[end - 5:end].decode()).encode() in text[:end]
+      key = text[end - needle.KEY_DIGITS:end].decode()
+      assert needle.NEEDLE.format(key=key).encode() in text[:end]
       if end < 129:  # the window's own text continues after the key
         tail = np.concatenate([base["inputs"][row], base["targets"][row][-1:]])[end:]
         assert np.array_equal(window[end:], tail)
