@@ -84,18 +84,13 @@ def distance_back(encode, length, depth):
   look, which is what a positional encoding sees (a depth means another distance at every
   length). Counted with a representative key: exact for byte runs and for tokenizers that
   split digits one by one (SmolLM2's), within a token or two for one that merges them."""
-  _, at, answer_at = layout(*_sizes(encode), length, depth)
+  _, at, answer_at = layout(*example_sizes(encode), length, depth)
   return answer_at - at
 
 
-def shortest_example(encode):
-  """Tokens of a needle example with no filler (needle, question, key): the shortest
-  ``make_example`` can build (with a representative key, as ``distance_back``)."""
-  return sum(_sizes(encode))
-
-
-def _sizes(encode):
-  """Token counts of the needle, the question and the key, for a representative key."""
+def example_sizes(encode):
+  """Token counts of the needle, the question and the key (a representative key, as
+  ``distance_back``); their sum is the shortest example ``make_example`` can build."""
   key = "".join(str(i % 10) for i in range(1, KEY_DIGITS + 1))
   return [len(encode(t)) for t in (NEEDLE.format(key=key), QUESTION, key)]
 

@@ -16,6 +16,8 @@ def default_data_config() -> ml_collections.ConfigDict:
                              # (evaluation/needle.py; needle at a uniform depth); 0 = off
   c.needle_min_fraction = 1.0  # text: each pass-key example is a uniform length in
                              # [this x window, window], the window's text after it; 1 = full
+  c.needle_keep_distances = False  # text, with needle_min_fraction < 1: needle distances
+                             # drawn as in full windows (only the question's position varies)
   c.repeat_fraction = 0.0    # text: fraction of training windows holding a random span of
                              # letters/digits and, later, its repeat (teaches copying); 0 = off
   c.repeat_warmup_steps = 0  # text: the first N training steps use repeat windows only (an

@@ -113,7 +113,8 @@ class TextTask(base.Task):
   is_text = True
 
   def __init__(self, name, seed, docs_fn, tokenizer=None, needle_fraction=0.0,
-               repeat_fraction=0.0, repeat_warmup_steps=0, needle_min_fraction=1.0):
+               repeat_fraction=0.0, repeat_warmup_steps=0, needle_min_fraction=1.0,
+               needle_keep_distances=False):
     super().__init__(seed)
     for field, value in (("needle_fraction", needle_fraction),
                          ("repeat_fraction", repeat_fraction)):
@@ -123,6 +124,7 @@ class TextTask(base.Task):
       raise ValueError("data.needle_min_fraction must be in (0, 1] (1 = every pass-key example "
                        f"fills its window), got {needle_min_fraction}")
     self.needle_min_fraction = float(needle_min_fraction)
+    self.needle_keep_distances = bool(needle_keep_distances)
     if needle_fraction + repeat_fraction > 1.0:
       raise ValueError("data.needle_fraction + data.repeat_fraction must be <= 1, got "
                        f"{needle_fraction} + {repeat_fraction}")
@@ -183,25 +185,35 @@ class TextTask(base.Task):
     encode = self.tokenizer.encode if self.tokenizer is not None else base.encode
     windows = np.array(windows)
     u = rng.random(len(windows))
-    shortest = needle.shortest_example(encode)
+    sizes = needle.example_sizes(encode)
     for row in np.flatnonzero(u < needle_fraction):
-      n = self._needle_length(windows.shape[1], shortest, rng)
-      ex = needle.make_example(flat, encode, n, rng.random(), rng, distractors=0)
+      n, depth = self._needle_layout(windows.shape[1], sizes, rng)
+      ex = needle.make_example(flat, encode, n, depth, rng, distractors=0)
       windows[row, :n] = ex["tokens"]  # n < the window: its own text continues after the key
     for row in np.flatnonzero((u >= needle_fraction) & (u < needle_fraction + repeat_fraction)):
       windows[row] = repeat_span(windows[row], rng)
     return windows
 
-  def _needle_length(self, window, shortest, rng):
-    """Tokens of one pass-key example: the whole window, or with needle_min_fraction < 1 a
-    uniform length in [max(fraction x window, shortest), window], so that the question and
-    key also sit at earlier positions after less context (a model trained only on full
-    windows can fail the first key digit of shorter prompts: results/needle_longwarm/).
-    Draws nothing at 1: the default stream stays bitwise what it was."""
+  def _needle_layout(self, window, sizes, rng):
+    """(tokens, depth) of one pass-key example: the whole window at a uniform depth, or with
+    needle_min_fraction < 1 a uniform length in [max(fraction x window, shortest), window],
+    so that the question and key also sit at earlier positions after less context (a model
+    trained only on full windows fails the first key digit of shorter prompts:
+    results/needle_longwarm/README.md, section 3). Shorter examples also put the needle
+    fewer tokens back; needle_keep_distances draws that distance as a full window would
+    (``needle.layout`` at a uniform depth) and then a length that holds it, so only where
+    the question sits changes. At fraction 1 the draws are the full-window stream's."""
     if self.needle_min_fraction >= 1.0:
-      return window
+      return window, rng.random()
+    shortest, key = sum(sizes), sizes[-1]
     low = min(window, max(int(np.ceil(self.needle_min_fraction * window)), shortest))
-    return int(rng.integers(low, window + 1))
+    if not self.needle_keep_distances:
+      return int(rng.integers(low, window + 1)), rng.random()
+    from evaluation import needle  # as in _mixture
+    _, at, answer_at = needle.layout(*sizes, window, rng.random())
+    distance = answer_at - at  # >= needle + question: the needle fits any length >= it + key
+    n = int(rng.integers(max(low, distance + key), window + 1))
+    return n, (n - key - distance) / max(n - shortest, 1)  # needle at n - key - distance
 
   def eval_batches(self, split, length, batch_size, max_tokens=None):
     """Deterministic per-document windows; see base.eval_windows (adds doc_id, offset)."""
@@ -224,7 +236,7 @@ def make_text_task(cfg, seed):
   tok = tokenizer.load(cfg["tokenizer"]) if cfg.get("tokenizer") else None
   return TextTask(name, seed, fn, tok, cfg.get("needle_fraction", 0.0),
                   cfg.get("repeat_fraction", 0.0), cfg.get("repeat_warmup_steps", 0),
-                  cfg.get("needle_min_fraction", 1.0))
+                  cfg.get("needle_min_fraction", 1.0), cfg.get("needle_keep_distances", False))
 
 
 def _books_split(data_dir, books_dir, split):

@@ -227,7 +227,7 @@ def test_shorter_pass_key_examples_end_anywhere_and_the_window_text_follows():
   assert np.array_equal(get_task({**cfg, "needle_min_fraction": 1.0}, seed=3).train_batch(
       5, 16, 128)["inputs"], full["inputs"])
   question = needle.QUESTION.encode()
-  shortest = needle.shortest_example(lambda t: np.frombuffer(t.encode(), np.uint8))
+  shortest = sum(needle.example_sizes(lambda t: np.frombuffer(t.encode(), np.uint8)))
   ends = []
   for step in range(4):
     batch = get_task({**cfg, "needle_min_fraction": 0.25}, seed=3).train_batch(step, 16, 128)
@@ -247,6 +247,37 @@ def test_shorter_pass_key_examples_end_anywhere_and_the_window_text_follows():
   assert not np.array_equal(full["inputs"], plain["inputs"])
   with pytest.raises(ValueError, match="needle_min_fraction must be in"):
     get_task({**cfg, "needle_min_fraction": 0.0}, seed=3)
+
+
+def _needle_distances(cfg, steps=8):
+  """How far back each training window's needle lies (its start to the key's first byte)."""
+  from evaluation import needle
+  from input_pipeline import get_task
+  task, out = get_task(cfg, seed=3), []
+  for step in range(steps):
+    batch = task.train_batch(step, 16, 128)
+    for row in range(16):
+      text = bytes(np.concatenate([batch["inputs"][row], batch["targets"][row][-1:]]).astype(
+          np.uint8))
+      needle_at = text.index(needle.QUESTION.encode())  # the needle opens with the question
+      end = text.index(needle.QUESTION.encode(), needle_at + 1) + len(needle.QUESTION)
+      out.append(end - needle_at)
+  return np.array(out)
+
+
+def test_keeping_needle_distances_changes_only_where_the_question_sits():
+  """Shorter examples put the needle nearer on average (distance 41 + (1 - depth) x filler);
+  needle_keep_distances draws it as a full window does (uniform over 41..124 bytes) while
+  the examples still end anywhere."""
+  cfg = {"name": "books", "needle_fraction": 1.0}
+  full = _needle_distances(cfg)
+  short = _needle_distances({**cfg, "needle_min_fraction": 0.25})
+  kept = _needle_distances({**cfg, "needle_min_fraction": 0.25, "needle_keep_distances": True})
+  for d in (full, short, kept):
+    assert d.min() >= 41 and d.max() <= 124
+  assert abs(full.mean() - 82.5) < 7 and abs(kept.mean() - 82.5) < 7  # uniform 41..124
+  assert short.mean() < 72  # 41 + E[(1 - depth) x filler] = 61.75 for lengths 46..129
+  assert (kept > 110).mean() > 0.1 and (short > 110).mean() < 0.05
 
 
 def test_repeat_span_copies_a_random_span_at_a_random_distance():
