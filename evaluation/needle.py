@@ -244,9 +244,11 @@ def short_failures(rows, train_len, threshold=0.85, reference=()):
   relative ``effective_length`` does not count (a model trained only on full-window
   examples can fail shorter prompts: results/needle_longwarm/README.md, section 3)."""
   bound = _bound(rows, train_len, threshold, True, reference)
+  if bound is None:
+    return []
   depths = common_depths(rows)
   return [n for n in sorted({r["length"] for r in rows if r["length"] < train_len})
-          if bound is not None and _mean_accuracy(rows, n, depths) < bound]
+          if _mean_accuracy(rows, n, depths) < bound]
 
 
 def across_seeds(rows):

@@ -190,6 +190,11 @@ def test_get_task_accepts_configdict():
   assert task.order == 1 and task.train_batch(0, 2, 16)["inputs"].shape == (2, 16)
 
 
+def _window(batch, row):
+  """The training window a batch row was cut from (its inputs, then the last target)."""
+  return np.concatenate([batch["inputs"][row], batch["targets"][row][-1:]])
+
+
 def test_needle_training_mixture_inserts_pass_keys_purely_in_seed_and_step():
   from evaluation import needle
   from input_pipeline import get_task
@@ -200,7 +205,7 @@ def test_needle_training_mixture_inserts_pass_keys_purely_in_seed_and_step():
   assert np.array_equal(batch["inputs"], again["inputs"])  # pure in (seed, step)
   question = needle.QUESTION.encode()
   for row in range(16):
-    text = bytes(np.concatenate([batch["inputs"][row], batch["targets"][row][-1:]]).astype(np.uint8))
+    text = bytes(_window(batch, row).astype(np.uint8))
     key = text[-needle.KEY_DIGITS:]
     assert key.isdigit() and text[:-needle.KEY_DIGITS].endswith(question)
     assert needle.NEEDLE.format(key=key.decode()).encode() in text  # the needle it answers
@@ -233,14 +238,14 @@ def test_shorter_pass_key_examples_end_anywhere_and_the_window_text_follows():
     batch = get_task({**cfg, "needle_min_fraction": 0.25}, seed=3).train_batch(step, 16, 128)
     base = get_task({"name": "books"}, seed=3).train_batch(step, 16, 128)
     for row in range(16):
-      window = np.concatenate([batch["inputs"][row], batch["targets"][row][-1:]])
+      window = _window(batch, row)
       text = bytes(window.astype(np.uint8))
       end = text.index(question, text.index(question) + 1) + len(question) + needle.KEY_DIGITS
       assert text[end - needle.KEY_DIGITS:end].isdigit() and shortest <= end <= 129
       key = text[end - needle.KEY_DIGITS:end].decode()
       assert needle.NEEDLE.format(key=key).encode() in text[:end]
       if end < 129:  # the window's own text continues after the key
-        tail = np.concatenate([base["inputs"][row], base["targets"][row][-1:]])[end:]
+        tail = _window(base, row)[end:]
         assert np.array_equal(window[end:], tail)
       ends.append(end)
   assert min(ends) < 80 and max(ends) > 110 and len(set(ends)) > 20
@@ -257,8 +262,7 @@ def _needle_distances(cfg, steps=8):
   for step in range(steps):
     batch = task.train_batch(step, 16, 128)
     for row in range(16):
-      text = bytes(np.concatenate([batch["inputs"][row], batch["targets"][row][-1:]]).astype(
-          np.uint8))
+      text = bytes(_window(batch, row).astype(np.uint8))
       needle_at = text.index(needle.QUESTION.encode())  # the needle opens with the question
       end = text.index(needle.QUESTION.encode(), needle_at + 1) + len(needle.QUESTION)
       out.append(end - needle_at)
