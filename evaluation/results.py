@@ -4,7 +4,14 @@ Writes are atomic: the whole file is rewritten to ``results.jsonl.tmp`` and rena
 over the old one (``os.replace`` is atomic on POSIX), so a kill at any moment leaves
 either the old or the new file, never a half-written one. Reading still skips a
 malformed line (with a warning) in case a file was produced by other means.
+
+Several processes may write one file (two grids sharing an --out, one per core): each
+write takes an exclusive lock on the file's directory and merges the rows on disk before
+rewriting, so no process drops rows another wrote since it started (before, the last
+writer's rows replaced the file: 2026-12-05, two needle grids into one directory).
 """
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -43,6 +50,17 @@ def read_rows(path):
       except json.JSONDecodeError:
         print(f"warning: {path}:{i} is not valid JSON (partial write?); ignored", file=sys.stderr)
   return rows
+
+
+@contextlib.contextmanager
+def directory_lock(path):
+  """Exclusive flock on the directory holding ``path`` (no lock file left among results)."""
+  fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)  # closing the descriptor releases the lock
 
 
 def write_atomic(path, text):
@@ -85,9 +103,14 @@ class ResultsFile:
     return key in self.rows
 
   def add(self, row):
-    self.rows[self.key(row)] = _clean(row)
-    write_atomic(self.path, "".join(json.dumps(r, sort_keys=True) + "\n"
-                                    for r in self.rows.values()))
+    """Writes row (replacing one with its key) together with every row now on disk:
+    the file is the union of what every writer added, each key's latest row."""
+    with directory_lock(self.path):
+      for r in read_rows(self.path):
+        self.rows[self.key(r)] = r
+      self.rows[self.key(row)] = _clean(row)
+      write_atomic(self.path, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                      for r in self.rows.values()))
 
 
 def group_of(row):
