@@ -66,7 +66,9 @@ def onset_step(steps, values, window, threshold):
 
 def onset_row(workdir, marks, window, onset_window, threshold):
   """A results row: the trailing means at each mark and the onset step (with the
-  ``onset_window`` means 200 steps either side of it, to show the drop)."""
+  ``onset_window`` means ``onset_window`` steps either side of it, to show the drop; the
+  later one at the run's last step when the run ends sooner: then the drop may not be
+  over, and ``at_end`` says so)."""
   steps, values = loss_curve(workdir)
   onset = onset_step(steps, values, onset_window, threshold)
   row = {"run": os.path.basename(os.path.normpath(workdir)), "window": window,
@@ -74,8 +76,10 @@ def onset_row(workdir, marks, window, onset_window, threshold):
          "onset_window": onset_window, "threshold": threshold, "onset": onset,
          "last_step": int(steps[-1])}
   if onset is not None:
+    after = min(onset + onset_window, row["last_step"])
     row["around_onset"] = {str(s): trailing_mean(steps, values, s, onset_window)
-                           for s in (onset - onset_window, onset + onset_window)}
+                           for s in (onset - onset_window, after)}
+    row["at_end"] = after < onset + onset_window
   return row
 
 
@@ -84,7 +88,8 @@ def markdown(rows):
   lines = ["| run | " + " | ".join(marks) + " | onset |", "|---" * (len(marks) + 2) + "|"]
   for r in rows:
     onset = (f"not within {r['last_step']}" if r["onset"] is None else
-             f"{r['onset']} (" + ", ".join(f"{v:.2f} at {s}" for s, v in r["around_onset"].items()) + ")")
+             f"{r['onset']} (" + ", ".join(f"{v:.2f} at {s}" for s, v in r["around_onset"].items())
+             + ("; the run ends there" if r.get("at_end") else "") + ")")
     lines.append(f"| {r['run']} | " + " | ".join(f"{v:.2f}" for v in r["means"].values())
                  + f" | {onset} |")
   return "\n".join(lines)

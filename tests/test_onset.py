@@ -65,6 +65,14 @@ def test_a_resumed_run_keeps_the_last_row_logged_for_a_step(tmp_path):
   assert "1100 (2.90 at 900, 2.00 at 1300)" in onset.markdown([row])
 
 
+def test_a_drop_at_the_end_of_the_run_is_marked_unfinished(tmp_path):
+  _write_metrics(tmp_path, _plateau_then_drop(1960, last=2000, noise=0.0))
+  row = onset.onset_row(str(tmp_path), [2000], window=200, onset_window=100, threshold=2.5)
+  assert row["onset"] == 2000 and row["at_end"]
+  assert list(row["around_onset"]) == ["1900", "2000"]
+  assert "the run ends there" in onset.markdown([row])
+
+
 def test_missing_run_or_metric_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
     onset.loss_curve(str(tmp_path / "absent"))
