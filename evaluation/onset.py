@@ -21,11 +21,12 @@ the demo recipe's ~2.9 plateau and ~2.0 copying level); it is an input, not fitt
 A resumed run logs again the steps after its last checkpoint: the last row logged for a step
 is kept (the one on the trajectory the final parameters came from).
 """
-import json
 import os
 
 import numpy as np
 from absl import app, flags
+
+from evaluation.results import append_row, read_rows
 
 
 def loss_curve(workdir, key="train/loss"):
@@ -35,11 +36,9 @@ def loss_curve(workdir, key="train/loss"):
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no metrics.jsonl (is {workdir!r} a training run directory?)")
   by_step = {}
-  with open(path) as f:
-    for line in f:
-      row = json.loads(line)
-      if key in row:
-        by_step[int(row["step"])] = float(row[key])
+  for row in read_rows(path):  # a run killed mid-write leaves a torn last line: skipped
+    if key in row:
+      by_step[int(row["step"])] = float(row[key])
   if not by_step:
     raise ValueError(f"{path} logs no {key!r}")
   steps = np.array(sorted(by_step))
@@ -107,9 +106,8 @@ def main(argv):
   print(table)
   if FLAGS.out:
     os.makedirs(FLAGS.out, exist_ok=True)
-    with open(os.path.join(FLAGS.out, "onset.jsonl"), "a") as f:
-      for r in rows:
-        f.write(json.dumps(r) + "\n")
+    for r in rows:
+      append_row(os.path.join(FLAGS.out, "onset.jsonl"), r)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """The induction-onset read-out (evaluation/onset.py): trailing means and the drop step."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -55,6 +58,8 @@ def test_a_resumed_run_keeps_the_last_row_logged_for_a_step(tmp_path):
   first = [(s, 2.9) for s in range(20, 1061, 20)]
   resumed = [(s, 2.0) for s in range(1020, 1401, 20)]
   _write_metrics(tmp_path, first + resumed)
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 1420, "train/lo')  # killed mid-write
   steps, values = onset.loss_curve(str(tmp_path))
   assert len(steps) == len(set(steps.tolist())) == 70
   assert values[steps == 1040][0] == 2.0
@@ -79,3 +84,19 @@ def test_missing_run_or_metric_is_named(tmp_path):
   (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval/loss": 2.0}) + "\n")
   with pytest.raises(ValueError, match="train/loss"):
     onset.loss_curve(str(tmp_path))
+
+
+def test_command_line_prints_the_table_and_appends_rows(tmp_path):
+  run = tmp_path / "rope_24000-s0"
+  run.mkdir()
+  _write_metrics(run, _plateau_then_drop(1000, noise=0.0))
+  out = tmp_path / "out"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "-m", "evaluation.onset", f"--runs={run}", "--marks=1000,2000",
+         f"--out={out}"]
+  for _ in range(2):
+    printed = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout
+  # the 500-step mean at 1000 holds one loss of 2.0 among 25: (24 x 2.9 + 2.0) / 25 = 2.86
+  assert "| rope_24000-s0 | 2.86 | 2.00 | 1080 (2.90 at 880, 2.00 at 1280) |" in printed
+  rows = [json.loads(line) for line in open(out / "onset.jsonl")]
+  assert [r["onset"] for r in rows] == [1080, 1080]
