@@ -73,6 +73,22 @@ def make_example(filler, encode, length, depth, rng, distractors=9):
           "answer_at": answer_at, "candidates": np.stack(cands)}
 
 
+def trial_example(filler, encode, length, depth, seed, t, distractors=9):
+  """Trial t's example of a (length, depth) cell: it depends only on (seed, length, depth, t),
+  so every variant and every analysis of the cell sees the same prompts."""
+  rng = np.random.default_rng([seed, length, int(round(depth * 1000)), t])
+  return make_example(filler, encode, length, depth, rng, distractors)
+
+
+def key_start(example):
+  """Position of the key's first token inside the prompt (the needle holds it once)."""
+  needle, key = example["needle"], example["candidates"][0]
+  for i in range(len(needle) - len(key) + 1):
+    if (needle[i:i + len(key)] == key).all():
+      return example["needle_at"] + i
+  raise ValueError("the needle does not contain its key")
+
+
 def layout(n_needle, n_question, n_answer, length, depth):
   """(filler tokens, needle start, answer start) of a ``length``-token needle sequence."""
   n_fill = length - n_needle - n_question - n_answer
@@ -131,9 +147,8 @@ def evaluate_cell(model, filler, encode, length, depth, trials, seed=0, distract
   for t in range(trials):
     if t in done:
       continue
-    rng = np.random.default_rng([seed, length, int(round(depth * 1000)), t])
-    hit, rank, ok = score_example(model, make_example(filler, encode, length, depth, rng,
-                                                      distractors))
+    hit, rank, ok = score_example(model, trial_example(filler, encode, length, depth, seed,
+                                                       t, distractors))
     done[t] = {"exact": int(hit), "rank": rank, "correct": [bool(c) for c in ok]}
     if on_trial is not None:
       on_trial(t, done[t])
