@@ -23,9 +23,9 @@ from absl import app, flags
 import extensions
 from configs.common import normalize_argv
 from evaluation import needle, plots, results
+from evaluation.needle import filler_tokens, parse_depths, parse_lengths
 from evaluation.runner import eval_dtype_for, variant_model
 from extensions import NotApplicable
-from input_pipeline import text as text_data
 from input_pipeline.codec import Codec
 from training import checkpoint
 from training.allocator import reexec_with_huge_pages
@@ -53,48 +53,6 @@ KEY_FIELDS = ("run_dir", "variant", "length", "depth", "trials", "distractors", 
               "eval_dtype")  # eval_dtype: only in rows of a --dtype override
 # Trial t's example depends on neither the cell's trial count nor anything scored before it.
 TRIAL_FIELDS = tuple(k for k in KEY_FIELDS if k != "trials")
-MAX_FILLER_CHARS = 4_000_000  # BPE filler: tokenise only this much of the split
-
-
-def _number(item, flag, what):
-  try:
-    return float(item)
-  except ValueError:
-    raise ValueError(f"--{flag}: {item!r} is not {what}") from None
-
-
-def parse_lengths(spec, train_len):
-  out = []
-  for item in spec.split(","):
-    item = item.strip()
-    what = "a token count or xF (F x the training length), e.g. 4096 or x2"
-    value = (_number(item[1:], "lengths", what) * train_len if item.startswith("x")
-             else _number(item, "lengths", what))
-    if value < 1:
-      raise ValueError(f"length {item!r} must be >= 1 token (or xF with F > 0)")
-    out.append(int(round(value)))
-  return out
-
-
-def parse_depths(spec):
-  """--depths -> floats, checked before any run is loaded."""
-  out = [_number(d.strip(), "depths", "a depth (a number in [0, 1])") for d in spec.split(",")]
-  bad = [d for d in out if not 0.0 <= d <= 1.0]
-  if bad:
-    raise ValueError(f"--depths must lie in [0, 1] (0 = the start of the text, 1 = just "
-                     f"before the question); got {bad}")
-  return out
-
-
-def filler_tokens(config, codec, split):
-  docs = text_data.books_docs(split, config.data.get("data_dir", ""),
-                              config.data.get("books_dir", ""))
-  data = b"".join(bytes(d) for d in docs)
-  if not codec.bpe:
-    return np.frombuffer(data, np.uint8).astype(np.int32)
-  return codec.encode(data[:MAX_FILLER_CHARS].decode("utf-8", errors="ignore"))
-
-
 def run_grid(opts, log=print):
   """Computes the missing cells; returns all rows."""
   depths = parse_depths(opts.depths)

@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from evaluation.results import group_of
+from input_pipeline import text as text_data
 from models.generate import CachedDecoder
 
 # short, so that it fits half the training length of the byte runs (36 of 64 bytes with the
@@ -37,6 +38,49 @@ def wilson_interval(successes, trials, z=1.96):
   centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
   half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
   return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+MAX_FILLER_CHARS = 4_000_000  # BPE filler: tokenise only this much of the split
+
+
+def _number(item, flag, what):
+  try:
+    return float(item)
+  except ValueError:
+    raise ValueError(f"--{flag}: {item!r} is not {what}") from None
+
+
+def parse_lengths(spec, train_len):
+  out = []
+  for item in spec.split(","):
+    item = item.strip()
+    what = "a token count or xF (F x the training length), e.g. 4096 or x2"
+    value = (_number(item[1:], "lengths", what) * train_len if item.startswith("x")
+             else _number(item, "lengths", what))
+    if value < 1:
+      raise ValueError(f"length {item!r} must be >= 1 token (or xF with F > 0)")
+    out.append(int(round(value)))
+  return out
+
+
+def parse_depths(spec):
+  """--depths -> floats, checked before any run is loaded."""
+  out = [_number(d.strip(), "depths", "a depth (a number in [0, 1])") for d in spec.split(",")]
+  bad = [d for d in out if not 0.0 <= d <= 1.0]
+  if bad:
+    raise ValueError(f"--depths must lie in [0, 1] (0 = the start of the text, 1 = just "
+                     f"before the question); got {bad}")
+  return out
+
+
+def filler_tokens(config, codec, split):
+  """The split's books as token ids: the filler needles are hidden in."""
+  docs = text_data.books_docs(split, config.data.get("data_dir", ""),
+                              config.data.get("books_dir", ""))
+  data = b"".join(bytes(d) for d in docs)
+  if not codec.bpe:
+    return np.frombuffer(data, np.uint8).astype(np.int32)
+  return codec.encode(data[:MAX_FILLER_CHARS].decode("utf-8", errors="ignore"))
 
 
 def random_key(rng):

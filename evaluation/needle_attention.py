@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from eval_needle import filler_tokens, parse_lengths
 from evaluation import needle
 from evaluation.heads import attention_maps
 from evaluation.results import append_row
@@ -60,9 +59,9 @@ def main(argv):
   for workdir in FLAGS.runs.split(","):
     config, model = checkpoint.load_run(workdir)
     codec = Codec(config)
-    filler = filler_tokens(config, codec, FLAGS.split)
+    filler = needle.filler_tokens(config, codec, FLAGS.split)
     run = os.path.basename(workdir.rstrip("/"))
-    for length in parse_lengths(FLAGS.lengths, config.train_len):
+    for length in needle.parse_lengths(FLAGS.lengths, config.train_len):
       row = cell_row(run, model, filler, codec.encode, length, FLAGS.depth, FLAGS.trials,
                      FLAGS.far or config.train_len, FLAGS.seed)
       if FLAGS.out:
