@@ -10,7 +10,14 @@ long prompt keep their weight and dilute the head that copies, while ALiBi's pen
 with distance. Measured on the needle grid's own prompts (``needle.trial_example``): for the
 query that predicts the key's first token (the question's last token), per layer and head,
 the attention weight on the needle's key tokens and the total weight on keys more than
-``far`` positions back (default: the run's training length), averaged over trials.
+``far`` positions back (default: the run's training length), averaged over trials, and the
+strongest key head's weight in each trial. ``--variant`` measures a context-extension variant
+set up per length as the grid sets it; ``--grid`` (the grid's needle.jsonl) puts each cell's
+exact trials beside that weight in ``--out/needle_attention.md``:
+
+    python -m evaluation.needle_attention --runs=runs/needle_longwarm/rope-s0 --variant=yarn \
+        --lengths=x2,x4,x8 --depth=0 --out=results/needle_longwarm/seeds/yarn_attention \
+        --grid=results/needle_longwarm/seeds/needle.jsonl
 """
 import json
 import os
@@ -21,7 +28,8 @@ from absl import app, flags
 
 from evaluation import needle
 from evaluation.heads import attention_maps
-from evaluation.results import append_row
+from evaluation.results import append_row, read_rows
+from evaluation.runner import one_variant
 from input_pipeline.codec import Codec
 from training import checkpoint
 
@@ -37,18 +45,61 @@ def answer_query_attention(model, example, far):
   return {"key": rows[..., start:start + k].sum(-1), "far": rows[..., :max(n - 1 - far, 0)].sum(-1)}
 
 
-def cell_row(run, model, filler, encode, length, depth, trials, far, seed=0):
-  """Means over the cell's trials, per layer and head, and the strongest key head per layer."""
+def cell_row(run, model, filler, encode, length, depth, trials, far, seed=0, variant="none"):
+  """Means over the cell's trials, per layer and head, the strongest key head per layer, and
+  that head's weight on the key in each trial (``trial_key``, to set beside the grid's
+  ``trial_exact`` for the same prompts)."""
   got = [answer_query_attention(model, needle.trial_example(filler, encode, length, depth,
                                                               seed, t), far)
          for t in range(trials)]
   key, far_w = (np.mean([g[k] for g in got], axis=0) for k in ("key", "far"))
   best = key.argmax(axis=1)
-  return {"run": run, "length": length, "depth": depth, "trials": trials, "far": far,
-          "seed": seed, "key": np.round(key, 4).tolist(), "far_weight": np.round(far_w, 4).tolist(),
-          "best_head": best.tolist(),
+  return {"run": run, "variant": variant, "length": length, "depth": depth, "trials": trials,
+          "far": far, "seed": seed, "key": np.round(key, 4).tolist(),
+          "far_weight": np.round(far_w, 4).tolist(), "best_head": best.tolist(),
           "best_key": [round(float(key[l, h]), 4) for l, h in enumerate(best)],
-          "best_far": [round(float(far_w[l, h]), 4) for l, h in enumerate(best)]}
+          "best_far": [round(float(far_w[l, h]), 4) for l, h in enumerate(best)],
+          "trial_key": [[round(float(g["key"][l, h]), 4) for g in got]
+                        for l, h in enumerate(best)]}
+
+
+def _run_key(run_dir):
+  """A run directory's last two components: the grid and this tool may have been given the
+  same run by relative and absolute paths (and two studies reuse basenames)."""
+  return tuple(os.path.normpath(run_dir).split(os.sep)[-2:])
+
+
+def by_outcome(row, grid_row):
+  """The last layer's strongest key head on the trials the grid scored exact and missed:
+  {"exact": n, "key_exact": mean weight or None, "key_missed": ...} (same prompts: trial t
+  of both is ``needle.trial_example(..., t)``)."""
+  exact = np.asarray(grid_row["trial_exact"][:row["trials"]], bool)
+  if len(exact) != row["trials"]:
+    raise ValueError(f"the grid row has {len(exact)} trials, the attention row {row['trials']}")
+  weight = np.asarray(row["trial_key"][-1])
+  mean = lambda w: round(float(w.mean()), 4) if len(w) else None
+  return {"exact": int(exact.sum()), "key_exact": mean(weight[exact]),
+          "key_missed": mean(weight[~exact])}
+
+
+def outcome_table(rows, grid_rows):
+  """Markdown: per attention row with a grid cell on the same prompts, the grid's exact count
+  beside the copy head's weight on the key, over all trials and split by outcome."""
+  grid = {(_run_key(g["run_dir"]), g["variant"], g["length"], g["depth"], g["seed"]): g
+          for g in grid_rows if g.get("status") == "ok" and "trial_exact" in g}
+  lines = ["| run | variant | length | depth | exact | head (layer, head) | key weight | "
+           "on exact trials | on missed trials |", "|---" * 9 + "|"]
+  for r in rows:
+    g = grid.get((_run_key(r.get("run_dir", r["run"])), r.get("variant", "none"), r["length"],
+                  r["depth"], r["seed"]))
+    if g is None or "trial_key" not in r:
+      continue
+    o = by_outcome(r, g)
+    lines.append(f"| {r['run_dir']} | {r['variant']} | {r['length']} | {r['depth']} | "
+                 f"{o['exact']} / {r['trials']} | ({len(r['best_head'])}, "
+                 f"{r['best_head'][-1]}) | {r['best_key'][-1]:.3f} | {o['key_exact']} | "
+                 f"{o['key_missed']} |")
+  return "\n".join(lines) + "\n"
 
 
 FLAGS = flags.FLAGS
@@ -56,29 +107,44 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  for workdir in FLAGS.runs.split(","):
+  if not FLAGS.runs and not FLAGS.grid:
+    raise app.UsageError("give --runs (run directories to measure) or --grid (a table only)")
+  if FLAGS.grid and not FLAGS.out:
+    raise app.UsageError("--grid writes its table into --out: give --out")
+  for workdir in filter(None, FLAGS.runs.split(",")):
     config, model = checkpoint.load_run(workdir)
     codec = Codec(config)
     filler = needle.filler_tokens(config, codec, FLAGS.split)
     run = os.path.basename(workdir.rstrip("/"))
     for length in needle.parse_lengths(FLAGS.lengths, config.train_len):
-      row = cell_row(run, model, filler, codec.encode, length, FLAGS.depth, FLAGS.trials,
-                     FLAGS.far or config.train_len, FLAGS.seed)
+      _, scaled = one_variant(config, model, FLAGS.variant, length)
+      row = cell_row(run, scaled, filler, codec.encode, length, FLAGS.depth, FLAGS.trials,
+                     FLAGS.far or config.train_len, FLAGS.seed, FLAGS.variant)
+      row["run_dir"] = workdir  # runs of one basename in two studies stay apart
       if FLAGS.out:
         os.makedirs(FLAGS.out, exist_ok=True)
         append_row(os.path.join(FLAGS.out, "needle_attention.jsonl"), row)
-      print(json.dumps({k: row[k] for k in ("run", "length", "depth", "best_head", "best_key",
-                                            "best_far")}), flush=True)
+      print(json.dumps({k: row[k] for k in ("run", "variant", "length", "depth", "best_head",
+                                            "best_key", "best_far")}), flush=True)
+  if FLAGS.grid:
+    table = outcome_table(read_rows(os.path.join(FLAGS.out, "needle_attention.jsonl")),
+                          read_rows(FLAGS.grid))
+    with open(os.path.join(FLAGS.out, "needle_attention.md"), "w") as f:
+      f.write(f"# The answer query's copy head beside the grid's outcomes ({FLAGS.grid})\n\n"
+              + table)
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("runs", None, "Comma list of run directories.")
+  flags.DEFINE_string("runs", "", "Comma list of run directories (none: only --grid's table).")
   flags.DEFINE_string("lengths", "x1,x4", "Token counts or xF (F x train_len).")
   flags.DEFINE_float("depth", 1.0, "Needle depth (0 = the prompt's start, 1 = by the question).")
   flags.DEFINE_integer("trials", 20, "Examples per length (the needle grid's trials 0..n-1).")
   flags.DEFINE_integer("far", 0, "Keys more than this far back count as far; 0 = train_len.")
   flags.DEFINE_integer("seed", 0, "The needle grid's seed.")
+  flags.DEFINE_string("variant", "none", "One variant, as eval_needle.py --variants (yarn, ...), "
+                      "set up per length as the grid does.")
   flags.DEFINE_string("split", "test", "Split whose books give the filler.")
   flags.DEFINE_string("out", "", "Directory for needle_attention.jsonl (appended).")
-  flags.mark_flag_as_required("runs")
+  flags.DEFINE_string("grid", "", "A needle.jsonl scored on the same prompts: --out gets "
+                      "needle_attention.md, the key weight by trial outcome.")
   app.run(main)

@@ -1,9 +1,10 @@
 """evaluation/needle_attention.py: the answer query's weight on the key and on far keys."""
 import jax
 import numpy as np
+import pytest
 
 from configs.common import resolve
-from evaluation import needle, needle_attention
+from evaluation import needle, needle_attention, runner
 from models import build_model
 
 ENCODE = lambda text: np.frombuffer(text.encode(), np.uint8).astype(np.int32)
@@ -36,3 +37,37 @@ def test_weights_are_the_answer_querys_attention_row(tiny_config, monkeypatch):
   none_near = needle_attention.answer_query_attention(model, example, far=0)["far"]
   self_weight = np.stack([np.asarray(m[0, :, n - 1, n - 1]) for m in maps])
   np.testing.assert_allclose(none_near + self_weight, 1.0, atol=1e-5)
+
+
+def test_cell_row_under_a_variant_keeps_each_trials_weight(tiny_config):
+  config = resolve(tiny_config(posenc="rope", **{"model.num_layers": 2}))
+  model = build_model(config)
+  length = 4 * config.train_len
+  rows = {}
+  for variant in ("none", "yarn"):
+    _, scaled = runner.one_variant(config, model, variant, length)
+    rows[variant] = needle_attention.cell_row("r", scaled, FILLER, ENCODE, length, 0.0, 3,
+                                              far=config.train_len, variant=variant)
+  for row in rows.values():
+    assert len(row["trial_key"]) == 2 and all(len(t) == 3 for t in row["trial_key"])
+    np.testing.assert_allclose(np.mean(row["trial_key"], axis=1), row["best_key"], atol=2e-4)
+  assert rows["yarn"]["variant"] == "yarn"
+  # YaRN rescales the rotation at 4x the training length, so the answer query looks elsewhere
+  assert not np.allclose(rows["yarn"]["key"], rows["none"]["key"], atol=1e-4)
+
+
+def test_outcome_table_splits_the_heads_weight_by_the_grids_trials():
+  row = {"run": "rope-s0", "run_dir": "/abs/runs/study/rope-s0", "variant": "yarn",
+         "length": 512, "depth": 0.0, "seed": 0, "trials": 4, "best_head": [3, 1],
+         "best_key": [0.01, 0.45], "trial_key": [[0.0] * 4, [0.9, 0.1, 0.7, 0.1]]}
+  grid = {"run_dir": "runs/study/rope-s0", "variant": "yarn", "length": 512, "depth": 0.0,
+          "seed": 0, "status": "ok", "trial_exact": [1, 0, 1, 0]}
+  assert needle_attention.by_outcome(row, grid) == {"exact": 2, "key_exact": 0.8,
+                                                    "key_missed": 0.1}
+  other = dict(grid, run_dir="runs/other/rope-s0", trial_exact=[0, 0, 0, 0])
+  table = needle_attention.outcome_table([row], [other, grid])
+  assert table.splitlines()[2].endswith("| 2 / 4 | (2, 1) | 0.450 | 0.8 | 0.1 |")
+  assert len(table.splitlines()) == 3  # the other study's rope-s0 is not this run
+  assert needle_attention.by_outcome(row, dict(grid, trial_exact=[1, 1, 0, 0, 1]))["exact"] == 2
+  with pytest.raises(ValueError, match="3 trials"):
+    needle_attention.by_outcome(row, dict(grid, trial_exact=[1, 1, 0]))
