@@ -95,7 +95,8 @@ def outcome_table(rows, grid_rows):
     if g is None or "trial_key" not in r:
       continue
     o = by_outcome(r, g)
-    lines.append(f"| {r['run_dir']} | {r['variant']} | {r['length']} | {r['depth']} | "
+    run = "/".join(_run_key(r["run_dir"]))
+    lines.append(f"| {run} | {r['variant']} | {r['length']} | {r['depth']} | "
                  f"{o['exact']} / {r['trials']} | ({len(r['best_head'])}, "
                  f"{r['best_head'][-1]}) | {r['best_key'][-1]:.3f} | {o['key_exact']} | "
                  f"{o['key_missed']} |")
@@ -127,10 +128,11 @@ def main(argv):
       print(json.dumps({k: row[k] for k in ("run", "variant", "length", "depth", "best_head",
                                             "best_key", "best_far")}), flush=True)
   if FLAGS.grid:
+    grids = FLAGS.grid.split(",")
     table = outcome_table(read_rows(os.path.join(FLAGS.out, "needle_attention.jsonl")),
-                          read_rows(FLAGS.grid))
+                          [g for path in grids for g in read_rows(path)])
     with open(os.path.join(FLAGS.out, "needle_attention.md"), "w") as f:
-      f.write(f"# The answer query's copy head beside the grid's outcomes ({FLAGS.grid})\n\n"
+      f.write(f"# The answer query's copy head beside the grid's outcomes ({', '.join(grids)})\n\n"
               + table)
 
 
@@ -145,6 +147,6 @@ if __name__ == "__main__":
                       "set up per length as the grid does.")
   flags.DEFINE_string("split", "test", "Split whose books give the filler.")
   flags.DEFINE_string("out", "", "Directory for needle_attention.jsonl (appended).")
-  flags.DEFINE_string("grid", "", "A needle.jsonl scored on the same prompts: --out gets "
-                      "needle_attention.md, the key weight by trial outcome.")
+  flags.DEFINE_string("grid", "", "needle.jsonl files (comma list) scored on the same prompts: "
+                      "--out gets needle_attention.md, the key weight by trial outcome.")
   app.run(main)

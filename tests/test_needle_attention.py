@@ -66,6 +66,7 @@ def test_outcome_table_splits_the_heads_weight_by_the_grids_trials():
                                                     "key_missed": 0.1}
   other = dict(grid, run_dir="runs/other/rope-s0", trial_exact=[0, 0, 0, 0])
   table = needle_attention.outcome_table([row], [other, grid])
+  assert table.splitlines()[2].startswith("| study/rope-s0 | yarn |")
   assert table.splitlines()[2].endswith("| 2 / 4 | (2, 1) | 0.450 | 0.8 | 0.1 |")
   assert len(table.splitlines()) == 3  # the other study's rope-s0 is not this run
   assert needle_attention.by_outcome(row, dict(grid, trial_exact=[1, 1, 0, 0, 1]))["exact"] == 2
