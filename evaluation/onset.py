@@ -26,7 +26,7 @@ import os
 import numpy as np
 from absl import app, flags
 
-from evaluation.results import append_row, read_rows
+from evaluation.results import ResultsFile, read_rows
 
 
 def loss_curve(workdir, key="train/loss"):
@@ -82,14 +82,19 @@ def onset_row(workdir, marks, window, onset_window, threshold):
   return row
 
 
+KEY_FIELDS = ("run", "window", "onset_window", "threshold")  # a rerun replaces its row
+
+
 def markdown(rows):
-  marks = list(rows[0]["means"])
+  """One line per row; the columns are every mark any row has (blank where a row lacks it)."""
+  marks = sorted({m for r in rows for m in r["means"]}, key=int)
   lines = ["| run | " + " | ".join(marks) + " | onset |", "|---" * (len(marks) + 2) + "|"]
   for r in rows:
     onset = (f"not within {r['last_step']}" if r["onset"] is None else
              f"{r['onset']} (" + ", ".join(f"{v:.2f} at {s}" for s, v in r["around_onset"].items())
              + ("; the run ends there" if r.get("at_end") else "") + ")")
-    lines.append(f"| {r['run']} | " + " | ".join(f"{v:.2f}" for v in r["means"].values())
+    means = [r["means"].get(m) for m in marks]
+    lines.append(f"| {r['run']} | " + " | ".join("" if v is None else f"{v:.2f}" for v in means)
                  + f" | {onset} |")
   return "\n".join(lines)
 
@@ -106,8 +111,11 @@ def main(argv):
   print(table)
   if FLAGS.out:
     os.makedirs(FLAGS.out, exist_ok=True)
+    store = ResultsFile(os.path.join(FLAGS.out, "onset.jsonl"), KEY_FIELDS)
     for r in rows:
-      append_row(os.path.join(FLAGS.out, "onset.jsonl"), r)
+      store.add(r)
+    with open(os.path.join(FLAGS.out, "onset.md"), "w") as f:
+      f.write(markdown(list(store.rows.values())) + "\n")
 
 
 if __name__ == "__main__":
@@ -117,6 +125,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("window", 500, "Steps averaged at each mark.")
   flags.DEFINE_integer("onset_window", 200, "Steps averaged when locating the drop.")
   flags.DEFINE_float("threshold", 2.5, "Loss (nats) the onset window's mean falls below.")
-  flags.DEFINE_string("out", "", "Directory for onset.jsonl (appended); empty = print only.")
+  flags.DEFINE_string("out", "", "Directory for onset.jsonl (a run measured again replaces its "
+                      "row) and onset.md (every row); empty = print only.")
   flags.mark_flag_as_required("runs")
   app.run(main)

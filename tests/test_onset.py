@@ -86,7 +86,7 @@ def test_missing_run_or_metric_is_named(tmp_path):
     onset.loss_curve(str(tmp_path))
 
 
-def test_command_line_prints_the_table_and_appends_rows(tmp_path):
+def test_command_line_prints_the_table_and_a_rerun_replaces_its_row(tmp_path):
   run = tmp_path / "rope_24000-s0"
   run.mkdir()
   _write_metrics(run, _plateau_then_drop(1000, noise=0.0))
@@ -99,4 +99,13 @@ def test_command_line_prints_the_table_and_appends_rows(tmp_path):
   # the 500-step mean at 1000 holds one loss of 2.0 among 25: (24 x 2.9 + 2.0) / 25 = 2.86
   assert "| rope_24000-s0 | 2.86 | 2.00 | 1080 (2.90 at 880, 2.00 at 1280) |" in printed
   rows = [json.loads(line) for line in open(out / "onset.jsonl")]
-  assert [r["onset"] for r in rows] == [1080, 1080]
+  assert [r["onset"] for r in rows] == [1080]  # measured twice, one row
+  other = tmp_path / "alibi_24000-s0"
+  other.mkdir()
+  _write_metrics(other, _plateau_then_drop(10**9, noise=0.0))
+  subprocess.run([sys.executable, "-m", "evaluation.onset", f"--runs={other}", "--marks=1500",
+                  f"--out={out}"], cwd=root, capture_output=True, text=True, check=True)
+  table = (out / "onset.md").read_text().splitlines()
+  assert table[0] == "| run | 1000 | 1500 | 2000 | onset |"  # every row's marks
+  assert table[2].startswith("| rope_24000-s0 | 2.86 |  | 2.00 | 1080")
+  assert table[3] == "| alibi_24000-s0 |  | 2.90 |  | not within 2000 |"
