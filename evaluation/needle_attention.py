@@ -28,7 +28,7 @@ from absl import app, flags
 
 from evaluation import needle
 from evaluation.heads import attention_maps
-from evaluation.results import append_row, read_rows
+from evaluation.results import ResultsFile, read_rows
 from evaluation.runner import one_variant
 from input_pipeline.codec import Codec
 from training import checkpoint
@@ -103,6 +103,15 @@ def outcome_table(rows, grid_rows):
   return "\n".join(lines) + "\n"
 
 
+KEY_FIELDS = ("run_dir", "run", "variant", "length", "depth", "trials", "far", "seed")
+
+
+def save_row(out, row):
+  """Into ``out``/needle_attention.jsonl; a cell measured again replaces its row."""
+  os.makedirs(out, exist_ok=True)
+  ResultsFile(os.path.join(out, "needle_attention.jsonl"), KEY_FIELDS).add(row)
+
+
 FLAGS = flags.FLAGS
 
 
@@ -123,8 +132,7 @@ def main(argv):
                      FLAGS.far or config.train_len, FLAGS.seed, FLAGS.variant)
       row["run_dir"] = workdir  # runs of one basename in two studies stay apart
       if FLAGS.out:
-        os.makedirs(FLAGS.out, exist_ok=True)
-        append_row(os.path.join(FLAGS.out, "needle_attention.jsonl"), row)
+        save_row(FLAGS.out, row)
       print(json.dumps({k: row[k] for k in ("run", "variant", "length", "depth", "best_head",
                                             "best_key", "best_far")}), flush=True)
   if FLAGS.grid:
@@ -132,8 +140,8 @@ def main(argv):
     table = outcome_table(read_rows(os.path.join(FLAGS.out, "needle_attention.jsonl")),
                           [g for path in grids for g in read_rows(path)])
     with open(os.path.join(FLAGS.out, "needle_attention.md"), "w") as f:
-      f.write(f"# The answer query's copy head beside the grid's outcomes ({', '.join(grids)})\n\n"
-              + table)
+      f.write(f"# The answer query's copy head beside the grid's outcomes "
+              f"({', '.join(grids)})\n\n" + table)
 
 
 if __name__ == "__main__":
@@ -146,7 +154,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("variant", "none", "One variant, as eval_needle.py --variants (yarn, ...), "
                       "set up per length as the grid does.")
   flags.DEFINE_string("split", "test", "Split whose books give the filler.")
-  flags.DEFINE_string("out", "", "Directory for needle_attention.jsonl (appended).")
+  flags.DEFINE_string("out", "", "Directory for needle_attention.jsonl (a cell measured again "
+                      "replaces its row).")
   flags.DEFINE_string("grid", "", "needle.jsonl files (comma list) scored on the same prompts: "
                       "--out gets needle_attention.md, the key weight by trial outcome.")
   app.run(main)

@@ -1,4 +1,6 @@
 """evaluation/needle_attention.py: the answer query's weight on the key and on far keys."""
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -72,3 +74,16 @@ def test_outcome_table_splits_the_heads_weight_by_the_grids_trials():
   assert needle_attention.by_outcome(row, dict(grid, trial_exact=[1, 1, 0, 0, 1]))["exact"] == 2
   with pytest.raises(ValueError, match="3 trials"):
     needle_attention.by_outcome(row, dict(grid, trial_exact=[1, 1, 0]))
+
+
+def test_a_cell_measured_again_replaces_its_row(tmp_path):
+  row = {"run": "rope-s0", "run_dir": "runs/a/rope-s0", "variant": "yarn", "length": 512,
+         "depth": 0.0, "trials": 20, "far": 128, "seed": 0, "best_key": [0.1, 0.5]}
+  needle_attention.save_row(str(tmp_path), row)
+  needle_attention.save_row(str(tmp_path), dict(row, best_key=[0.1, 0.6]))
+  needle_attention.save_row(str(tmp_path), dict(row, variant="none"))
+  needle_attention.save_row(str(tmp_path), dict(row, run_dir="runs/b/rope-s0"))
+  rows = [json.loads(line) for line in open(tmp_path / "needle_attention.jsonl")]
+  assert len(rows) == 3
+  assert [r["best_key"] for r in rows if r["variant"] == "yarn" and "/a/" in r["run_dir"]] == [
+      [0.1, 0.6]]
