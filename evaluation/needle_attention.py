@@ -22,6 +22,7 @@ exact trials beside that weight in ``--out/needle_attention.md``:
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
@@ -45,22 +46,55 @@ def answer_query_attention(model, example, far):
   return {"key": rows[..., start:start + k].sum(-1), "far": rows[..., :max(n - 1 - far, 0)].sum(-1)}
 
 
-def cell_row(run, model, filler, encode, length, depth, trials, far, seed=0, variant="none"):
+def pair_margins(model, example, layer, head, offset=0):
+  """[r / 2] per rotary pair i (i and i + r/2, rotate-half layout): the answer query's logit
+  on the key's first token minus its attention-weighted mean logit over all keys, from that
+  pair alone. Summed over the pairs (and any unrotated dims) it is s_key - E_p[s], by which
+  the softmax ranks the key; split, it says which frequencies carry the head's match.
+  ``offset``: the prompt's first position (0 in the grid)."""
+  enc = model.posenc
+  if not hasattr(enc, "inv_freq") or getattr(enc, "scores_rule", ""):
+    raise ValueError(f"pair margins need a plain rotary encoding, not {type(enc).__name__}")
+  n = example["answer_at"]
+  tokens = jnp.asarray(example["tokens"][None, :n])
+  positions = offset + jnp.arange(n, dtype=jnp.int32)[None]
+  x = model.embed(tokens, positions)
+  for block in model.blocks[:layer]:
+    x, _ = block(x, positions, enc)
+  block = model.blocks[layer]
+  q, k, _ = block.attn.prepare(*block.attn.project(block.attn_norm(x)), positions, positions,
+                               enc)
+  prod = (q[0, n - 1, head].astype(jnp.float32) * k[0, :, head].astype(jnp.float32))  # [n, d]
+  half = len(enc.inv_freq)
+  pairs = prod[:, :half] + prod[:, half:2 * half]
+  probs = jax.nn.softmax(prod.sum(-1))  # the last query sees every key
+  return np.asarray(pairs[needle.key_start(example)] - probs @ pairs)
+
+
+def cell_row(run, model, filler, encode, length, depth, trials, far, seed=0, variant="none",
+             pairs=False):
   """Means over the cell's trials, per layer and head, the strongest key head per layer, and
   that head's weight on the key in each trial (``trial_key``, to set beside the grid's
-  ``trial_exact`` for the same prompts)."""
-  got = [answer_query_attention(model, needle.trial_example(filler, encode, length, depth,
-                                                              seed, t), far)
-         for t in range(trials)]
+  ``trial_exact`` for the same prompts); with ``pairs``, the last layer's strongest head's
+  ``pair_margins`` averaged over the trials, beside the frequencies they were rotated at."""
+  examples = [needle.trial_example(filler, encode, length, depth, seed, t)
+              for t in range(trials)]
+  got = [answer_query_attention(model, e, far) for e in examples]
   key, far_w = (np.mean([g[k] for g in got], axis=0) for k in ("key", "far"))
   best = key.argmax(axis=1)
-  return {"run": run, "variant": variant, "length": length, "depth": depth, "trials": trials,
-          "far": far, "seed": seed, "key": np.round(key, 4).tolist(),
-          "far_weight": np.round(far_w, 4).tolist(), "best_head": best.tolist(),
-          "best_key": [round(float(key[l, h]), 4) for l, h in enumerate(best)],
-          "best_far": [round(float(far_w[l, h]), 4) for l, h in enumerate(best)],
-          "trial_key": [[round(float(g["key"][l, h]), 4) for g in got]
-                        for l, h in enumerate(best)]}
+  row = {"run": run, "variant": variant, "length": length, "depth": depth, "trials": trials,
+         "far": far, "seed": seed, "key": np.round(key, 4).tolist(),
+         "far_weight": np.round(far_w, 4).tolist(), "best_head": best.tolist(),
+         "best_key": [round(float(key[l, h]), 4) for l, h in enumerate(best)],
+         "best_far": [round(float(far_w[l, h]), 4) for l, h in enumerate(best)],
+         "trial_key": [[round(float(g["key"][l, h]), 4) for g in got]
+                       for l, h in enumerate(best)]}
+  if pairs:
+    last = len(best) - 1
+    margins = np.mean([pair_margins(model, e, last, int(best[last])) for e in examples], axis=0)
+    row.update(pair_margin=np.round(margins, 4).tolist(),
+               inv_freq=[float(f) for f in model.posenc.inv_freq])
+  return row
 
 
 def _run_key(run_dir):
@@ -129,7 +163,7 @@ def main(argv):
     for length in needle.parse_lengths(FLAGS.lengths, config.train_len):
       _, scaled = one_variant(config, model, FLAGS.variant, length)
       row = cell_row(run, scaled, filler, codec.encode, length, FLAGS.depth, FLAGS.trials,
-                     FLAGS.far or config.train_len, FLAGS.seed, FLAGS.variant)
+                     FLAGS.far or config.train_len, FLAGS.seed, FLAGS.variant, FLAGS.pairs)
       row["run_dir"] = workdir  # runs of one basename in two studies stay apart
       if FLAGS.out:
         save_row(FLAGS.out, row)
@@ -153,6 +187,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("seed", 0, "The needle grid's seed.")
   flags.DEFINE_string("variant", "none", "One variant, as eval_needle.py --variants (yarn, ...), "
                       "set up per length as the grid does.")
+  flags.DEFINE_bool("pairs", False, "Also the last layer's copy head's logit margin for the "
+                    "key per rotary frequency pair (rotary encodings).")
   flags.DEFINE_string("split", "test", "Split whose books give the filler.")
   flags.DEFINE_string("out", "", "Directory for needle_attention.jsonl (a cell measured again "
                       "replaces its row).")

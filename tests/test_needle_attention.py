@@ -87,3 +87,29 @@ def test_a_cell_measured_again_replaces_its_row(tmp_path):
   assert len(rows) == 3
   assert [r["best_key"] for r in rows if r["variant"] == "yarn" and "/a/" in r["run_dir"]] == [
       [0.1, 0.6]]
+
+
+def test_pair_margins_add_up_to_the_keys_log_odds_under_the_heads_softmax(tiny_config):
+  # s_key - E_p[s] = log p_key - E_p[log p] (the softmax's normaliser cancels), so the pairs'
+  # margins must sum to what the model's own attention map gives (every dim rotated here).
+  config = resolve(tiny_config(posenc="rope", **{"model.num_layers": 2}))
+  model = build_model(config)
+  _, scaled = runner.one_variant(config, model, "yarn", 4 * config.train_len)
+  example = needle.trial_example(FILLER, ENCODE, 4 * config.train_len, 0.0, seed=0, t=1)
+  n, start = example["answer_at"], needle.key_start(example)
+  maps = needle_attention.attention_maps(scaled, jax.numpy.asarray(example["tokens"][None, :n]),
+                                         jax.numpy.arange(n)[None])
+  for layer in range(2):
+    for head in (0, 1):
+      p = np.asarray(maps[layer][0, head, n - 1], np.float64)
+      margins = needle_attention.pair_margins(scaled, example, layer, head)
+      assert margins.shape == (config.model.head_dim // 2,)
+      np.testing.assert_allclose(margins.sum(), np.log(p[start]) - p @ np.log(p), rtol=2e-3,
+                                 atol=2e-3)
+  # each pair is one rotation (i with i + d/2), so its margin depends on distances only:
+  # shifting every position leaves every pair's margin as it was
+  np.testing.assert_allclose(needle_attention.pair_margins(scaled, example, 1, 0, offset=37),
+                             needle_attention.pair_margins(scaled, example, 1, 0), atol=2e-4)
+  t5 = build_model(resolve(tiny_config(posenc="t5_bias")))
+  with pytest.raises(ValueError, match="plain rotary"):
+    needle_attention.pair_margins(t5, example, 0, 0)
