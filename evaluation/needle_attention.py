@@ -71,6 +71,27 @@ def pair_margins(model, example, layer, head, offset=0):
   return np.asarray(pairs[needle.key_start(example)] - probs @ pairs)
 
 
+def ablate_query_pairs(model, layer, head, pairs):
+  """Zeroes the query's rotary pairs ``pairs`` (i and i + r/2 each) of one head in one layer
+  (0-based), in place: the columns of the fused QKV projection that make them, so the head
+  scores keys on its other pairs alone (the rotation mixes only within a pair)."""
+  attn, half = model.blocks[layer].attn, len(model.posenc.inv_freq)
+  cols = np.array([head * attn.head_dim + d for i in pairs for d in (i, i + half)])
+  attn.qkv.kernel[...] = attn.qkv.kernel[...].at[:, cols].set(0)
+  return model
+
+
+def parse_ablation(spec):
+  """"layer:head:first-last" (layer from 1, as the tables print it; head and pairs from 0)
+  -> (layer index, head, pairs)."""
+  try:
+    layer, head, span = spec.split(":")
+    first, last = (int(v) for v in span.split("-"))
+    return int(layer) - 1, int(head), list(range(first, last + 1))
+  except ValueError:
+    raise ValueError(f"--ablate takes layer:head:first-last (e.g. 2:1:1-5), got {spec!r}")
+
+
 def cell_row(run, model, filler, encode, length, depth, trials, far, seed=0, variant="none",
              pairs=False):
   """Means over the cell's trials, per layer and head, the strongest key head per layer, and
@@ -137,7 +158,7 @@ def outcome_table(rows, grid_rows):
   return "\n".join(lines) + "\n"
 
 
-KEY_FIELDS = ("run_dir", "run", "variant", "length", "depth", "trials", "far", "seed")
+KEY_FIELDS = ("run_dir", "run", "variant", "ablate", "length", "depth", "trials", "far", "seed")
 
 
 def save_row(out, row):
@@ -155,6 +176,7 @@ def main(argv):
     raise app.UsageError("give --runs (run directories to measure) or --grid (a table only)")
   if FLAGS.grid and not FLAGS.out:
     raise app.UsageError("--grid writes its table into --out: give --out")
+  ablation = parse_ablation(FLAGS.ablate) if FLAGS.ablate else None
   for workdir in filter(None, FLAGS.runs.split(",")):
     config, model = checkpoint.load_run(workdir)
     codec = Codec(config)
@@ -162,8 +184,13 @@ def main(argv):
     run = os.path.basename(workdir.rstrip("/"))
     for length in needle.parse_lengths(FLAGS.lengths, config.train_len):
       _, scaled = one_variant(config, model, FLAGS.variant, length)
+      if ablation:
+        ablate_query_pairs(scaled, *ablation)
       row = cell_row(run, scaled, filler, codec.encode, length, FLAGS.depth, FLAGS.trials,
                      FLAGS.far or config.train_len, FLAGS.seed, FLAGS.variant, FLAGS.pairs)
+      if ablation:  # the grid never saw this model: score its retrieval here, same prompts
+        row.update(ablate=FLAGS.ablate, **needle.evaluate_cell(
+            scaled, filler, codec.encode, length, FLAGS.depth, FLAGS.trials, FLAGS.seed))
       row["run_dir"] = workdir  # runs of one basename in two studies stay apart
       if FLAGS.out:
         save_row(FLAGS.out, row)
@@ -189,6 +216,8 @@ if __name__ == "__main__":
                       "set up per length as the grid does.")
   flags.DEFINE_bool("pairs", False, "Also the last layer's copy head's logit margin for the "
                     "key per rotary frequency pair (rotary encodings).")
+  flags.DEFINE_string("ablate", "", "layer:head:first-last: zero those query pairs of that "
+                      "head (layer from 1) and score the needle with the ablated model too.")
   flags.DEFINE_string("split", "test", "Split whose books give the filler.")
   flags.DEFINE_string("out", "", "Directory for needle_attention.jsonl (a cell measured again "
                       "replaces its row).")

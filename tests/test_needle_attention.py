@@ -113,3 +113,22 @@ def test_pair_margins_add_up_to_the_keys_log_odds_under_the_heads_softmax(tiny_c
   t5 = build_model(resolve(tiny_config(posenc="t5_bias")))
   with pytest.raises(ValueError, match="plain rotary"):
     needle_attention.pair_margins(t5, example, 0, 0)
+
+
+def test_ablating_query_pairs_removes_exactly_their_margins(tiny_config):
+  config = resolve(tiny_config(posenc="rope", **{"model.num_layers": 2}))
+  model = build_model(config)
+  example = needle.trial_example(FILLER, ENCODE, 2 * config.train_len, 0.0, seed=0, t=0)
+  before = needle_attention.pair_margins(model, example, 1, 1)
+  _, ablated = runner.one_variant(config, model, "none", 2 * config.train_len)
+  layer, head, pairs = needle_attention.parse_ablation("2:1:1-3")
+  assert (layer, head, pairs) == (1, 1, [1, 2, 3])
+  needle_attention.ablate_query_pairs(ablated, layer, head, pairs)
+  after = needle_attention.pair_margins(ablated, example, 1, 1)
+  np.testing.assert_allclose(after[pairs], 0.0, atol=1e-6)  # those pairs score nothing
+  assert np.abs(after[[0, 4, 5]]).max() > 1e-4  # the others still score keys
+  # the run's model is untouched, and other heads of the layer keep their pairs
+  np.testing.assert_allclose(needle_attention.pair_margins(model, example, 1, 1), before)
+  assert np.abs(needle_attention.pair_margins(ablated, example, 1, 0)[pairs]).max() > 1e-4
+  with pytest.raises(ValueError, match="layer:head:first-last"):
+    needle_attention.parse_ablation("2:1")
