@@ -37,13 +37,18 @@ from models.loss import token_nll
 from training import checkpoint
 
 
+def layer_inputs(model, tokens, positions):
+  """Yields (block, x) for each block in order: x the residual stream entering it."""
+  x = model.embed(tokens, positions)
+  for block in model.blocks:
+    yield block, x
+    x, _ = block(x, positions, model.posenc)
+
+
 def attention_maps(model, tokens, positions):
   """[one per layer] attention probabilities [b, h, s, s] (float32) of the model on tokens."""
-  x, enc, maps = model.embed(tokens, positions), model.posenc, []
-  for block in model.blocks:
-    maps.append(block.attn.probabilities(block.attn_norm(x), positions, enc))
-    x, _ = block(x, positions, enc)
-  return maps
+  return [block.attn.probabilities(block.attn_norm(x), positions, model.posenc)
+          for block, x in layer_inputs(model, tokens, positions)]
 
 
 def diagonal_score(probs, distance, first=0, last=None):

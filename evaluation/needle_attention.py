@@ -19,6 +19,7 @@ exact trials beside that weight in ``--out/needle_attention.md``:
         --lengths=x2,x4,x8 --depth=0 --out=results/needle_longwarm/seeds/yarn_attention \
         --grid=results/needle_longwarm/seeds/needle.jsonl
 """
+import itertools
 import json
 import os
 
@@ -28,7 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from evaluation import needle
-from evaluation.heads import attention_maps
+from evaluation.heads import attention_maps, layer_inputs
 from evaluation.results import ResultsFile, read_rows
 from evaluation.runner import one_variant
 from input_pipeline.codec import Codec
@@ -58,10 +59,7 @@ def pair_margins(model, example, layer, head, offset=0):
   n = example["answer_at"]
   tokens = jnp.asarray(example["tokens"][None, :n])
   positions = offset + jnp.arange(n, dtype=jnp.int32)[None]
-  x = model.embed(tokens, positions)
-  for block in model.blocks[:layer]:
-    x, _ = block(x, positions, enc)
-  block = model.blocks[layer]
+  block, x = list(itertools.islice(layer_inputs(model, tokens, positions), layer + 1))[-1]
   q, k, _ = block.attn.prepare(*block.attn.project(block.attn_norm(x)), positions, positions,
                                enc)
   prod = (q[0, n - 1, head].astype(jnp.float32) * k[0, :, head].astype(jnp.float32))  # [n, d]
@@ -139,20 +137,22 @@ def by_outcome(row, grid_row):
 
 def outcome_table(rows, grid_rows):
   """Markdown: per attention row with a grid cell on the same prompts, the grid's exact count
-  beside the copy head's weight on the key, over all trials and split by outcome."""
+  beside the copy head's weight on the key, over all trials and split by outcome. An ablated
+  row (``--ablate``) is set beside its own scoring, the grid never saw that model."""
   grid = {(_run_key(g["run_dir"]), g["variant"], g["length"], g["depth"], g["seed"]): g
           for g in grid_rows if g.get("status") == "ok" and "trial_exact" in g}
-  lines = ["| run | variant | length | depth | exact | head (layer, head) | key weight | "
-           "on exact trials | on missed trials |", "|---" * 9 + "|"]
+  lines = ["| run | variant | ablated | length | depth | exact | head (layer, head) | "
+           "key weight | on exact trials | on missed trials |", "|---" * 10 + "|"]
   for r in rows:
-    g = grid.get((_run_key(r.get("run_dir", r["run"])), r.get("variant", "none"), r["length"],
-                  r["depth"], r["seed"]))
+    g = r if r.get("ablate") else grid.get((_run_key(r.get("run_dir", r["run"])),
+                                             r.get("variant", "none"), r["length"], r["depth"],
+                                             r["seed"]))
     if g is None or "trial_key" not in r:
       continue
     o = by_outcome(r, g)
     run = "/".join(_run_key(r["run_dir"]))
-    lines.append(f"| {run} | {r['variant']} | {r['length']} | {r['depth']} | "
-                 f"{o['exact']} / {r['trials']} | ({len(r['best_head'])}, "
+    lines.append(f"| {run} | {r['variant']} | {r.get('ablate') or '-'} | {r['length']} | "
+                 f"{r['depth']} | {o['exact']} / {r['trials']} | ({len(r['best_head'])}, "
                  f"{r['best_head'][-1]}) | {r['best_key'][-1]:.3f} | {o['key_exact']} | "
                  f"{o['key_missed']} |")
   return "\n".join(lines) + "\n"

@@ -71,6 +71,11 @@ def test_outcome_table_splits_the_heads_weight_by_the_grids_trials():
   assert table.splitlines()[2].startswith("| study/rope-s0 | yarn |")
   assert table.splitlines()[2].endswith("| 2 / 4 | (2, 1) | 0.450 | 0.8 | 0.1 |")
   assert len(table.splitlines()) == 3  # the other study's rope-s0 is not this run
+  # an ablated row is scored with its own model: set beside its own trials, not the grid's
+  ablated = dict(row, ablate="2:1:1-5", trial_exact=[0, 0, 0, 1])
+  line = needle_attention.outcome_table([ablated], [grid]).splitlines()[2]
+  assert line.startswith("| study/rope-s0 | yarn | 2:1:1-5 |")
+  assert line.endswith("| 1 / 4 | (2, 1) | 0.450 | 0.1 | 0.5667 |")
   assert needle_attention.by_outcome(row, dict(grid, trial_exact=[1, 1, 0, 0, 1]))["exact"] == 2
   with pytest.raises(ValueError, match="3 trials"):
     needle_attention.by_outcome(row, dict(grid, trial_exact=[1, 1, 0]))
