@@ -47,15 +47,21 @@ def answer_query_attention(model, example, far):
   return {"key": rows[..., start:start + k].sum(-1), "far": rows[..., :max(n - 1 - far, 0)].sum(-1)}
 
 
+def _rotary_pairs(model):
+  """The number of rotary pairs of a plain rotary encoding (ValueError for any other)."""
+  enc = model.posenc
+  if not hasattr(enc, "inv_freq") or getattr(enc, "scores_rule", ""):
+    raise ValueError(f"rotary pairs need a plain rotary encoding, not {type(enc).__name__}")
+  return len(enc.inv_freq)
+
+
 def pair_margins(model, example, layer, head, offset=0):
   """[r / 2] per rotary pair i (i and i + r/2, rotate-half layout): the answer query's logit
   on the key's first token minus its attention-weighted mean logit over all keys, from that
   pair alone. Summed over the pairs (and any unrotated dims) it is s_key - E_p[s], by which
   the softmax ranks the key; split, it says which frequencies carry the head's match.
   ``offset``: the prompt's first position (0 in the grid)."""
-  enc = model.posenc
-  if not hasattr(enc, "inv_freq") or getattr(enc, "scores_rule", ""):
-    raise ValueError(f"pair margins need a plain rotary encoding, not {type(enc).__name__}")
+  enc, half = model.posenc, _rotary_pairs(model)
   n = example["answer_at"]
   tokens = jnp.asarray(example["tokens"][None, :n])
   positions = offset + jnp.arange(n, dtype=jnp.int32)[None]
@@ -63,7 +69,6 @@ def pair_margins(model, example, layer, head, offset=0):
   q, k, _ = block.attn.prepare(*block.attn.project(block.attn_norm(x)), positions, positions,
                                enc)
   prod = (q[0, n - 1, head].astype(jnp.float32) * k[0, :, head].astype(jnp.float32))  # [n, d]
-  half = len(enc.inv_freq)
   pairs = prod[:, :half] + prod[:, half:2 * half]
   probs = jax.nn.softmax(prod.sum(-1))  # the last query sees every key
   return np.asarray(pairs[needle.key_start(example)] - probs @ pairs)
@@ -73,7 +78,13 @@ def ablate_query_pairs(model, layer, head, pairs):
   """Zeroes the query's rotary pairs ``pairs`` (i and i + r/2 each) of one head in one layer
   (0-based), in place: the columns of the fused QKV projection that make them, so the head
   scores keys on its other pairs alone (the rotation mixes only within a pair)."""
-  attn, half = model.blocks[layer].attn, len(model.posenc.inv_freq)
+  half = _rotary_pairs(model)
+  if not (0 <= layer < len(model.blocks)) or not pairs or min(pairs) < 0 or max(pairs) >= half:
+    raise ValueError(f"layer {layer + 1} / pairs {pairs}: the model has layers 1-"
+                     f"{len(model.blocks)} and rotary pairs 0-{half - 1}")
+  attn = model.blocks[layer].attn
+  if not 0 <= head < attn.num_heads:
+    raise ValueError(f"head {head}: the model has heads 0-{attn.num_heads - 1}")
   cols = np.array([head * attn.head_dim + d for i in pairs for d in (i, i + half)])
   attn.qkv.kernel[...] = attn.qkv.kernel[...].at[:, cols].set(0)
   return model

@@ -118,6 +118,8 @@ def test_pair_margins_add_up_to_the_keys_log_odds_under_the_heads_softmax(tiny_c
   t5 = build_model(resolve(tiny_config(posenc="t5_bias")))
   with pytest.raises(ValueError, match="plain rotary"):
     needle_attention.pair_margins(t5, example, 0, 0)
+  with pytest.raises(ValueError, match="plain rotary"):
+    needle_attention.ablate_query_pairs(t5, 0, 0, [1])
 
 
 def test_ablating_query_pairs_removes_exactly_their_margins(tiny_config):
@@ -135,5 +137,8 @@ def test_ablating_query_pairs_removes_exactly_their_margins(tiny_config):
   # the run's model is untouched, and other heads of the layer keep their pairs
   np.testing.assert_allclose(needle_attention.pair_margins(model, example, 1, 1), before)
   assert np.abs(needle_attention.pair_margins(ablated, example, 1, 0)[pairs]).max() > 1e-4
+  for bad in ((1, 1, [3, 99]), (7, 1, [1]), (1, 9, [1])):  # pairs / layer / head out of range
+    with pytest.raises(ValueError, match="the model has"):
+      needle_attention.ablate_query_pairs(ablated, *bad)
   with pytest.raises(ValueError, match="layer:head:first-last"):
     needle_attention.parse_ablation("2:1")
