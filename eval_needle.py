@@ -140,6 +140,7 @@ def write_report(out, rows, distance_of=None):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = results.distinct_run_names(rows)
   groups = {}
   for r in rows:
     if r.get("status") == "ok":

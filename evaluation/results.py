@@ -118,6 +118,25 @@ def group_of(row):
   return row.get("group") or row["run"]
 
 
+def distinct_run_names(rows):
+  """``rows`` with each ``run`` name unique per ``run_dir``: a name that two run dirs share
+  (``a/rope-s1``, ``b/rope-s1``) gets as many trailing path parts as tell them apart, so
+  a report never pools two runs into one cell; names already unique are kept."""
+  parts = {}
+  for r in rows:
+    if r.get("run_dir"):
+      parts.setdefault(r["run"], {})[r["run_dir"]] = os.path.normpath(r["run_dir"]).split(os.sep)
+  label = {}
+  for name, dirs in parts.items():
+    depth = 1
+    while len(dirs) > 1 and depth < max(map(len, dirs.values())) and len(
+        {tuple(p[-depth:]) for p in dirs.values()}) < len(dirs):
+      depth += 1
+    for run_dir, p in dirs.items():
+      label[run_dir] = name if len(dirs) == 1 else "/".join(p[-depth:])
+  return [{**r, "run": label[r["run_dir"]]} if r.get("run_dir") in label else r for r in rows]
+
+
 def line_label(row):
   """Run group + variant."""
   group = group_of(row)
