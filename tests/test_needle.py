@@ -153,17 +153,18 @@ def test_report_keeps_apart_two_runs_that_share_a_name(tmp_path):
   """Two run dirs with one basename (runs/a/rope-s1, runs/b/rope-s1) are two heatmaps and
   two tables, each with its own accuracy, never one cell overwritten by the other."""
   def row(run_dir, accuracy):
-    return {"task": "needle", "run": run_dir.rsplit("/", 1)[1], "group": "rope", "run_dir": run_dir,
-            "variant": "none", "train_len": 16, "length": 32, "depth": 0.0, "trials": 2,
-            "accuracy": accuracy, "mean_rank": 1.0, "status": "ok", "distance": 20,
-            "token_accuracy": [accuracy]}
+    return {"task": "needle", "run": run_dir.rsplit("/", 1)[1], "group": "rope",
+            "run_dir": run_dir, "variant": "none", "train_len": 16, "length": 32,
+            "depth": 0.0, "trials": 2, "accuracy": accuracy, "mean_rank": 1.0,
+            "status": "ok", "distance": 20, "token_accuracy": [accuracy]}
   rows = [row("runs/a/rope-s1", 1.0), row("runs/b/rope-s1", 0.0), row("runs/b/rope-s2", 0.5)]
   named = results.distinct_run_names(rows)
   assert [r["run"] for r in named] == ["a/rope-s1", "b/rope-s1", "rope-s2"]
   assert rows[0]["run"] == "rope-s1"  # the rows themselves are not changed
   eval_needle.write_report(str(tmp_path), rows)
   text = (tmp_path / "needle.md").read_text()
-  assert "## a/rope-s1 none" in text and "## b/rope-s1 none" in text
+  sections = {part.split(" ", 1)[0]: part for part in text.split("\n## ")[1:]}
+  assert "| 0 | 1.00 |" in sections["a/rope-s1"] and "| 0 | 0.00 |" in sections["b/rope-s1"]
   assert {p.name for p in tmp_path.glob("needle_heatmap_*.png")} == {
       "needle_heatmap_a_rope-s1_none.png", "needle_heatmap_b_rope-s1_none.png",
       "needle_heatmap_rope-s2_none.png"}
