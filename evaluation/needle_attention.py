@@ -65,7 +65,7 @@ def pair_margins(model, example, layer, head, offset=0):
   n = example["answer_at"]
   tokens = jnp.asarray(example["tokens"][None, :n])
   positions = offset + jnp.arange(n, dtype=jnp.int32)[None]
-  block, x = list(itertools.islice(layer_inputs(model, tokens, positions), layer + 1))[-1]
+  block, x = next(itertools.islice(layer_inputs(model, tokens, positions), layer, None))
   q, k, _ = block.attn.prepare(*block.attn.project(block.attn_norm(x)), positions, positions,
                                enc)
   prod = (q[0, n - 1, head].astype(jnp.float32) * k[0, :, head].astype(jnp.float32))  # [n, d]

@@ -128,12 +128,11 @@ def distinct_run_names(rows):
       parts.setdefault(r["run"], {})[r["run_dir"]] = os.path.normpath(r["run_dir"]).split(os.sep)
   label = {}
   for name, dirs in parts.items():
-    depth = 1
-    while len(dirs) > 1 and depth < max(map(len, dirs.values())) and len(
-        {tuple(p[-depth:]) for p in dirs.values()}) < len(dirs):
-      depth += 1
+    longest = max(map(len, dirs.values()))
+    depth = next((d for d in range(1, longest) if len({tuple(p[-d:]) for p in dirs.values()})
+                  == len(dirs)), longest)
     for run_dir, p in dirs.items():
-      label[run_dir] = name if len(dirs) == 1 else "/".join(p[-depth:])
+      label[run_dir] = name if depth == 1 else "/".join(p[-depth:])
   return [{**r, "run": label[r["run_dir"]]} if r.get("run_dir") in label else r for r in rows]
 
 
