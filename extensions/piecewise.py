@@ -29,7 +29,7 @@ import numpy as np
 
 from extensions import Extension, get
 from models.fast_attention import NEG_INF
-from posenc.base import qk_dot
+from posenc.base import grouped_qk, qk_dot
 
 
 def same(p):
@@ -132,12 +132,41 @@ def kernel_pieces(rule_json, q, k, q_pos, k_pos, rotate):
   ext, params = load_rule(rule_json)
   if ext.kernel_form(params) is None:
     return None
-  qmaps, kmaps = [], []
-  pairs = [(_index(qmaps, qm), _index(kmaps, km)) for qm, km in ext.parts(params)]
+  qmaps, kmaps, pairs = _distinct_maps(ext, params)
   queries = jnp.stack([rotate(q, fn(q_pos)) for fn in qmaps])
   keys = jnp.stack([rotate(k, fn(k_pos)) for fn in kmaps])
   part_q, part_k = zip(*pairs)
   return queries, keys, (part_q, part_k, *kernel_tables(ext, params))
+
+
+def key_views(rule_json, k, k_pos, rotate):
+  """The keys k [b, s, kv, d] rotated under each distinct key map of the rule (a tuple, in
+  ``_distinct_maps`` order): what a KV cache keeps of each key (``view_scores``)."""
+  ext, params = load_rule(rule_json)
+  return tuple(rotate(k, fn(k_pos)) for fn in _distinct_maps(ext, params)[1])
+
+
+def view_scores(rule_json, q, views, q_pos, k_pos, rotate):
+  """The rule's logits [b, kv, h // kv, sq, t] of a decode step's queries q [b, sq, h, d]
+  (unrotated) over cached key views ([b * kv, t, d] each, from ``key_views``) at positions
+  k_pos [b, t]: only the step's queries are rotated, never the cache (a Self-Extend step over
+  a 16k cache rotated its 16k keys twice per layer: benchmarks/README.md, "Decoding")."""
+  ext, params = load_rule(rule_json)
+  qmaps, _, pairs = _distinct_maps(ext, params)
+  queries = [rotate(q, fn(q_pos)) for fn in qmaps]
+  part = ext.select(params, q_pos[:, None, None, :, None], k_pos[:, None, None, None, :])
+  out = jnp.float32(NEG_INF)
+  for c, (i, j) in enumerate(pairs):
+    out = jnp.where(part == c, grouped_qk(queries[i], views[j]), out)
+  return out
+
+
+def _distinct_maps(ext, params):
+  """(query maps, key maps, pairs): each distinct position map of the rule's parts once, and
+  each part's (query map index, key map index)."""
+  qmaps, kmaps = [], []
+  pairs = [(_index(qmaps, qm), _index(kmaps, km)) for qm, km in ext.parts(params)]
+  return qmaps, kmaps, pairs
 
 
 def _index(maps, fn):

@@ -18,7 +18,7 @@ from models import cpu_attention
 from models.blockwise import blockwise_attend, blockwise_stats
 from models.fast_attention import NEG_INF, causal_softmax, softmax_pv
 from models.layers import Dense, compute_dtype
-from posenc.base import PositionalEncoding
+from posenc.base import PositionalEncoding, grouped_qk
 
 def logn_query_scale(positions, base_len):
   """Chiang & Cholak 2022 / Su 2023 log-n scaling: max(1, log(pos+1) / log(base_len)).
@@ -207,15 +207,17 @@ def grouped_attend(q, k, v, q_pos, k_pos, enc, key_mask):
   h / kv times (``prepare``'s sharing), not a transpose, not a copy before the cache's
   in-place update, all of which a few queries over a long cache pay in full (SmolLM2
   decoding at 4k: benchmarks/README.md, "Decoding"). key_mask [b or 1, s, t]: the keys each
-  query reads. Only for ``plain_scores`` encodings. -> [b, s, h, d] float32."""
+  query reads. For ``plain_scores`` encodings, and for piecewise rules with k the tuple of
+  cached key views (``enc.key_views``; q then unrotated). -> [b, s, h, d] float32."""
   b, s, h, d = q.shape
-  kv, t = k.shape[0] // b, k.shape[1]
-  q = q.reshape(b, s, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, -1, d)
-  logits = jnp.einsum("nqd,ntd->nqt", q, k, preferred_element_type=jnp.float32)
-  logits = logits.reshape(b, kv, h // kv, s, t)
-  bias = enc.bias(q_pos, k_pos)  # [b or 1, h, s, t]: heads in (kv, group) order, as shared
-  if bias is not None:
-    logits = logits + bias.reshape(bias.shape[0], kv, h // kv, s, t)
+  kv, t = v.shape[0] // b, v.shape[1]
+  if isinstance(k, tuple):  # a piecewise rule's key views (``enc.key_views``)
+    logits = enc.view_scores(q, k, q_pos, k_pos)
+  else:
+    logits = grouped_qk(q, k)
+    bias = enc.bias(q_pos, k_pos)  # [b or 1, h, s, t]: heads in (kv, group) order, as shared
+    if bias is not None:
+      logits = logits + bias.reshape(bias.shape[0], kv, h // kv, s, t)
   probs = jax.nn.softmax(jnp.where(key_mask[:, None, None], logits, NEG_INF), axis=-1)
   out = jnp.einsum("nqt,ntd->nqd", probs.reshape(b * kv, -1, t).astype(v.dtype), v,
                    preferred_element_type=jnp.float32)

@@ -15,7 +15,10 @@ copy only, for ``_CachedAttention``, which calls ``Attention.project`` / ``prepa
   them all: length-dependent frequencies (dynamic NTK, LongRoPE), whose keys all take the
   current length's rotation - Hugging Face transformers, which caches rotated keys, keeps
   the old scale for the old keys (issue huggingface/transformers#25104); here step n equals
-  a full forward over n tokens - and positions counted inside an evicting cache;
+  a full forward over n tokens - and positions counted inside an evicting cache. Piecewise
+  RoPE methods (Self-Extend, DCA, ReRoPE, ...) rotate a key differently per part: the cache
+  keeps each key under each of the rule's key maps (``enc.key_views``, one buffer per map),
+  so a step rotates only its own queries and keys (``enc.view_scores``);
 * bias families (``bias`` / ``scores``): logits from the cached key positions;
 * CoPE: its gates sum over a query's row of keys; the empty slots and a chunk's later
   tokens, after the query, are kept out of the count by their positions (``CoPE.scores``).
@@ -86,7 +89,11 @@ class _CachedAttention:
     if rotated:  # the chunk's keys enter the cache rotated (module doc)
       q, k = enc.rotate(q, k, positions, positions)
     start, sinks = self.ctx["start"], self.ctx["sinks"]
-    self.k_buf = _write(self.k_buf, to_cache(k), start, sinks)
+    if isinstance(self.k_buf, tuple):  # a piecewise rule: each key's rotations (_key_views)
+      self.k_buf = tuple(_write(buf, to_cache(view), start, sinks)
+                         for buf, view in zip(self.k_buf, enc.key_views(k, positions)))
+    else:
+      self.k_buf = _write(self.k_buf, to_cache(k), start, sinks)
     self.v_buf = _write(self.v_buf, to_cache(v), start, sinks)
     if self.ctx["prefill"]:  # empty cache: the chunk's keys are all the valid keys
       q, k, v = self.attn.prepare(q, k, v, positions, positions, enc, rotate=not rotated)
@@ -101,7 +108,7 @@ class _CachedAttention:
     are plain q.k + bias (``grouped_attend``), else by the full path's hooks (whose causal
     offset, queries last, masks no valid key of a cache filled from slot 0: ``mask`` does)."""
     k_pos, mask, plain = self.ctx["k_pos"], self.ctx["mask"], plain_scores(enc)
-    if plain and not rotate:  # the cache as it is
+    if isinstance(self.k_buf, tuple) or (plain and not rotate):  # the cache as it is
       return grouped_attend(self.attn.scale_queries(q, q_pos), self.k_buf, self.v_buf, q_pos,
                             k_pos, enc, mask)
     b = q.shape[0]
@@ -160,7 +167,7 @@ def _make_steps(graphdef):
     if freqs is not None:  # length-dependent RoPE: this length's frequencies (module doc)
       object.__setattr__(model.posenc, "inv_freq", freqs[0])
       object.__setattr__(model.posenc, "attention_factor", freqs[1])
-    s, capacity = tokens.shape[1], k_bufs[0].shape[1]
+    s, capacity = tokens.shape[1], v_bufs[0].shape[1]
     mask = jnp.arange(capacity)[None, None, :] <= start + jnp.arange(s)[None, :, None]
     ctx = {"k_pos": k_pos, "mask": mask, "start": start, "sinks": sinks, "prefill": prefill,
            "rotated": rotated}
@@ -208,7 +215,10 @@ class CachedDecoder:
     kv_dtype = jax.eval_shape(attn.project, jax.ShapeDtypeStruct((1, 1, model.embedding.shape[1]),
                                                                  jnp.float32))[1].dtype
     shape = (batch * attn.num_kv_heads, capacity, attn.head_dim)  # the layout: module doc
-    self.k = tuple(jnp.zeros(shape, kv_dtype) for _ in model.blocks)
+    views = self._key_views(model, attn)
+    key_buffers = lambda: (tuple(jnp.zeros(shape, kv_dtype) for _ in range(views)) if views
+                           else jnp.zeros(shape, kv_dtype))
+    self.k = tuple(key_buffers() for _ in model.blocks)
     self.v = tuple(jnp.zeros(shape, kv_dtype) for _ in model.blocks)
     self.shared = False  # whether another decoder holds these buffers (``branch``)
     # Position of each slot: its index while positions are contiguous from 0 (and for
@@ -216,6 +226,17 @@ class CachedDecoder:
     self.pos = np.arange(capacity, dtype=np.int32)
     self.length = 0  # valid slots, from slot 0
     self.seen = 0  # tokens fed so far
+
+  def _key_views(self, model, attn):
+    """How many rotations of each key the cache keeps (``enc.key_views``: a piecewise rule's
+    key maps), or 0 (one buffer of keys as ``rotate`` gives them). Only where a cached key's
+    rotation never changes (``rotated``)."""
+    if not self.rotated:
+      return 0
+    k = jax.ShapeDtypeStruct((1, 1, attn.num_kv_heads, attn.head_dim), jnp.float32)
+    pos = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    views = jax.eval_shape(model.posenc.key_views, k, pos)
+    return 0 if views is None else len(views)
 
   def feed(self, tokens, last_only=False):
     """Appends tokens [b, s] (int) and returns their logits [b, s, V] (float32), or only

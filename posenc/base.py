@@ -9,7 +9,9 @@ information. The attention module calls, in this order and never by name:
                                               #   = q.k (+ enc.bias(q_pos, k_pos))
 
 An encoding with a mask of its own may also answer ``enc.tile_attended(q_pos, k_pos)``, so
-that blockwise attention skips the tiles it removes entirely.
+that blockwise attention skips the tiles it removes entirely. One whose logits rotate keys
+per part (piecewise RoPE methods) answers ``key_views`` / ``view_scores``, so that a KV cache
+keeps each key's rotations and a decode step rotates only its own tokens.
 
 ``bias`` / ``scores`` on a block of (query, key) positions must equal the matching
 slice of the full-length result: that is what lets long evaluation run blockwise
@@ -51,6 +53,17 @@ def qk_dot(q, k):
   ``posenc.xla_ops``); autodiff of the einsum would run both in float32.
   """
   return jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+
+
+def grouped_qk(q, k):
+  """Logits q.k of queries q [b, sq, h, d] over cached keys k [b * kv, t, d] (a KV cache's
+  layout: batch and kv heads merged, each head's keys contiguous; ``models.generate``), query
+  head j reading kv head j // (h / kv), without copying k -> [b, kv, h // kv, sq, t] float32."""
+  b, s, h, d = q.shape
+  kv = k.shape[0] // b
+  q = q.reshape(b, s, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, -1, d)
+  logits = jnp.einsum("nqd,ntd->nqt", q, k, preferred_element_type=jnp.float32)
+  return logits.reshape(b, kv, h // kv, s, -1)
 
 
 def _qk_dot_fwd(q, k):
@@ -178,6 +191,21 @@ class PositionalEncoding(nnx.Module):
     False."""
     del q, k, q_pos, k_pos
     return None
+
+  def key_views(self, k, k_pos):
+    """For logits that are the q.k of keys rotated per part (piecewise RoPE methods): the keys
+    [b, s, kv, d] at positions k_pos [b, s] under each distinct key rotation, a tuple. A key's
+    views depend on its own position alone, so a KV cache keeps them and a decode step rotates
+    only its own tokens (``models.generate``). None (the default): the cache keeps the keys
+    ``rotate`` gives."""
+    del k, k_pos
+    return None
+
+  def view_scores(self, q, views, q_pos, k_pos):
+    """Logits [b, kv, h // kv, sq, t] (float32) of queries q [b, sq, h, d] (scaled, not
+    rotated) over cached key views (``key_views``, each [b * kv, t, d] in the cache's layout:
+    ``grouped_qk``) at positions k_pos [b, t]; for encodings whose ``key_views`` is not None."""
+    raise NotImplementedError(f"{self.name!r} keeps no key views")
 
   def tile_attended(self, q_pos, k_pos):
     """For an encoding whose logits mask pairs beyond the causal mask: whether any pair of a

@@ -155,6 +155,14 @@ class RoPE(PositionalEncoding):
       return None
     return _piecewise().kernel_pieces(self.scores_rule, q, k, q_pos, k_pos, self._rotate)
 
+  def key_views(self, k, k_pos):
+    if not self.scores_rule:
+      return None
+    return _piecewise().key_views(self.scores_rule, k, k_pos, self._rotate)
+
+  def view_scores(self, q, views, q_pos, k_pos):
+    return _piecewise().view_scores(self.scores_rule, q, views, q_pos, k_pos, self._rotate)
+
   def tile_attended(self, q_pos, k_pos):
     if not self.scores_rule:
       return None

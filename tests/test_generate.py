@@ -107,20 +107,45 @@ PIECEWISE = [v for v in extensions.names()
              if isinstance(extensions.get(v), extensions.piecewise.PiecewiseRoPE)]
 
 
-@pytest.mark.parametrize("variant", PIECEWISE)
-def test_piecewise_grouped_query_steps_fold_the_query_heads(variant, tiny_config, monkeypatch):
-  """4 query heads reading 2 kv heads under a piecewise RoPE method: the decode steps score
-  each cached kv head once, its two query heads stacked as query rows (``folded_attend``),
-  and equal the full forward."""
+def _piecewise_gqa_model(variant, tiny_config):
+  """4 query heads reading 2 kv heads under a piecewise RoPE method at 3x train_len."""
   config, model = _model("rope", tiny_config, **{"model.num_heads": 4, "model.num_kv_heads": 2})
   spec = extensions.parse_variants(variant)[0]
-  model = variant_model(model, extensions.apply_variant(config, spec, LENGTH))
+  return variant_model(model, extensions.apply_variant(config, spec, LENGTH))
+
+
+@pytest.mark.parametrize("variant", PIECEWISE)
+def test_piecewise_steps_rotate_only_their_own_tokens(variant, tiny_config, monkeypatch):
+  """The cache keeps each key under each of the rule's key maps (``enc.key_views``), so every
+  rotation a decode step makes is of its own tokens (at most the largest chunk fed, 8), never
+  of the 48 cached keys, and the steps still equal the full forward."""
+  model = _piecewise_gqa_model(variant, tiny_config)
+  rotated_lengths = []
+  real = posenc.rope.apply_rope
+  monkeypatch.setattr(posenc.rope, "apply_rope",
+                      lambda x, *a: rotated_lengths.append(x.shape[1]) or real(x, *a))
+  tokens = _tokens()
+  got = _cached(model, tokens)
+  assert max(rotated_lengths) == 8  # the prompt chunk; a step rotating its cache would show 48
+  assert isinstance(CachedDecoder(model, 2, LENGTH).k[0], tuple)  # one buffer per key map
+  assert _max_diff(got, _full(model, tokens)) <= F32_TOL
+
+
+@pytest.mark.parametrize("variant", PIECEWISE)
+def test_piecewise_steps_over_moving_positions_fold_the_query_heads(variant, tiny_config,
+                                                                   monkeypatch):
+  """Where a cached key's rotation can change (positions counted inside the cache), keys stay
+  unrotated and each step scores each cached kv head once, its two query heads stacked as
+  query rows (``folded_attend``); a cache filled from slot 0 without eviction has the
+  absolute positions, so the steps equal the full forward."""
+  model = _piecewise_gqa_model(variant, tiny_config)
   folded = []
   real = generate_module.folded_attend
   monkeypatch.setattr(generate_module, "folded_attend",
                       lambda q, k, *a: folded.append(q.shape[2] // k.shape[2]) or real(q, k, *a))
   tokens = _tokens()
-  assert _max_diff(_cached(model, tokens), _full(model, tokens)) <= F32_TOL
+  got = _cached(model, tokens, cache_positions=True)
+  assert _max_diff(got, _full(model, tokens)) <= F32_TOL
   assert folded and set(folded) == {2}
 
 
