@@ -125,10 +125,11 @@ class _CachedAttention:
 def folded_attend(q, k, v, q_pos, k_pos, enc, key_mask):
   """Attention of queries q [b, s, h, d] over keys k / v [b, t, kv, d] with kv <= h heads
   (grouped-query attention when kv < h), for an encoding whose logits treat every head
-  alike (``same_rule_every_head``: piecewise RoPE methods): each kv head's h / kv query
-  heads become h / kv times the query rows of one head, so the rule rotates and scores the
-  cache's kv heads, not h / kv copies of each (Self-Extend over a SmolLM2 8k cache: 140 ms
-  a layer for 4 queries over the copies, 37 ms folded; a candidate step had taken ~9 s)."""
+  alike (``same_rule_every_head``: piecewise RoPE methods over unrotated keys, where cached
+  positions move; elsewhere they read their key views in ``grouped_attend``): each kv
+  head's h / kv query heads become h / kv times the query rows of one head, so the rule
+  rotates and scores the cache's kv heads, not h / kv copies of each (Self-Extend over a
+  SmolLM2 8k cache: 140 ms a layer for 4 queries over the copies, 37 ms folded)."""
   b, s, h, d = q.shape
   kv = k.shape[2]
   g = h // kv
