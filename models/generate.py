@@ -216,11 +216,11 @@ class CachedDecoder:
     kv_dtype = jax.eval_shape(attn.project, jax.ShapeDtypeStruct((1, 1, model.embedding.shape[1]),
                                                                  jnp.float32))[1].dtype
     shape = (batch * attn.num_kv_heads, capacity, attn.head_dim)  # the layout: module doc
-    views = self._key_views(model, attn)
-    key_buffers = lambda: (tuple(jnp.zeros(shape, kv_dtype) for _ in range(views)) if views
-                           else jnp.zeros(shape, kv_dtype))
-    self.k = tuple(key_buffers() for _ in model.blocks)
-    self.v = tuple(jnp.zeros(shape, kv_dtype) for _ in model.blocks)
+    zeros = lambda: jnp.zeros(shape, kv_dtype)
+    views = self._key_views(model, attn)  # 0: one buffer of keys per layer
+    self.k = tuple(tuple(zeros() for _ in range(views)) if views else zeros()
+                   for _ in model.blocks)
+    self.v = tuple(zeros() for _ in model.blocks)
     self.shared = False  # whether another decoder holds these buffers (``branch``)
     # Position of each slot: its index while positions are contiguous from 0 (and for
     # cache_positions); absolute positions move with eviction otherwise.
