@@ -84,19 +84,18 @@ def scores(rule_json, q, k, q_pos, k_pos, rotate):
   the run's RoPE (frequencies, attention factor). q, k [b, s, h, d] unrotated."""
   ext, params = load_rule(rule_json)
   part = ext.select(params, q_pos[:, None, :, None], k_pos[:, None, None, :])
-  parts = ext.parts(params)
+  qmaps, kmaps, parts = _distinct_maps(ext, params)
 
   # Each distinct map's rotation once, outside the branches below: inside them XLA:CPU ran
   # a rotation ~3x slower (a Self-Extend decode step's logits over a 16k cache: 58 -> 24 ms
   # a layer; a needle trial's ten candidates 16 -> 7 s).
-  qrot = {fn: rotate(q, fn(q_pos)) for fn in dict.fromkeys(qm for qm, _ in parts)}
-  krot = {fn: rotate(k, fn(k_pos)) for fn in dict.fromkeys(km for _, km in parts)}
+  qrot, krot = _rotations(q, q_pos, qmaps, rotate), _rotations(k, k_pos, kmaps, rotate)
 
   def logits_of(chosen):
     out = jnp.float32(NEG_INF)
     for c in chosen:
-      qmap, kmap = parts[c]
-      out = jnp.where(part == c, qk_dot(qrot[qmap], krot[kmap]), out)
+      i, j = parts[c]
+      out = jnp.where(part == c, qk_dot(qrot[i], krot[j]), out)
     return out
 
   if len(parts) == 1:
@@ -133,8 +132,8 @@ def kernel_pieces(rule_json, q, k, q_pos, k_pos, rotate):
   if ext.kernel_form(params) is None:
     return None
   qmaps, kmaps, pairs = _distinct_maps(ext, params)
-  queries = jnp.stack([rotate(q, fn(q_pos)) for fn in qmaps])
-  keys = jnp.stack([rotate(k, fn(k_pos)) for fn in kmaps])
+  queries = jnp.stack(_rotations(q, q_pos, qmaps, rotate))
+  keys = jnp.stack(_rotations(k, k_pos, kmaps, rotate))
   part_q, part_k = zip(*pairs)
   return queries, keys, (part_q, part_k, *kernel_tables(ext, params))
 
@@ -143,7 +142,7 @@ def key_views(rule_json, k, k_pos, rotate):
   """The keys k [b, s, kv, d] rotated under each distinct key map of the rule (a tuple, in
   ``_distinct_maps`` order): what a KV cache keeps of each key (``view_scores``)."""
   ext, params = load_rule(rule_json)
-  return tuple(rotate(k, fn(k_pos)) for fn in _distinct_maps(ext, params)[1])
+  return _rotations(k, k_pos, _distinct_maps(ext, params)[1], rotate)
 
 
 def view_scores(rule_json, q, views, q_pos, k_pos, rotate):
@@ -153,12 +152,17 @@ def view_scores(rule_json, q, views, q_pos, k_pos, rotate):
   a 16k cache rotated its 16k keys twice per layer: benchmarks/README.md, "Decoding")."""
   ext, params = load_rule(rule_json)
   qmaps, _, pairs = _distinct_maps(ext, params)
-  queries = [rotate(q, fn(q_pos)) for fn in qmaps]
+  queries = _rotations(q, q_pos, qmaps, rotate)
   part = ext.select(params, q_pos[:, None, None, :, None], k_pos[:, None, None, None, :])
   out = jnp.float32(NEG_INF)
   for c, (i, j) in enumerate(pairs):
     out = jnp.where(part == c, grouped_qk(queries[i], views[j]), out)
   return out
+
+
+def _rotations(x, pos, maps, rotate):
+  """x [b, s, h, d] rotated at each map of its positions [b, s] (a tuple, in ``maps`` order)."""
+  return tuple(rotate(x, fn(pos)) for fn in maps)
 
 
 def _distinct_maps(ext, params):
