@@ -5,7 +5,8 @@
   python eval_needle.py --runs=pretrained:smollm2-135m --lengths=1024,2048 --trials=20 \
       --variants=none,yarn --out=results/needle_smollm2
 
---lengths: token counts, or xF = F times each run's training length. Filler comes from the
+--lengths: token counts, or xF = F times each run's training length; the default, "grid", is
+the issue's grid: 0.5x-64x the training length for a run, 1k-32k tokens for a checkpoint. Filler comes from the
 books of --split (byte runs: bytes; a checkpoint: its BPE). Rows go to --out/needle.jsonl
 (one per run x variant x length x depth; a rerun skips finished rows, writes are atomic),
 each trial's outcome to --out/needle_trials.jsonl as it is scored (an interrupted cell
@@ -21,6 +22,7 @@ import numpy as np
 from absl import app, flags
 
 import extensions
+import pretrained
 from configs.common import normalize_argv
 from evaluation import needle, plots, results
 from evaluation.needle import filler_tokens, parse_depths, parse_lengths
@@ -37,7 +39,9 @@ def define_flags():
   """Command-line flags, defined when run as a script (so tests can import this module
   next to other scripts that define flags of the same names)."""
   flags.DEFINE_string("runs", None, "Comma list of run dirs / pretrained checkpoints.")
-  flags.DEFINE_string("lengths", "x0.5,x1,x2,x4,x8", "Token counts or xF (F x train_len).")
+  flags.DEFINE_string("lengths", needle.GRID,
+                      "Token counts or xF (F x train_len); 'grid' = 0.5x-64x the training "
+                      "length for a run, 1k-32k tokens for a pretrained checkpoint.")
   flags.DEFINE_string("depths", "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
                       "Needle depths in [0, 1].")
   flags.DEFINE_integer("trials", 20, "Trials (seeds) per cell.")
@@ -63,7 +67,7 @@ def run_grid(opts, log=print):
   eval_dtype = eval_dtype_for(getattr(opts, "dtype", ""))
   for run_dir in [r.strip() for r in opts.runs.split(",") if r.strip()]:
     config = checkpoint.read_config(run_dir)
-    lengths = parse_lengths(opts.lengths, config.train_len)
+    lengths = parse_lengths(opts.lengths, config.train_len, pretrained.is_checkpoint(run_dir))
     loaded = {}
     for variant in extensions.parse_variants(opts.variants):
       for length in lengths:

@@ -178,6 +178,6 @@ def _needle_study(c, smoke):
   c.out = "/tmp/lenx_needle_smoke/results" if smoke else "results/needle_demo_seeds"
   c.task = "needle"
   c.needle = ml_collections.ConfigDict(dict(
-      lengths="x1,x2" if smoke else "x0.5,x1,x2,x4,x8", depths="0,1" if smoke else "0,0.5,1",
+      lengths="x1,x2" if smoke else "grid", depths="0,1" if smoke else "0,0.5,1",
       trials=2 if smoke else 20, distractors=9, variants="none,yarn", split="test", seed=0,
       dtype=""))

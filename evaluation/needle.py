@@ -50,11 +50,22 @@ def _number(item, flag, what):
     raise ValueError(f"--{flag}: {item!r} is not {what}") from None
 
 
-def parse_lengths(spec, train_len):
+# The issue's grids (issue 13): 0.5x-64x the training length for runs trained here, 1k-32k
+# tokens for a pretrained checkpoint (whose "training length" is its context, 8k for SmolLM2:
+# 64x that would be 512k tokens).
+GRID = "grid"
+GRID_LENGTHS = {"run": "x0.5,x1,x2,x4,x8,x16,x32,x64",
+                "checkpoint": "1024,2048,4096,8192,16384,32768"}
+
+
+def parse_lengths(spec, train_len, checkpoint=False):
+  """--lengths -> token counts: a comma list of counts or xF (F x train_len), or "grid"."""
+  if spec.strip() == GRID:
+    spec = GRID_LENGTHS["checkpoint" if checkpoint else "run"]
   out = []
   for item in spec.split(","):
     item = item.strip()
-    what = "a token count or xF (F x the training length), e.g. 4096 or x2"
+    what = f"a token count or xF (F x the training length), e.g. 4096 or x2, or {GRID!r}"
     value = (_number(item[1:], "lengths", what) * train_len if item.startswith("x")
              else _number(item, "lengths", what))
     if value < 1:

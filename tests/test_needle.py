@@ -297,6 +297,15 @@ def test_bad_lengths_and_depths_are_clear_errors_before_any_run_is_read(tmp_path
   assert eval_needle.parse_lengths("x0.5, 4096", 128) == [64, 4096]
 
 
+def test_the_default_grid_is_the_issues_for_runs_and_for_checkpoints():
+  # issue 13: 0.5x-64x the training length for byte runs, 1k-32k for a pretrained checkpoint
+  assert eval_needle.parse_lengths("grid", 128) == [64, 128, 256, 512, 1024, 2048, 4096, 8192]
+  assert eval_needle.parse_lengths("grid", 8192, checkpoint=True) == [
+      1024, 2048, 4096, 8192, 16384, 32768]
+  assert eval_needle.parse_lengths(" grid", 100) == eval_needle.parse_lengths("x0.5,x1,x2,x4,x8,"
+                                                                              "x16,x32,x64", 100)
+
+
 def test_cell_keeps_each_trials_outcome(tiny_config):
   """The row's per-trial outcomes are the trials themselves: they add up to the cell's
   accuracy and mean rank, and trial t is the example seeded by (seed, length, depth, t)."""
