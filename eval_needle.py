@@ -91,6 +91,11 @@ def run_grid(opts, log=print):
             store.add({**row, "status": f"skipped: {e}"})
             continue
           model = variant_model(loaded["model"], vconf, eval_dtype)
+          try:  # a learned table shorter than the length: a row that says so, as in sweeps
+            model.posenc.check_positions(length - 1)
+          except ValueError as e:
+            store.add({**row, "status": f"unsupported: {e}"})
+            continue
           distance = needle.distance_back(loaded["codec"].encode, length, depth)
           row.update(status="ok", distance=distance, **needle.evaluate_cell(
               model, loaded["filler"], loaded["codec"].encode, length, depth, opts.trials,

@@ -149,6 +149,24 @@ def test_grid_is_resumable(tmp_path, tiny_config, monkeypatch):
   assert list(tmp_path.glob("needle_heatmap_*.png"))
 
 
+def test_lengths_past_a_learned_table_are_rows_that_say_so(tmp_path, tiny_config, monkeypatch):
+  """The default grid reaches 64x L; a learned table shorter than a length gets an
+  "unsupported" row naming the table (as eval_extrapolate's rows do), and the cells around
+  it are still scored: the grid does not stop at the first length past the table."""
+  config, model = _model("learned", tiny_config, layers=1, **{"posenc.learned.max_len": 80})
+  _fake_run(monkeypatch, config, model)
+  opts = types.SimpleNamespace(runs="runs/fake", lengths="x6,x4", depths="0,1", trials=1,
+                               distractors=2, variants="none", split="test", seed=0,
+                               out=str(tmp_path))
+  rows = {(r["length"], r["depth"]): r for r in eval_needle.run_grid(opts, log=lambda *_: None)}
+  assert [rows[(64, d)]["status"] for d in (0, 1)] == ["ok", "ok"]
+  for d in (0, 1):
+    assert rows[(96, d)]["status"].startswith("unsupported:")
+    assert "table has 80 rows" in rows[(96, d)]["status"]
+  eval_needle.write_report(str(tmp_path), list(rows.values()))
+  assert "| 64 |" in (tmp_path / "needle.md").read_text()
+
+
 def test_report_keeps_apart_two_runs_that_share_a_name(tmp_path):
   """Two run dirs with one basename (runs/a/rope-s1, runs/b/rope-s1) are two heatmaps and
   two tables, each with its own accuracy, never one cell overwritten by the other."""
