@@ -56,9 +56,12 @@ def define_flags():
 # per row) once the kernel computed the statistics in its own pass (10.6 min forward, 1.2
 # compiling). bf16 (Xeon) not re-measured since.
 EVAL_S_PER_ROW = {"bfloat16": 4.0, "float32": 3.3}
-# demo.py --needle, bf16, the Xeon: 105 cells in 3.4 min; float32 not measured, scaled by
-# the perplexity rows' float32 / bf16 ratio of the previous session (7.2 / 4.0 s per row)
-NEEDLE_S_PER_CELL = {"bfloat16": 2.0, "float32": 3.9}
+# demo.py --needle, bf16, the Xeon: 105 cells of 0.5x-8x L in 3.4 min; float32 not measured,
+# scaled by the perplexity rows' float32 / bf16 ratio of the previous session (7.2 / 4.0 s
+# per row). The grid now reaches 64x L: on the Zen 4 EPYC (bf16, one run, none + yarn, 3
+# depths x 20 trials) a cell of the full grid costs 1.63x one of 0.5x-8x (223 s for 48
+# cells vs 85.5 s for 30), so both are scaled by that
+NEEDLE_S_PER_CELL = {"bfloat16": 3.3, "float32": 6.4}
 
 
 def _set(config, dotted, text):
