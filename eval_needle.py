@@ -191,10 +191,25 @@ def write_report(out, rows, distance_of=None):
     plt.close(fig)
   lines += _across_seeds_lines(needle.across_seeds(rows))
   lines += _paired_lines(needle.paired_trials(rows))
+  lines += _not_scored_lines(rows)
   results.write_atomic(os.path.join(out, "needle.md"), "\n".join(lines) + "\n")
   placed = [r for r in rows if distance_of is not None and distance_of(r) is not None]
   if placed:
     plots.needle_distance_figure(placed, distance_of, os.path.join(out, "needle_by_distance.png"))
+
+
+def _not_scored_lines(rows):
+  """Cells with a row but no score (a variant that does not apply, a length past a learned
+  table), so that a length missing from a grid above is never a silent gap."""
+  why = {}
+  for r in rows:
+    if r.get("status", "ok") != "ok":
+      why.setdefault((r["run"], r["variant"], r["length"], r["status"]), []).append(r["depth"])
+  if not why:
+    return []
+  return ["## Cells not scored", ""] + [
+      f"- {run} {variant} at {length} (depths {', '.join(f'{d:g}' for d in sorted(depths))}): "
+      f"{status}" for (run, variant, length, status), depths in sorted(why.items())] + [""]
 
 
 def _across_seeds_lines(summary):

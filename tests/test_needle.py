@@ -164,7 +164,11 @@ def test_lengths_past_a_learned_table_are_rows_that_say_so(tmp_path, tiny_config
     assert rows[(96, d)]["status"].startswith("unsupported:")
     assert "table has 80 rows" in rows[(96, d)]["status"]
   eval_needle.write_report(str(tmp_path), list(rows.values()))
-  assert "| 64 |" in (tmp_path / "needle.md").read_text()
+  report = (tmp_path / "needle.md").read_text()
+  assert "| 64 |" in report and "| 96 |" not in report
+  not_scored = report.split("## Cells not scored")[1]
+  assert "fake none at 96 (depths 0, 1): unsupported:" in not_scored
+  assert "table has 80 rows" in not_scored
 
 
 def test_report_keeps_apart_two_runs_that_share_a_name(tmp_path):
