@@ -5,9 +5,9 @@
   python eval_needle.py --runs=pretrained:smollm2-135m --lengths=1024,2048 --trials=20 \
       --variants=none,yarn --out=results/needle_smollm2
 
---lengths: token counts, or xF = F times each run's training length; the default, "grid", is
-the issue's grid: 0.5x-64x the training length for a run, 1k-32k tokens for a checkpoint. Filler comes from the
-books of --split (byte runs: bytes; a checkpoint: its BPE). Rows go to --out/needle.jsonl
+--lengths: token counts, or xF = F times each run's training length; the default, "grid",
+is the issue's grid: 0.5x-64x the training length for a run, 1k-32k tokens for a pretrained
+checkpoint. Filler comes from the books of --split (byte runs: bytes; a checkpoint: its BPE). Rows go to --out/needle.jsonl
 (one per run x variant x length x depth; a rerun skips finished rows, writes are atomic),
 each trial's outcome to --out/needle_trials.jsonl as it is scored (an interrupted cell
 resumes from its last trial; a cell asked for more trials reuses those scored before),
@@ -22,11 +22,10 @@ import numpy as np
 from absl import app, flags
 
 import extensions
-import pretrained
 from configs.common import normalize_argv
 from evaluation import needle, plots, results
-from evaluation.needle import filler_tokens, parse_depths, parse_lengths
-from evaluation.runner import eval_dtype_for, variant_model
+from evaluation.needle import filler_tokens, parse_depths
+from evaluation.runner import eval_dtype_for, length_unsupported, variant_model
 from extensions import NotApplicable
 from input_pipeline.codec import Codec
 from training import checkpoint
@@ -67,7 +66,7 @@ def run_grid(opts, log=print):
   eval_dtype = eval_dtype_for(getattr(opts, "dtype", ""))
   for run_dir in [r.strip() for r in opts.runs.split(",") if r.strip()]:
     config = checkpoint.read_config(run_dir)
-    lengths = parse_lengths(opts.lengths, config.train_len, pretrained.is_checkpoint(run_dir))
+    lengths = needle.run_lengths(opts.lengths, run_dir, config.train_len)
     loaded = {}
     for variant in extensions.parse_variants(opts.variants):
       for length in lengths:
@@ -91,10 +90,9 @@ def run_grid(opts, log=print):
             store.add({**row, "status": f"skipped: {e}"})
             continue
           model = variant_model(loaded["model"], vconf, eval_dtype)
-          try:  # a learned table shorter than the length: a row that says so, as in sweeps
-            model.posenc.check_positions(length - 1)
-          except ValueError as e:
-            store.add({**row, "status": f"unsupported: {e}"})
+          unsupported = length_unsupported(model, length)
+          if unsupported:  # a learned table shorter than the length: a row that says so
+            store.add({**row, "status": unsupported})
             continue
           distance = needle.distance_back(loaded["codec"].encode, length, depth)
           row.update(status="ok", distance=distance, **needle.evaluate_cell(

@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 
+import pretrained
 from evaluation.results import group_of
 from input_pipeline import text as text_data
 from models.generate import CachedDecoder
@@ -72,6 +73,11 @@ def parse_lengths(spec, train_len, checkpoint=False):
       raise ValueError(f"length {item!r} must be >= 1 token (or xF with F > 0)")
     out.append(int(round(value)))
   return out
+
+
+def run_lengths(spec, run_dir, train_len):
+  """``parse_lengths`` for one run: "grid" is the checkpoint grid for a pretrained one."""
+  return parse_lengths(spec, train_len, pretrained.is_checkpoint(run_dir))
 
 
 def parse_depths(spec):

@@ -193,7 +193,7 @@ def main(argv):
     codec = Codec(config)
     filler = needle.filler_tokens(config, codec, FLAGS.split)
     run = os.path.basename(workdir.rstrip("/"))
-    for length in needle.parse_lengths(FLAGS.lengths, config.train_len):
+    for length in needle.run_lengths(FLAGS.lengths, workdir, config.train_len):
       _, scaled = one_variant(config, model, FLAGS.variant, length)
       if ablation:
         ablate_query_pairs(scaled, *ablation)

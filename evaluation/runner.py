@@ -42,6 +42,17 @@ def variant_model(run_model, variant_config, dtype=""):
   return model
 
 
+def length_unsupported(model, length):
+  """The row status "unsupported: <why>" where the model's encoding cannot address
+  ``length`` positions (a learned table shorter than it), else None: a sweep or needle grid
+  records it and goes on to the next cell."""
+  try:
+    model.posenc.check_positions(length - 1)
+  except ValueError as e:
+    return f"unsupported: {e}"
+  return None
+
+
 def one_variant(run_config, run_model, variant, eval_len, dtype=""):
   """(config, model) of a run under one variant spec (``"yarn"``, ``"dynamic:factor=2"``)
   set up for ``eval_len`` tokens, in ``dtype`` (``variant_model``): what a script decoding

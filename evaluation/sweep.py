@@ -135,10 +135,9 @@ def _compute(run, variant, length, opts, stride, segment_len, reference=None):
     reused = {k: v for k, v in reference.items() if k not in _OWN_FIELDS and k not in
               run.base_row(variant, length, opts, stride, segment_len)}
     return {"status": "ok", **resolved, **reused, "same_as": "none"}
-  try:
-    model.posenc.check_positions(length - 1)
-  except ValueError as e:
-    return {"status": f"unsupported: {e}", **resolved}
+  unsupported = runner.length_unsupported(model, length)
+  if unsupported:
+    return {"status": unsupported, **resolved}
   fields = runner.evaluate(
       model, run.task, length=length, mode=opts.mode, stride=stride, split=opts.split,
       batch_size=batch_size_for(opts.batch_size, length), max_tokens=opts.max_tokens or None,

@@ -315,17 +315,19 @@ def test_bad_lengths_and_depths_are_clear_errors_before_any_run_is_read(tmp_path
   with pytest.raises(ValueError, match="--depths: 'half' is not a depth"):
     eval_needle.run_grid(types.SimpleNamespace(**{**vars(opts), "depths": "0,half"}))
   with pytest.raises(ValueError, match="--lengths: 'abc' is not a token count or xF"):
-    eval_needle.parse_lengths("1024,abc", 128)
-  assert eval_needle.parse_lengths("x0.5, 4096", 128) == [64, 4096]
+    needle.parse_lengths("1024,abc", 128)
+  assert needle.parse_lengths("x0.5, 4096", 128) == [64, 4096]
 
 
 def test_the_default_grid_is_the_issues_for_runs_and_for_checkpoints():
   # issue 13: 0.5x-64x the training length for byte runs, 1k-32k for a pretrained checkpoint
-  assert eval_needle.parse_lengths("grid", 128) == [64, 128, 256, 512, 1024, 2048, 4096, 8192]
-  assert eval_needle.parse_lengths("grid", 8192, checkpoint=True) == [
+  assert needle.parse_lengths("grid", 128) == [64, 128, 256, 512, 1024, 2048, 4096, 8192]
+  assert needle.parse_lengths("grid", 8192, checkpoint=True) == [
       1024, 2048, 4096, 8192, 16384, 32768]
-  assert eval_needle.parse_lengths(" grid", 100) == eval_needle.parse_lengths("x0.5,x1,x2,x4,x8,"
-                                                                              "x16,x32,x64", 100)
+  assert needle.parse_lengths(" grid", 100) == needle.parse_lengths("x0.5,x1,x2,x4,x8,"
+                                                                    "x16,x32,x64", 100)
+  assert needle.run_lengths("grid", "pretrained:smollm2-135m", 8192)[-1] == 32768
+  assert needle.run_lengths("grid", "runs/fake", 8192)[-1] == 64 * 8192
 
 
 def test_cell_keeps_each_trials_outcome(tiny_config):
