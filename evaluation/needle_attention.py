@@ -11,7 +11,10 @@ with distance. Measured on the needle grid's own prompts (``needle.trial_example
 query that predicts the key's first token (the question's last token), per layer and head,
 the attention weight on the needle's key tokens and the total weight on keys more than
 ``far`` positions back (default: the run's training length), averaged over trials, and the
-strongest key head's weight in each trial. ``--variant`` measures a context-extension variant
+strongest key head's weight in each trial; for the last layer's strongest head (the copy
+head), ``copy_head_digits``: the weight the query predicting each answer token puts on each
+key token (the true answer before it, as the grid scores), whose diagonal is copying the
+right digit. ``--variant`` measures a context-extension variant
 set up per length as the grid sets it; ``--grid`` (the grid's needle.jsonl) puts each cell's
 exact trials beside that weight in ``--out/needle_attention.md``:
 
@@ -38,13 +41,20 @@ from training import checkpoint
 
 def answer_query_attention(model, example, far):
   """{"key", "far"}: [layers, h] weight the query predicting the key's first token puts on
-  the key's tokens and on keys more than ``far`` positions before it."""
-  n = example["answer_at"]
-  maps = attention_maps(model, jnp.asarray(example["tokens"][None, :n]),
-                        jnp.arange(n, dtype=jnp.int32)[None])
-  rows = np.stack([np.asarray(m[0, :, n - 1, :]) for m in maps])  # [layers, h, n]
-  start, k = needle.key_start(example), example["candidates"].shape[1]
-  return {"key": rows[..., start:start + k].sum(-1), "far": rows[..., :max(n - 1 - far, 0)].sum(-1)}
+  the key's tokens and on keys more than ``far`` positions before it; "digits": [layers, h,
+  k, k], row j = the weight the query predicting answer token j (the true answer before it,
+  teacher-forced as the grid scores) puts on each key token: an induction head copying
+  token j reads key token j, so a head on the key span that reads the wrong token shows
+  off the diagonal."""
+  n, start, k = example["answer_at"], needle.key_start(example), example["candidates"].shape[1]
+  total = n + k - 1  # causal: the first query's row is the same as over the prompt alone
+  maps = attention_maps(model, jnp.asarray(example["tokens"][None, :total]),
+                        jnp.arange(total, dtype=jnp.int32)[None])
+  rows = np.stack([np.asarray(m[0, :, n - 1:total, :]) for m in maps])  # [layers, h, k, total]
+  first = rows[:, :, 0]
+  return {"key": first[..., start:start + k].sum(-1),
+          "far": first[..., :max(n - 1 - far, 0)].sum(-1),
+          "digits": rows[..., start:start + k]}
 
 
 def _rotary_pairs(model):
@@ -112,15 +122,17 @@ def cell_row(run, model, filler, encode, length, depth, trials, far, seed=0, var
   got = [answer_query_attention(model, e, far) for e in examples]
   key, far_w = (np.mean([g[k] for g in got], axis=0) for k in ("key", "far"))
   best = key.argmax(axis=1)
+  last = len(best) - 1  # the copy head: the last layer's strongest key head
+  digits = np.mean([g["digits"][last, best[last]] for g in got], axis=0)
   row = {"run": run, "variant": variant, "length": length, "depth": depth, "trials": trials,
          "far": far, "seed": seed, "key": np.round(key, 4).tolist(),
+         "copy_head_digits": np.round(digits, 4).tolist(),
          "far_weight": np.round(far_w, 4).tolist(), "best_head": best.tolist(),
          "best_key": [round(float(key[l, h]), 4) for l, h in enumerate(best)],
          "best_far": [round(float(far_w[l, h]), 4) for l, h in enumerate(best)],
          "trial_key": [[round(float(g["key"][l, h]), 4) for g in got]
                        for l, h in enumerate(best)]}
   if pairs:
-    last = len(best) - 1
     margins = np.mean([pair_margins(model, e, last, int(best[last])) for e in examples], axis=0)
     row.update(pair_margin=np.round(margins, 4).tolist(),
                inv_freq=[float(f) for f in model.posenc.inv_freq])
@@ -205,8 +217,11 @@ def main(argv):
       row["run_dir"] = workdir  # runs of one basename in two studies stay apart
       if FLAGS.out:
         save_row(FLAGS.out, row)
-      print(json.dumps({k: row[k] for k in ("run", "variant", "length", "depth", "best_head",
-                                            "best_key", "best_far")}), flush=True)
+      digits = np.asarray(row["copy_head_digits"])
+      print(json.dumps({**{k: row[k] for k in ("run", "variant", "length", "depth", "best_head",
+                                               "best_key", "best_far")},
+                        "own_digit": np.round(np.diag(digits), 3).tolist(),
+                        "key_span": np.round(digits.sum(-1), 3).tolist()}), flush=True)
   if FLAGS.grid:
     grids = FLAGS.grid.split(",")
     table = outcome_table(read_rows(os.path.join(FLAGS.out, "needle_attention.jsonl")),

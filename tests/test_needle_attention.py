@@ -35,6 +35,14 @@ def test_weights_are_the_answer_querys_attention_row(tiny_config, monkeypatch):
     row = np.asarray(m[0, :, n - 1])  # [h, n]: the query at the question's last token
     np.testing.assert_allclose(got["key"][layer], row[:, start:start + k].sum(-1), rtol=1e-6)
     np.testing.assert_allclose(got["far"][layer], row[:, :n - 11].sum(-1), rtol=1e-6)
+  # digit j's query (the true answer before it) reads each key token: the rows of the maps
+  # over the prompt and the answer's first k - 1 tokens
+  full = needle_attention.attention_maps(
+      model, jax.numpy.asarray(example["tokens"][None, :n + k - 1]), jax.numpy.arange(n + k - 1)[None])
+  for layer, m in enumerate(full):
+    rows = np.asarray(m[0, :, n - 1:n + k - 1, start:start + k])  # [h, k queries, k keys]
+    np.testing.assert_allclose(got["digits"][layer], rows, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(got["digits"][layer][:, 0].sum(-1), got["key"][layer], rtol=1e-5)
   # far = 0: every key but the query itself, so far + self weight = 1
   none_near = needle_attention.answer_query_attention(model, example, far=0)["far"]
   self_weight = np.stack([np.asarray(m[0, :, n - 1, n - 1]) for m in maps])
@@ -52,6 +60,9 @@ def test_cell_row_under_a_variant_keeps_each_trials_weight(tiny_config):
                                               far=config.train_len, variant=variant)
   for row in rows.values():
     assert len(row["trial_key"]) == 2 and all(len(t) == 3 for t in row["trial_key"])
+    digits = np.asarray(row["copy_head_digits"])  # [k, k]: the copy head's query j on key i
+    assert digits.shape == (5, 5)
+    np.testing.assert_allclose(digits[0].sum(), row["best_key"][-1], atol=2e-4)
     np.testing.assert_allclose(np.mean(row["trial_key"], axis=1), row["best_key"], atol=2e-4)
   assert rows["yarn"]["variant"] == "yarn"
   # YaRN rescales the rotation at 4x the training length, so the answer query looks elsewhere
