@@ -141,13 +141,27 @@ def distance_function(rows, log=print):
                     else distance(r["run_dir"], r["length"], r["depth"]))
 
 
+def largest_cells(rows):
+  """Each cell's row with the most trials. A cell re-run with more trials keeps its earlier
+  row (the row key holds the trial count), whose trials are the first ones of the larger row
+  (trial t's example depends only on seed, length, depth and t): reading both would count
+  those trials twice and pass two rows of one cell off as two seeds."""
+  largest = {}
+  for r in rows:
+    cell = results.row_key(r, TRIAL_FIELDS)
+    if cell not in largest or r.get("trials", 0) > largest[cell].get("trials", 0):
+      largest[cell] = r
+  return list(largest.values())
+
+
 def write_report(out, rows, distance_of=None):
   """needle.md (accuracy grid, effective lengths), one heatmap per run x variant and, given
-  ``distance_of`` (``distance_function``), accuracy by the needle's distance back."""
+  ``distance_of`` (``distance_function``), accuracy by the needle's distance back; each cell
+  read at its largest trial count."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  rows = results.distinct_run_names(rows)
+  rows = results.distinct_run_names(largest_cells(rows))
   groups = {}
   for r in rows:
     if r.get("status") == "ok":

@@ -192,6 +192,34 @@ def test_report_keeps_apart_two_runs_that_share_a_name(tmp_path):
       "needle_heatmap_rope-s2_none.png"}
 
 
+def test_report_reads_each_cell_at_its_largest_trial_count(tmp_path, monkeypatch):
+  """A cell extended from 5 to 20 trials keeps its 5-trial row (the key holds the trial
+  count), whose trials are the first 5 of the 20: the grid, the paired table, the seed
+  spread and the distance figure read the 20-trial row alone, never a mean of the two."""
+  def row(variant, exact, run_dir="runs/m-s0"):
+    return {"task": "needle", "run": run_dir.rsplit("/", 1)[1], "group": "m",
+            "run_dir": run_dir, "variant": variant, "train_len": 16, "length": 64,
+            "depth": 0.5, "seed": 0, "trials": len(exact), "distractors": 9,
+            "split": "test", "status": "ok", "distance": 30,
+            "accuracy": float(np.mean(exact)), "mean_rank": 1.0, "token_accuracy": [1.0],
+            "trial_exact": exact, "trial_rank": [1] * len(exact)}
+  full = [row("yarn", [1] * 12 + [0] * 8), row("self_extend", [1] * 20),
+          row("yarn", [0] * 20, run_dir="runs/m-s1")]
+  early = [row("yarn", [1] * 5), row("self_extend", [1] * 5)]
+  rows = full + early  # the 20-trial rows first: a last-row-wins reading would show 1.00
+  assert eval_needle.largest_cells(rows) == full
+  drawn = []
+  monkeypatch.setattr(eval_needle.plots, "needle_distance_figure",
+                      lambda rs, *_: drawn.extend(rs))
+  eval_needle.write_report(str(tmp_path), rows, lambda r: r["distance"])
+  text = (tmp_path / "needle.md").read_text()
+  assert "| 0.5 | 0.60 |" in text and "| 0.5 | 1.00 |" in text
+  paired = [l for l in text.splitlines() if l.startswith("| m-s0 |")]
+  assert paired == ["| m-s0 | 64 | 0.5 | 20 | self_extend | yarn | 12 | 8 | 0 | 0 | 0.008 | 20 / 20 |"]
+  assert "| m | yarn | 64 | 2 | 0.300 +- 0.424 [0.00, 0.60] |" in text  # 0.60 and 0.00
+  assert sorted(r["trials"] for r in drawn) == [20, 20, 20]
+
+
 def test_distance_figure_draws_each_cell_at_its_needles_distance(tmp_path, tiny_config,
                                                                monkeypatch):
   config, model = _model("rope", tiny_config, layers=1)
