@@ -163,7 +163,8 @@ def outcome_table(rows, grid_rows):
   beside the copy head's weight on the key, over all trials and split by outcome. An ablated
   row (``--ablate``) is set beside its own scoring, the grid never saw that model."""
   grid = {(_run_key(g["run_dir"]), g["variant"], g["length"], g["depth"], g["seed"]): g
-          for g in grid_rows if g.get("status") == "ok" and "trial_exact" in g}
+          for g in sorted(grid_rows, key=lambda g: g.get("trials", 0))  # the largest wins
+          if g.get("status") == "ok" and "trial_exact" in g}
   lines = ["| run | variant | ablated | length | depth | exact | head (layer, head) | "
            "key weight | on exact trials | on missed trials |", "|---" * 10 + "|"]
   for r in rows:

@@ -90,6 +90,11 @@ def test_outcome_table_splits_the_heads_weight_by_the_grids_trials():
   assert needle_attention.by_outcome(row, dict(grid, trial_exact=[1, 1, 0, 0, 1]))["exact"] == 2
   with pytest.raises(ValueError, match="3 trials"):
     needle_attention.by_outcome(row, dict(grid, trial_exact=[1, 1, 0]))
+  # the grid cell at its largest trial count, whichever order its rows are in
+  early = dict(grid, trials=2, trial_exact=[1, 0])
+  for rows in ([dict(grid, trials=4), early], [early, dict(grid, trials=4)]):
+    assert needle_attention.outcome_table([row], rows).splitlines()[2].endswith(
+        "| 2 / 4 | (2, 1) | 0.450 | 0.8 | 0.1 |")
 
 
 def test_a_cell_measured_again_replaces_its_row(tmp_path):
