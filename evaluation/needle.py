@@ -185,7 +185,7 @@ def score_example(model, example, **cache_kw):
   dec = CachedDecoder(model, 1, len(tokens), **cache_kw)
   prefix = dec.feed(tokens[None, :at], last_only=True)
   first = log_softmax(np.asarray(prefix)[0, -1])  # P(answer[0] | prefix)
-  rest = np.concatenate([log_softmax(np.asarray(dec.branch().feed(c[None, :-1])))
+  rest = np.concatenate([log_softmax(np.asarray(dec.peek(c[None, :-1])))
                          for c in cands])  # [c, k-1, V]
   steps = np.concatenate([np.broadcast_to(first, (len(cands), 1, first.shape[-1])), rest], 1)
   correct = steps[0].argmax(-1) == cands[0]

@@ -243,9 +243,7 @@ class CachedDecoder:
     """Appends tokens [b, s] (int) and returns their logits [b, s, V] (float32), or only
     the last token's [b, 1, V] with ``last_only`` (a long prompt's logits are s x V floats:
     3.2 GB at 16k tokens of a 49k vocabulary)."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if tokens.ndim != 2 or tokens.shape[0] != self.batch:
-      raise ValueError(f"tokens must be [batch={self.batch}, s], got shape {tokens.shape}")
+    tokens = self._checked(tokens)
     s, free = tokens.shape[1], self.capacity - self.length
     if s > free and self.sinks is None:
       raise ValueError(f"cache full: {self.length} + {s} tokens > capacity {self.capacity} "
@@ -259,13 +257,33 @@ class CachedDecoder:
   def branch(self):
     """A decoder that continues from this one's current state and leaves it unchanged: it
     shares the cache buffers, so neither writes them in place until its next step has made
-    buffers of its own. n continuations of one prompt (``evaluation.needle``'s candidate
-    keys) cost n steps of batch 1 and no copy of the cache up front: copying a SmolLM2 8k
-    prompt's cache into 10 rows moved 3.8 GB and took 18.9 s a trial, ten branches 2.3-2.7 s."""
+    buffers of its own (a copy of the whole cache, at that step). For continuations that
+    go on side by side; ``peek`` scores continuations taken one at a time without the copy."""
     self.shared = True
     return copy.copy(self)
 
-  def _feed_chunk(self, tokens, last_only):
+  def peek(self, tokens, last_only=False):
+    """The logits ``feed(tokens)`` would return, leaving the decoder where it was: the
+    tokens are written into free slots, which every later step masks out until it writes
+    its own tokens there, and the decoder's length does not move. So n continuations of one
+    prompt (``evaluation.needle``'s candidate keys) cost n in-place steps and no copy of the
+    cache, where ``branch().feed`` copies every buffer once per continuation (a SmolLM2
+    32k Self-Extend cache: 2.1 GiB, two key views and the values of 30 layers in float32)."""
+    tokens = self._checked(tokens)
+    if self.length + tokens.shape[1] > self.capacity:
+      raise ValueError(f"peek needs free slots: {self.length} + {tokens.shape[1]} tokens > "
+                       f"capacity {self.capacity} (peek never evicts)")
+    return self._feed_chunk(tokens, last_only, keep=False)
+
+  def _checked(self, tokens):
+    """tokens as an int32 [batch, s] array, or a ValueError naming the expected shape."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2 or tokens.shape[0] != self.batch:
+      raise ValueError(f"tokens must be [batch={self.batch}, s], got shape {tokens.shape}")
+    return tokens
+
+  def _feed_chunk(self, tokens, last_only, keep=True):
+    """Runs one chunk; ``keep``: the decoder's length (and positions) advance past it."""
     s = tokens.shape[1]
     evict = self.sinks if self.length + s > self.capacity else None
     new_length = min(self.length + s, self.capacity)
@@ -292,7 +310,8 @@ class CachedDecoder:
                                   bcast(self.pos), np.int32(start), freqs, sinks=evict,
                                   prefill=prefill, last_only=last_only, rotated=self.rotated)
     self.shared = False  # the step's outputs are new buffers, this decoder's alone
-    self.length, self.seen = new_length, self.seen + s
+    if keep:
+      self.length, self.seen = new_length, self.seen + s
     return logits
 
 

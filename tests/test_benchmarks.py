@@ -81,3 +81,26 @@ def test_generate_speed_decodes_the_variant_asked_for(capsys, monkeypatch, tiny_
                        "--modes", "cached", "--variant", "dynamic:factor=2"])
   assert len(built) == 1 and built[0].posenc.length_dependent
   assert len(capsys.readouterr().out.strip().splitlines()) == 3
+
+
+def test_needle_trial_scores_one_trial_either_way_and_prints_the_cpu(capsys, monkeypatch,
+                                                                    tiny_config):
+  """benchmarks/needle_trial.py: the ``peek`` and ``branch`` candidates give the same trial
+  outcome (the same step, in place or on a copy), each line names the CPU and a peak RSS."""
+  import numpy as np
+  from benchmarks import needle_trial
+  from configs.common import resolve
+  from models import build_model
+  config = resolve(tiny_config(posenc="rope", train_len=64))
+  model = build_model(config)
+  monkeypatch.setattr(needle_trial.checkpoint, "load_run", lambda spec: (config, model))
+  text = np.frombuffer(b"It was a bright cold day in April. " * 40, np.uint8).astype(np.int32)
+  monkeypatch.setattr(needle_trial.needle, "filler_tokens", lambda *_: text)
+  lines = []
+  for way in ("peek", "branch"):
+    needle_trial.main(["--run", "pretrained:x", "--length", "128", "--candidates", way,
+                       "--dtype", "float32"])
+    lines.append(capsys.readouterr().out.strip())
+  assert all("'flags'" in line and "peak RSS" in line for line in lines)
+  assert [line.split("exact")[1].split(";")[0] for line in lines] == \
+      [lines[0].split("exact")[1].split(";")[0]] * 2

@@ -2,6 +2,8 @@
 for every registered encoding and every RoPE variant (also past the training length),
 dynamic NTK re-rotates cached keys at the current length (HF transformers #25104),
 StreamingLLM eviction, sampling (greedy, seeds, top-k / top-p renormalisation)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -353,6 +355,44 @@ def test_branches_continue_the_prefix_and_leave_it_unchanged(tiny_config):
   assert dec.length == dec.seen == 20  # the parent's own next step sees only the prompt
   want = _full(model, jnp.concatenate([prompt, conts[2:, :1]], axis=1))[:, 20:]
   assert _max_diff(dec.feed(conts[2:, :1]), want) <= F32_TOL
+
+
+def _peek_model(kind, tiny_config):
+  """(model, tokens -> full-forward logits) for ``test_peek...``: dynamic NTK in one layer,
+  where the full forward at each length is exact (``test_dynamic_ntk...``)."""
+  if kind == "dynamic":
+    config, run = _model("rope", tiny_config, layers=1)
+    return (variant_model(run, _dynamic(config, 8)),
+            lambda t: _full(variant_model(run, _dynamic(config, t.shape[1])), t))
+  model = (_piecewise_gqa_model(kind, tiny_config) if kind == "self_extend"
+           else _model(kind, tiny_config)[1])
+  return model, functools.partial(_full, model)
+
+
+@pytest.mark.parametrize("kind", ["rope", "alibi", "cope", "self_extend", "dynamic"])
+def test_peek_scores_continuations_in_place_and_leaves_the_decoder(kind, tiny_config):
+  """``peek`` returns exactly what ``branch().feed`` returns (the same step, in place instead
+  of on a copy of the cache), whatever an earlier peek left in the free slots, equals the
+  full forward, and the decoder's next step sees only its own tokens. Kinds: rotated keys,
+  a bias, CoPE's gates over the slots, a piecewise rule's key views, keys cached unrotated."""
+  model, full_of = _peek_model(kind, tiny_config)
+  prompt, conts = _tokens(20, batch=1), _tokens(6, batch=3, seed=1)
+  dec = CachedDecoder(model, 1, 26)
+  dec.feed(prompt)
+  peeked = []
+  for c in conts:
+    before = jax.tree.leaves(dec.k[0])[0]
+    peeked.append(dec.peek(c[None]))
+    assert before.is_deleted()  # written in place, not copied
+    full = full_of(jnp.concatenate([prompt, c[None]], axis=1))[:, 20:]
+    assert _max_diff(peeked[-1], full) <= F32_TOL
+  for c, got in zip(conts, peeked):
+    assert jnp.array_equal(got, dec.branch().feed(c[None]))
+  assert dec.length == dec.seen == 20
+  want = full_of(jnp.concatenate([prompt, conts[2:, :1]], axis=1))[:, 20:]
+  assert _max_diff(dec.feed(conts[2:, :1]), want) <= F32_TOL
+  with pytest.raises(ValueError, match="peek needs free slots: 21 \\+ 6 tokens > capacity 26"):
+    dec.peek(conts[:1])
 
 
 def test_steps_update_the_cache_in_place_except_shared_buffers(tiny_config):
