@@ -39,14 +39,13 @@ class _Timed(CachedDecoder):
 
   def peek(self, tokens, last_only=False):
     start = time.perf_counter()
-    out = (self.branch().feed if self.candidates == "branch" else super().peek)(tokens, last_only)
+    if self.candidates == "branch":  # the branch's own step (not timed as a prompt)
+      out = CachedDecoder.feed(self.branch(), tokens, last_only)
+    else:
+      out = super().peek(tokens, last_only)
+    out.block_until_ready()
     self.times["candidates_s"] = self.times.get("candidates_s", 0.0) + time.perf_counter() - start
-    return out.block_until_ready()
-
-  def branch(self):
-    branch = super().branch()
-    branch.feed = super(_Timed, branch).feed  # the candidate's own step, not timed as a prompt
-    return branch
+    return out
 
 
 def main(argv=None):
