@@ -1,7 +1,8 @@
 """KV-cache decoding (models/generate.py): cached step-by-step logits equal the full forward
 for every registered encoding and every RoPE variant (also past the training length),
 dynamic NTK re-rotates cached keys at the current length (HF transformers #25104),
-StreamingLLM eviction, branches and in-place peeks, sampling (greedy, seeds, top-k / top-p renormalisation)."""
+StreamingLLM eviction, branches and in-place peeks, sampling (greedy, seeds, top-k / top-p
+renormalisation)."""
 import functools
 
 import jax
