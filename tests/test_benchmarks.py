@@ -1,7 +1,16 @@
-"""benchmarks/summarize_side_by_side.py: the ratios quoted in benchmarks/README.md."""
+"""benchmarks/: the ratios summarize_side_by_side.py quotes, and what step_memory.py, generate_speed.py
+and needle_trial.py print on a tiny model."""
 import json
 
 from benchmarks.summarize_side_by_side import parse, table
+
+
+def _rope_run(tiny_config, train_len=16):
+  """(config, model) of a tiny RoPE run: what a benchmark's ``checkpoint.load_run`` returns."""
+  from configs.common import resolve
+  from models import build_model
+  config = resolve(tiny_config(posenc="rope", train_len=train_len))
+  return config, build_model(config)
 
 
 def _line(name, tokens_per_s, rss=500.0):
@@ -42,13 +51,10 @@ def test_generate_speed_prints_the_cpu_and_one_line_per_context_and_mode(
   model, every (context, mode) gets a positive tokens/s."""
   from benchmarks import generate_speed
   from evaluation import runner
-  from configs.common import resolve
-  from models import build_model
-  config = resolve(tiny_config(posenc="rope", train_len=16))
   seen = {}
   def load_run(spec):
     seen["spec"] = spec
-    return config, build_model(config)
+    return _rope_run(tiny_config)
   monkeypatch.setattr(generate_speed.checkpoint, "load_run", load_run)
   real = runner.variant_model
   monkeypatch.setattr(runner, "variant_model",
@@ -68,11 +74,7 @@ def test_generate_speed_decodes_the_variant_asked_for(capsys, monkeypatch, tiny_
   re-rotates them every step), set up for the longest context plus the new tokens."""
   from benchmarks import generate_speed
   from evaluation import runner
-  from configs.common import resolve
-  from models import build_model
-  config = resolve(tiny_config(posenc="rope", train_len=16))
-  monkeypatch.setattr(generate_speed.checkpoint, "load_run",
-                      lambda spec: (config, build_model(config)))
+  monkeypatch.setattr(generate_speed.checkpoint, "load_run", lambda spec: _rope_run(tiny_config))
   built = []
   real = runner.variant_model
   monkeypatch.setattr(runner, "variant_model",
@@ -89,11 +91,8 @@ def test_needle_trial_scores_one_trial_either_way_and_prints_the_cpu(capsys, mon
   outcome (the same step, in place or on a copy), each line names the CPU and a peak RSS."""
   import numpy as np
   from benchmarks import needle_trial
-  from configs.common import resolve
-  from models import build_model
-  config = resolve(tiny_config(posenc="rope", train_len=64))
-  model = build_model(config)
-  monkeypatch.setattr(needle_trial.checkpoint, "load_run", lambda spec: (config, model))
+  run = _rope_run(tiny_config, train_len=64)
+  monkeypatch.setattr(needle_trial.checkpoint, "load_run", lambda spec: run)
   text = np.frombuffer(b"It was a bright cold day in April. " * 40, np.uint8).astype(np.int32)
   monkeypatch.setattr(needle_trial.needle, "filler_tokens", lambda *_: text)
   lines = []
