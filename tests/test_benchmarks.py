@@ -1,5 +1,5 @@
-"""benchmarks/: the ratios summarize_side_by_side.py quotes, and what step_memory.py, generate_speed.py
-and needle_trial.py print on a tiny model."""
+"""benchmarks/: the ratios summarize_side_by_side.py quotes, and what step_memory.py,
+generate_speed.py and needle_trial.py print on a tiny model."""
 import json
 
 from benchmarks.summarize_side_by_side import parse, table
