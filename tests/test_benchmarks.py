@@ -1,6 +1,8 @@
-"""benchmarks/: the ratios summarize_side_by_side.py quotes, and what step_memory.py,
-generate_speed.py and needle_trial.py print on a tiny model."""
+"""benchmarks/: the ratios summarize_side_by_side.py quotes, what step_memory.py,
+generate_speed.py and needle_trial.py print on a tiny model, and kernel_sources.py's A/B."""
 import json
+
+import pytest
 
 from benchmarks.summarize_side_by_side import parse, table
 
@@ -103,3 +105,21 @@ def test_needle_trial_scores_one_trial_either_way_and_prints_the_cpu(capsys, mon
   assert all("'flags'" in line and "peak RSS" in line for line in lines)
   assert [line.split("exact")[1].split(";")[0] for line in lines] == \
       [lines[0].split("exact")[1].split(";")[0]] * 2
+
+
+def test_kernel_sources_times_each_part_of_both_sources_and_compares_outputs(capsys):
+  """The same source as a and b: every part timed in both, identical outputs (0 difference);
+  an unknown part and a missing source are clear errors."""
+  from benchmarks import kernel_sources
+  from models import cpu_attention
+  kernel_sources.main(["--a", cpu_attention.SOURCE, "--length", "64", "--heads", "2",
+                       "--dim", "16", "--repeats", "1", "--rounds", "1"])
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("cpu ") and "flags" in lines[0]
+  for part in kernel_sources.PARTS:
+    row = next(line for line in lines if line.startswith(part + ":"))
+    assert "a / b" in row and row.endswith("max |a - b| / max |b| 0.0e+00")
+  with pytest.raises(ValueError, match="valid: bf16"):
+    kernel_sources.main(["--a", cpu_attention.SOURCE, "--parts", "fp8"])
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    kernel_sources.main(["--a", "/nonexistent/kernel.cc"])

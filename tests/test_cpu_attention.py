@@ -175,6 +175,28 @@ def test_kernel_is_causal_and_saves_the_row_log_sum_exp():
   np.testing.assert_allclose(lse, jax.nn.logsumexp(logits, axis=-1), rtol=1e-6, atol=1e-6)
 
 
+def test_kernel_softmax_is_exact_across_the_exponential_range():
+  """P = exp(S - max) over logits spread from 0 to -120 below each row's max (the kernel's
+  own exp: a rounded multiple of ln 2 plus a polynomial, 0 below -87; rows padded to whole
+  8- or 16-lane vectors): the output and the row LSE within float32 rounding of float64's."""
+  s, d = 264, 16  # 264 = a key block of 256 + 8: rows whose visible keys end mid-vector
+  spread = np.linspace(0.0, -120.0, s)
+  q = np.zeros((1, s, 1, d), np.float32)
+  q[..., 0] = 1.0
+  k = np.zeros((1, s, 1, d), np.float32)
+  k[0, :, 0, 0] = np.random.default_rng(5).permutation(spread)  # logit of pair (i, j) = k_j
+  v = np.random.default_rng(6).normal(size=(1, s, 1, d)).astype(np.float32)
+  out = cpu_attention.causal_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+  want = _float64_attention(q, k, v)
+  assert _rel(out, want) < 1e-6
+  none, pos = jnp.zeros((1, 1)), jnp.zeros((1, 1), jnp.int32)
+  lse = cpu_attention._forward(*(jnp.asarray(t) for t in (q, k, v)), pos, pos, none[:, 0],
+                               none, 0)[1][4][0, 0]
+  logits = np.where(np.tril(np.ones((s, s), bool)), k[0, :, 0, 0][None, :].astype(np.float64),
+                    -np.inf)
+  np.testing.assert_allclose(lse, np.log(np.exp(logits).sum(-1)), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("posenc, applies", [("rope", True), ("nope", True), ("learned", True),
                                              ("alibi", True), ("t5_bias", True),
                                              ("kerple_log", True), ("kerple_power", True),

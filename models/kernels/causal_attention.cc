@@ -67,41 +67,82 @@ namespace {
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
+#ifdef __AVX512F__
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+using vrow = v16;  // the softmax passes' vector: one 512-bit register
+#else
+using vrow = v8;
+#endif
 
 inline v8 load8(const float* p) { v8 r; std::memcpy(&r, p, sizeof r); return r; }
 inline void store8(float* p, v8 x) { std::memcpy(p, &x, sizeof x); }
-inline float hsum(v8 x) { float s = 0; for (int i = 0; i < 8; ++i) s += x[i]; return s; }
-inline float hmax(v8 x) { float m = x[0]; for (int i = 1; i < 8; ++i) m = std::max(m, x[i]); return m; }
 
-// e^x for 8 lanes: Cephes expf (x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial, then
-// scaled by 2^n through the exponent bits); relative error ~1e-7 on [-87, 88].
-inline v8 exp8(v8 x) {
+// Helpers over a float vector type V (v8, or v16 with AVX-512); V's int vector is what its
+// comparisons return.
+template <typename V> constexpr int64_t kLanes = sizeof(V) / sizeof(float);
+template <typename V> using IntOf = decltype(V{} < V{});
+template <typename V> inline V loadv(const float* p) { V r; std::memcpy(&r, p, sizeof r); return r; }
+template <typename V> inline void storev(float* p, V x) { std::memcpy(p, &x, sizeof x); }
+// op over x's lanes as a tree (halves combined, then quarters, ...): a chain of log2(lanes)
+// operations, where a lane-by-lane fold of 16 lanes was a chain of 16 scalar ones per row
+// of the softmax (~1/3 of a 32k prefill's row pass on the AMX Xeon).
+template <typename V, typename Op>
+inline float reduce(V x, Op op) {
+  if constexpr (kLanes<V> == 16)
+    return reduce(op(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7),
+                     __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15)), op);
+  else if constexpr (kLanes<V> == 8)
+    return reduce(op(__builtin_shufflevector(x, x, 0, 1, 2, 3),
+                     __builtin_shufflevector(x, x, 4, 5, 6, 7)), op);
+  else
+    return op(op(x[0], x[2]), op(x[1], x[3]));
+}
+template <typename V> inline float hsum(V x) { return reduce(x, [](auto a, auto b) { return a + b; }); }
+template <typename V> inline V vmax(V a, V b) { return a > b ? a : b; }
+template <typename V> inline float hmax(V x) {
+  return reduce(x, [](auto a, auto b) { return a > b ? a : b; });
+}
+
+// e^x per lane for x <= 88 (here x <= 0 up to rounding: logits minus their running max, or
+// minus LSE): Cephes expf (x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial, then scaled
+// by 2^n through the exponent bits); relative error ~1e-7. n = x log2(e) rounded to nearest
+// by adding 1.5 * 2^23 (the float's last mantissa bits are then n, as an integer), so n and
+// 2^n come from one sum: 17 vector operations, where a floor through integer conversions and
+// a clamp at 88 took 25 (the softmax passes run at the vector units' throughput, ~1 cycle a
+// key per row on the AMX Xeon: benchmarks/README.md). Width-independent: 8 and 16 lanes give
+// the same values.
+template <typename V>
+inline V expv(V x) {
+  using VI = IntOf<V>;
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
   const auto underflow = x < -87.0f;  // e^x < 1.7e-38: exactly 0 (a masked logit adds nothing)
-  x = underflow ? v8{} - 87.0f : x;
-  x = x > 88.0f ? v8{} + 88.0f : x;
-  v8 fx = x * 1.44269504088896341f + 0.5f;
-  v8i ti = __builtin_convertvector(fx, v8i);
-  v8 n = __builtin_convertvector(ti, v8);
-  n += __builtin_convertvector(n > fx, v8);  // floor: a true lane is -1
-  v8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  v8 y = v8{} + 1.9875691500e-4f;
+  x = x < -87.0f ? V{} - 87.0f : x;
+  const V t = x * 1.44269504088896341f + kMagic;
+  const V n = t - kMagic;
+  const V r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  V y = V{} + 1.9875691500e-4f;
   y = y * r + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
-  v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
-  v8 scale;
+  VI bits;
+  std::memcpy(&bits, &t, sizeof bits);  // kMagic + n: its low bits are n + 0x400000
+  bits = (bits + (127 - 0x4B400000)) << 23;  // (n + 127) << 23: 2^n
+  V scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return underflow ? v8{} : y * scale;
+  return underflow ? V{} : y * scale;
 }
 
 // x's first `count` lanes, zeros after them: a vector select (writing single lanes sent the
 // vector through the stack, ~18 % of the softmax pass's samples under perf).
-inline v8 first_lanes(v8 x, int64_t count) {
-  const v8i lane{0, 1, 2, 3, 4, 5, 6, 7};
-  return lane < static_cast<int32_t>(count) ? x : v8{};
+template <typename V>
+inline V first_lanes(V x, int64_t count) {
+  IntOf<V> lane;
+  for (int i = 0; i < kLanes<V>; ++i) lane[i] = i;
+  return lane < static_cast<int32_t>(count) ? x : V{};
 }
 
 // A strided matrix view: element (r, c) at data[r * rs + c * cs] (a transpose is a view).
@@ -149,7 +190,6 @@ constexpr int kCols = 16;  // columns of a packed B panel (two 8-lane vectors; o
 // (element (r, k) at a[r * ars + k * aks]) and B from a packed [kn][kCols] panel
 // (contiguous; read in place, a row stride of h * d floats = 1 KB maps a whole panel onto 4
 // of L1's 64 sets).
-#ifdef __AVX512F__
 // With AVX-512 a 16-column panel row is one 512-bit vector, so a full-width tile (NV == 2)
 // keeps one accumulator per row, not two 256-bit halves: the same products in the same
 // order per lane (results unchanged), in half the instructions. It pays where the core
@@ -157,10 +197,6 @@ constexpr int kCols = 16;  // columns of a packed B panel (two 8-lane vectors; o
 // the kernel's 16k evaluation step took 1.1x (bf16) / 1.3x (f32) XLA's on a Zen 5 EPYC) and
 // costs nothing where it splits them in two (Zen 4, paired against XLA: 16k evaluation level
 // in bf16, faster in float32, 1.28x vs 1.11x XLA's step, likely from the 8 accumulators).
-typedef float v16 __attribute__((vector_size(64)));
-inline v16 load16(const float* p) { v16 r; std::memcpy(&r, p, sizeof r); return r; }
-inline void store16(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
-#endif
 
 template <int R, int NV>
 void tile(const float* a, int64_t ars, int64_t aks, const float* bp, int64_t kn, float* c,
@@ -168,12 +204,12 @@ void tile(const float* a, int64_t ars, int64_t aks, const float* bp, int64_t kn,
 #ifdef __AVX512F__
   if constexpr (NV == 2) {
     v16 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = accumulate ? load16(c + r * ldc) : v16{};
+    for (int r = 0; r < R; ++r) acc[r] = accumulate ? loadv<v16>(c + r * ldc) : v16{};
     for (int64_t k = 0; k < kn; ++k) {
-      const v16 bk = load16(bp + k * kCols);
+      const v16 bk = loadv<v16>(bp + k * kCols);
       for (int r = 0; r < R; ++r) acc[r] += a[r * ars + k * aks] * bk;
     }
-    for (int r = 0; r < R; ++r) store16(c + r * ldc, acc[r]);
+    for (int r = 0; r < R; ++r) storev(c + r * ldc, acc[r]);
     return;
   }
 #endif
@@ -514,12 +550,18 @@ constexpr float kNegInf = -3.0e38f;
 // Keys of row r visible in a tile of nk keys: c < r + diag + 1 (at least one: diag >= 0).
 inline int64_t visible(int64_t r, int64_t diag, int64_t nk) { return std::min(nk, r + diag + 1); }
 
-// Zeros a row of P / dS from `padded` (its visible keys rounded up to 8, already zero past
+// Zeros a row of P / dS from `padded` (its visible keys rounded up to whole vectors, zero past
 // the visible ones) as far as the products read it: a kRows-row register tile of P V, dS K,
 // dS^T Q or P^T dO contracts over the keys visible to its last row, at most kRows - 1 (<= 7)
 // past this row's own; a 16-row AMX tile of P V at most 15.
 inline void zero_tail(float* row, int64_t padded, int64_t nk) {  // nk % 8 == 0
   for (int64_t j = padded; j < std::min(nk, padded + 16); j += 8) store8(row + j, v8{});
+}
+
+// x[0 .. d) *= a (d % 8 == 0): vector multiplies, where the compiler's own loop (d unknown)
+// kept a scalar remainder.
+inline void scale_row(float* x, int64_t d, float a) {
+  for (int64_t t = 0; t < d; t += 8) store8(x + t, load8(x + t) * a);
 }
 
 // Zeros `rows` rows of d floats (d % 8 == 0) at stride ld: vector stores, where a memset
@@ -535,39 +577,58 @@ struct RowSums {
   float m = kNegInf, l = 0.0f, es = 0.0f, ed = 0.0f;
 };
 
+// max of row[0 .. padded) (padded a multiple of V's lanes) in two chains: a vector max waits
+// ~4 cycles for the one before it.
+template <typename V>
+inline float row_max(const float* row, int64_t padded) {
+  constexpr int64_t w = kLanes<V>;
+  V m0 = V{} + kNegInf, m1 = m0;
+  int64_t j = 0;
+  for (; j + 2 * w <= padded; j += 2 * w)
+    m0 = vmax(m0, loadv<V>(row + j)), m1 = vmax(m1, loadv<V>(row + j + w));
+  if (j < padded) m0 = vmax(m0, loadv<V>(row + j));
+  return hmax(vmax(m0, m1));
+}
+
 // Online softmax step for row r of S (in place -> P = exp(S - m'), zeros after the visible
 // keys); returns the rescale factor e^(m - m') of the row's running output. kStats: also
 // the statistics' sums, from the positions of this tile's keys (kpos) and of the query.
+// The row passes take vrow (16 lanes with AVX-512: they were ~60 % of a 32k bf16 prefill's
+// kernel time on the AMX Xeon in 8 lanes, the AMX products ~35 %; benchmarks/README.md),
+// with or without the statistics (which then leave the output bit for bit as it is).
 template <bool kStats>
 inline float online_softmax_row(float* row, int64_t n, int64_t nk, RowSums& st,
                                 const int32_t* kpos, int32_t qpos) {
-  int64_t padded = (n + 7) / 8 * 8;
+  using V = vrow;
+  constexpr int64_t w = kLanes<V>;
+  // Padded to whole vectors: at most nk rounded up to 16 <= kLd (the row's own storage).
+  const int64_t padded = (n + w - 1) / w * w;
   for (int64_t j = n; j < padded; ++j) row[j] = kNegInf;
-  v8 mv = v8{} + kNegInf;
-  for (int64_t j = 0; j < padded; j += 8) { v8 x = load8(row + j); mv = x > mv ? x : mv; }
-  if (hmax(mv) <= kNegInf) {  // every key of this tile masked (a piecewise rule): P row = 0
-    for (int64_t j = 0; j < padded; j += 8) store8(row + j, v8{});
+  const float m_tile = row_max<V>(row, padded);
+  if (m_tile <= kNegInf) {  // every key of this tile masked (a piecewise rule): P row = 0
+    for (int64_t j = 0; j < padded; j += w) storev(row + j, V{});
     zero_tail(row, padded, nk);
     return 1.0f;
   }
-  float m_new = std::max(st.m, hmax(mv));
-  v8 sv{}, esv{}, edv{};
-  for (int64_t j = 0; j < padded; j += 8) {
-    v8 x = load8(row + j);
-    v8 e = exp8(x - m_new);
-    if (j + 8 > n) e = first_lanes(e, n - j);
-    store8(row + j, e);
+  float m_new = std::max(st.m, m_tile);
+  V sv{}, esv{}, edv{};
+  for (int64_t j = 0; j < padded; j += w) {
+    V x = loadv<V>(row + j);
+    V e = expv(x - m_new);
+    if (j + w > n) e = first_lanes(e, n - j);
+    storev(row + j, e);
     sv += e;
-    if (kStats) {  // a masked lane has e = 0 and a finite x: adds nothing
-      v8i kp;
-      std::memcpy(&kp, kpos + j, sizeof kp);  // j + 8 <= nk: inside this tile's keys
-      v8 dist = __builtin_convertvector(qpos - kp, v8);
+    if constexpr (kStats) {  // a masked lane has e = 0 and a finite x: adds nothing
+      IntOf<V> kp{};  // the tile's keys only: j + 8 <= nk (j < n, both multiples of 8)
+      if (j + w <= nk) std::memcpy(&kp, kpos + j, sizeof kp);
+      else std::memcpy(&kp, kpos + j, 8 * sizeof(int32_t));
+      V dist = __builtin_convertvector(qpos - kp, V);
       esv += e * x;
       edv += e * (dist < 0.0f ? -dist : dist);
     }
   }
   zero_tail(row, padded, nk);
-  float alpha = exp8(v8{} + (st.m - m_new))[0];
+  float alpha = expv(v8{} + (st.m - m_new))[0];
   st.l = st.l * alpha + hsum(sv);
   if (kStats) {
     st.es = st.es * alpha + hsum(esv);
@@ -577,14 +638,16 @@ inline float online_softmax_row(float* row, int64_t n, int64_t nk, RowSums& st,
   return alpha;
 }
 
-// dS = P o (dP - D) for row r, P = exp(S - lse) recomputed in place of S; zeros after n.
+// dS = P o (dP - D) for row r, P = exp(S - lse) recomputed in place of S; zeros after n (the
+// lanes past n select 0 after the product: S and dP hold whatever was there).
 inline void softmax_grad_row(float* p, float* dp, int64_t n, int64_t nk, float lse, float delta) {
-  int64_t padded = (n + 7) / 8 * 8;
-  for (int64_t j = 0; j < padded; j += 8) {
-    v8 e = exp8(load8(p + j) - lse);
-    if (j + 8 > n) e = first_lanes(e, n - j);
-    store8(p + j, e);
-    store8(dp + j, e * (load8(dp + j) - delta));
+  constexpr int64_t w = kLanes<vrow>;
+  const int64_t padded = (n + w - 1) / w * w;
+  for (int64_t j = 0; j < padded; j += w) {
+    vrow e = expv(loadv<vrow>(p + j) - lse), ds = e * (loadv<vrow>(dp + j) - delta);
+    if (j + w > n) e = first_lanes(e, n - j), ds = first_lanes(ds, n - j);
+    storev(p + j, e);
+    storev(dp + j, ds);
   }
   zero_tail(p, padded, nk);
   zero_tail(dp, padded, nk);
@@ -720,7 +783,14 @@ struct Pieces {
 // P's row rounded to bf16 (n a multiple of 8).
 inline void round_row(const float* src, bf16* dst, int64_t n) {
 #ifdef LENX_NATIVE_BF16
-  for (int64_t j = 0; j < n; j += 8) {
+  int64_t j = 0;
+#ifdef __AVX512F__
+  for (; j + 16 <= n; j += 16) {
+    __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + j));
+    std::memcpy(dst + j, &h, sizeof h);
+  }
+#endif
+  for (; j < n; j += 8) {
     __m128bh h = _mm256_cvtneps_pbh(_mm256_loadu_ps(src + j));
     std::memcpy(dst + j, &h, sizeof h);
   }
@@ -809,7 +879,7 @@ void forward_problem(const Shape& sh, const T* q, const T* k, const T* v, float*
             : online_softmax_row<false>(st + r * kLd, visible(r, diag, nk), nk, sums[r],
                                         nullptr, 0);
         float* orow = o + (i0 + r) * ld;
-        if (alpha != 1.0f) for (int64_t t = 0; t < d; ++t) orow[t] *= alpha;
+        if (alpha != 1.0f) scale_row(orow, d, alpha);
         if (kBf16) {  // as far as P V reads the row (zero_tail)
           const int64_t n = visible(r, diag, nk);
           round_row(st + r * kLd, ph + r * kLd, std::min(nk, (n + 7) / 8 * 8 + 16));
@@ -821,7 +891,7 @@ void forward_problem(const Shape& sh, const T* q, const T* k, const T* v, float*
     for (int64_t r = 0; r < nq; ++r) {
       const RowSums& sr = sums[r];
       float inv = 1.0f / sr.l, *orow = o + (i0 + r) * ld;
-      for (int64_t t = 0; t < d; ++t) orow[t] *= inv;
+      scale_row(orow, d, inv);
       lse[i0 + r] = sr.m + std::log(sr.l);
       if (stats.entropy) {
         stats.entropy[i0 + r] = lse[i0 + r] - sr.es * inv;  // H = LSE - sum P S
