@@ -24,8 +24,9 @@
 // S in both passes from the positions: bias = -slope_h |i - j| + table_h[clamp(i - j, 0, T-1)];
 // the backward also returns its gradients, d slope_h = -sum dS |i - j|, d table_h[n] = sum of
 // dS over the pairs whose clamped distance is n. The matmul
-// micro-kernel uses GCC vectors of 8 floats (AVX2 + FMA under -march=native; a declared
-// vector type is not widened), and of 16 floats where the compiler targets AVX-512.
+// micro-kernel and the softmax passes use GCC vectors of 8 floats (AVX2 + FMA under
+// -march=native; a declared vector type is not widened), and of 16 floats where the compiler
+// targets AVX-512.
 // bfloat16 forward (the same handlers with a _Bf16 suffix): q, k, v in bf16, S = Q K^T and
 // O += P V as bf16 products accumulated in float32 (P rounded to bf16 for the second, as
 // XLA's bf16 attention does), softmax and output in float32. Where the CPU has AVX512_BF16
