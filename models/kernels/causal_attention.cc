@@ -86,8 +86,9 @@ template <typename V> using IntOf = decltype(V{} < V{});
 template <typename V> inline V loadv(const float* p) { V r; std::memcpy(&r, p, sizeof r); return r; }
 template <typename V> inline void storev(float* p, V x) { std::memcpy(p, &x, sizeof x); }
 // op over x's lanes as a tree (halves combined, then quarters, ...): a chain of log2(lanes)
-// operations, where a lane-by-lane fold of 16 lanes was a chain of 16 scalar ones per row
-// of the softmax (~1/3 of a 32k prefill's row pass on the AMX Xeon).
+// operations, where a lane-by-lane fold of 16 lanes was a chain of 16 dependent scalar ones
+// per row and tile (the trees and the two-chain row max took an 8k bf16 forward on the AMX
+// Xeon from 0.282 to 0.253 s).
 template <typename V, typename Op>
 inline float reduce(V x, Op op) {
   if constexpr (kLanes<V> == 16)
@@ -594,8 +595,8 @@ inline float row_max(const float* row, int64_t padded) {
 // Online softmax step for row r of S (in place -> P = exp(S - m'), zeros after the visible
 // keys); returns the rescale factor e^(m - m') of the row's running output. kStats: also
 // the statistics' sums, from the positions of this tile's keys (kpos) and of the query.
-// The row passes take vrow (16 lanes with AVX-512: they were ~60 % of a 32k bf16 prefill's
-// kernel time on the AMX Xeon in 8 lanes, the AMX products ~35 %; benchmarks/README.md),
+// The row passes take vrow (16 lanes with AVX-512: in 8 lanes they were ~55 % of a 32k bf16
+// prefill's kernel time on the AMX Xeon, the AMX products ~40 %; benchmarks/README.md),
 // with or without the statistics (which then leave the output bit for bit as it is).
 template <bool kStats>
 inline float online_softmax_row(float* row, int64_t n, int64_t nk, RowSums& st,
