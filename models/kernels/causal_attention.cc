@@ -76,15 +76,14 @@ using vrow = v16;  // the softmax passes' vector: one 512-bit register
 using vrow = v8;
 #endif
 
-inline v8 load8(const float* p) { v8 r; std::memcpy(&r, p, sizeof r); return r; }
-inline void store8(float* p, v8 x) { std::memcpy(p, &x, sizeof x); }
-
 // Helpers over a float vector type V (v8, or v16 with AVX-512); V's int vector is what its
 // comparisons return.
 template <typename V> constexpr int64_t kLanes = sizeof(V) / sizeof(float);
 template <typename V> using IntOf = decltype(V{} < V{});
 template <typename V> inline V loadv(const float* p) { V r; std::memcpy(&r, p, sizeof r); return r; }
 template <typename V> inline void storev(float* p, V x) { std::memcpy(p, &x, sizeof x); }
+inline v8 load8(const float* p) { return loadv<v8>(p); }
+inline void store8(float* p, v8 x) { storev(p, x); }
 // op over x's lanes as a tree (halves combined, then quarters, ...): a chain of log2(lanes)
 // operations, where a lane-by-lane fold of 16 lanes was a chain of 16 dependent scalar ones
 // per row and tile (the trees and the two-chain row max took an 8k bf16 forward on the AMX
@@ -119,7 +118,7 @@ inline V expv(V x) {
   using VI = IntOf<V>;
   constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
   const auto underflow = x < -87.0f;  // e^x < 1.7e-38: exactly 0 (a masked logit adds nothing)
-  x = x < -87.0f ? V{} - 87.0f : x;
+  x = underflow ? V{} - 87.0f : x;
   const V t = x * 1.44269504088896341f + kMagic;
   const V n = t - kMagic;
   const V r = x - n * 0.693359375f + n * 2.12194440e-4f;
