@@ -10,7 +10,9 @@ is the issue's grid: 0.5x-64x the training length for a run, 1k-32k tokens for a
 checkpoint. Filler comes from the books of --split (byte runs: bytes; a checkpoint: its BPE). Rows go to --out/needle.jsonl
 (one per run x variant x length x depth; a rerun skips finished rows, writes are atomic),
 each trial's outcome to --out/needle_trials.jsonl as it is scored (an interrupted cell
-resumes from its last trial; a cell asked for more trials reuses those scored before),
+resumes from its last trial; a cell asked for more trials reuses those scored before;
+two processes can split a cell, e.g. `--trials=10` on one core and `--trials=20
+--first_trial=10` on the other, then `--trials=20` alone writes the cell's row from the log),
 then --out/needle.md (grid + effective length), one heatmap per run and variant, and
 --out/needle_by_distance.png (accuracy by how many tokens back the needle sits).
 """
@@ -44,6 +46,10 @@ def define_flags():
   flags.DEFINE_string("depths", "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
                       "Needle depths in [0, 1].")
   flags.DEFINE_integer("trials", 20, "Trials (seeds) per cell.")
+  flags.DEFINE_integer("first_trial", 0,
+                       "Score each cell's trials from this one on (another process scores "
+                       "the earlier ones into the same --out); the cell's row is written by "
+                       "whichever run finds all its trials scored.")
   flags.DEFINE_integer("distractors", 9, "Distractor keys for the rank.")
   flags.DEFINE_string("variants", "none", "Comma list of variants (as eval_extrapolate.py).")
   flags.DEFINE_enum("split", "test", ["validation", "test"], "Books split of the filler.")
@@ -59,6 +65,10 @@ TRIAL_FIELDS = tuple(k for k in KEY_FIELDS if k != "trials")
 def run_grid(opts, log=print):
   """Computes the missing cells; returns all rows."""
   depths = parse_depths(opts.depths)
+  first = getattr(opts, "first_trial", 0)
+  if not 0 <= first < opts.trials:
+    raise ValueError(f"--first_trial={first}: must lie in 0..{opts.trials - 1} (--trials="
+                     f"{opts.trials})")
   os.makedirs(opts.out, exist_ok=True)
   store = results.ResultsFile(os.path.join(opts.out, "needle.jsonl"), KEY_FIELDS)
   trial_log = os.path.join(opts.out, "needle_trials.jsonl")
@@ -95,10 +105,16 @@ def run_grid(opts, log=print):
             store.add({**row, "status": unsupported})
             continue
           distance = needle.distance_back(loaded["codec"].encode, length, depth)
-          row.update(status="ok", distance=distance, **needle.evaluate_cell(
+          fields = needle.evaluate_cell(
               model, loaded["filler"], loaded["codec"].encode, length, depth, opts.trials,
               opts.seed, opts.distractors, done=scored.get(results.row_key(row, TRIAL_FIELDS)),
-              on_trial=functools.partial(_keep_trial, trial_log, row, log)))
+              on_trial=functools.partial(_keep_trial, trial_log, row, log), first=first)
+          if fields is None:
+            log(f"{row['run']} {row['variant']} L={length} depth={depth}: trials "
+                f"{first}-{opts.trials - 1} scored; its row waits for trials 0-{first - 1} "
+                f"(rerun without --first_trial once they are in {trial_log})")
+            continue
+          row.update(status="ok", distance=distance, **fields)
           store.add(row)
           log(f"{row['run']} {row['variant']} L={length} depth={depth}: "
               f"acc {row['accuracy']:.2f} rank {row['mean_rank']:.2f}")

@@ -194,7 +194,7 @@ def score_example(model, example, **cache_kw):
 
 
 def evaluate_cell(model, filler, encode, length, depth, trials, seed=0, distractors=9,
-                  done=None, on_trial=None):
+                  done=None, on_trial=None, first=0):
   """Row fields of one (length, depth) cell: accuracy with its 95 % interval, mean rank,
   the teacher-forced accuracy of each answer token (``token_accuracy``, first to last), and
   each trial's outcome (``trial_exact``, ``trial_rank``): trial t's example depends only on
@@ -203,9 +203,11 @@ def evaluate_cell(model, filler, encode, length, depth, trials, seed=0, distract
 
   done: {t: outcome} of trials already scored (an interrupted or a smaller cell);
   on_trial(t, outcome) is called after each new trial, so a caller can keep it. An outcome
-  is {"exact": 0 | 1, "rank": int, "correct": [bool per answer token]}."""
+  is {"exact": 0 | 1, "rank": int, "correct": [bool per answer token]}.
+  first: trials below it are left to another process (one cell split across processes, each
+  scoring its own range into a shared trial log); None while any of them is not in done."""
   done = dict(done or {})
-  for t in range(trials):
+  for t in range(first, trials):
     if t in done:
       continue
     hit, rank, ok = score_example(model, trial_example(filler, encode, length, depth, seed,
@@ -213,6 +215,8 @@ def evaluate_cell(model, filler, encode, length, depth, trials, seed=0, distract
     done[t] = {"exact": int(hit), "rank": rank, "correct": [bool(c) for c in ok]}
     if on_trial is not None:
       on_trial(t, done[t])
+  if any(t not in done for t in range(trials)):
+    return None
   return cell_fields([done[t] for t in range(trials)], distractors)
 
 

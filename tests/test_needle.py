@@ -298,6 +298,30 @@ def test_killed_cell_resumes_from_its_last_trial(tmp_path, tiny_config, monkeypa
   assert six["trial_rank"][:4] == whole["trial_rank"]
 
 
+def test_a_cell_split_across_two_processes_equals_the_cell_scored_in_one(tmp_path, tiny_config,
+                                                                         monkeypatch):
+  """`--trials=2` and `--trials=4 --first_trial=2` into one --out score each trial once; the
+  second writes no row while trials 0-1 are missing from the log it read, and a plain
+  `--trials=4` then writes the row from the log alone, equal to one process's."""
+  config, model = _model("rope", tiny_config, layers=1)
+  _fake_run(monkeypatch, config, model)
+  whole = eval_needle.run_grid(_grid_opts(tmp_path / "whole", 4), log=lambda *_: None)[0]
+  scored, real = [], needle.score_example
+  monkeypatch.setattr(needle, "score_example", lambda *a, **k: scored.append(1) or real(*a, **k))
+  split = tmp_path / "split"
+  late = types.SimpleNamespace(**{**vars(_grid_opts(split, 4)), "first_trial": 2})
+  assert eval_needle.run_grid(late, log=lambda *_: None) == [] and len(scored) == 2
+  eval_needle.run_grid(_grid_opts(split, 2), log=lambda *_: None)
+  assert len(scored) == 4
+  row = [r for r in eval_needle.run_grid(_grid_opts(split, 4), log=lambda *_: None)
+         if r["trials"] == 4][0]
+  assert len(scored) == 4  # the row came from the trial log
+  fields = ("accuracy", "ci", "mean_rank", "token_accuracy", "trial_exact", "trial_rank")
+  assert {f: row[f] for f in fields} == {f: whole[f] for f in fields}
+  with pytest.raises(ValueError, match="first_trial=4: must lie in 0..3"):
+    eval_needle.run_grid(types.SimpleNamespace(**{**vars(late), "first_trial": 4}))
+
+
 def test_append_row_keeps_the_next_row_whole_after_a_torn_line(tmp_path, capsys):
   path = tmp_path / "log.jsonl"
   path.write_text('{"a": 1}\n{"b": 2')  # killed mid-line
