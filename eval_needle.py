@@ -272,18 +272,33 @@ def _effective_length_text(rows, none_rows, train_len, depths):
 
 
 def _paired_lines(pairs):
-  """needle.md's paired table: two variants on the same trials, exact match by trial."""
+  """needle.md's paired tables: two variants on the same trials, exact match by trial, per
+  cell and summed over each length's depths."""
   if not pairs:
     return []
-  lines = ["## Variants paired by trial (the same examples; exact match: both / only a / "
-           "only b / neither, exact McNemar p; key ranked first: a / b)", "",
-           "| run | length | depth | trials | a | b | both | only a | only b | neither | p | "
+  counts = "only b / neither, exact McNemar p; key ranked first: a / b)"
+  lines = ["## Variants paired by trial (the same examples; exact match: both / only a / " + counts,
+           "", "| run | length | depth | trials | a | b | both | only a | only b | neither | p | "
            "key first a / b |", "|---" * 12 + "|"]
-  for q in pairs:
-    lines.append(f"| {q['run']} | {q['length']} | {q['depth']:g} | {q['trials']} | {q['a']} | "
-                 f"{q['b']} | {q['both']} | {q['only_a']} | {q['only_b']} | {q['neither']} | "
-                 f"{q['p']:.3f} | {q['first_a']} / {q['first_b']} |")
+  lines += [_pair_line(q, f"{q['depth']:g}") for q in pairs]
+  pooled = needle.paired_over_depths(pairs)
+  if pooled:
+    lines += ["", "## Variants paired over a length's depths (the table above summed over the "
+              "depths both were scored at; both / only a / " + counts, "",
+              "| run | length | depths | trials | a | b | both | only a | only b | neither | p | "
+              "key first a / b |", "|---" * 12 + "|"]
+    lines += [_pair_line(q, ", ".join(f"{d:g}" for d in q["depths"])) for q in pooled]
   return lines + [""]
+
+
+def _p_text(p):
+  return f"{p:.3f}" if p >= 1e-3 else f"{p:.1e}"  # never a bare 0.000
+
+
+def _pair_line(q, depths):
+  return (f"| {q['run']} | {q['length']} | {depths} | {q['trials']} | {q['a']} | {q['b']} | "
+          f"{q['both']} | {q['only_a']} | {q['only_b']} | {q['neither']} | {_p_text(q['p'])} | "
+          f"{q['first_a']} / {q['first_b']} |")
 
 
 def _token_accuracy_line(cell, lengths, depths):

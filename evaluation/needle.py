@@ -268,7 +268,32 @@ def paired_trials(rows):
                     "both": int((ea & eb).sum()), "only_a": only_a, "only_b": only_b,
                     "neither": int((~ea & ~eb).sum()), "p": mcnemar_exact_p(only_a, only_b),
                     "first_a": int((np.array(a["trial_rank"]) == 1).sum()),
-                    "first_b": int((np.array(b["trial_rank"]) == 1).sum())})
+                    "first_b": int((np.array(b["trial_rank"]) == 1).sum()),
+                    "examples": tuple(a.get(f) for f in SAME_EXAMPLES
+                                      if f not in ("depth", "trials"))})
+  return out
+
+
+PAIR_COUNTS = ("trials", "both", "only_a", "only_b", "neither", "first_a", "first_b")
+
+
+def paired_over_depths(pairs):
+  """``paired_trials``' pairs of one length summed over its depths (where two or more were
+  paired): every trial is its own example, drawn with its own seed, so the sign test over
+  all discordant trials still counts independent pairs. It answers "which variant retrieves
+  more at this length", which one cell's 20 trials rarely settle; ``depths`` lists what
+  was summed (a depth scored for one variant only is not in it)."""
+  groups = {}
+  for q in pairs:
+    groups.setdefault((q["examples"], q["a"], q["b"]), []).append(q)
+  out = []
+  for (_, a, b), qs in groups.items():
+    if len(qs) < 2:
+      continue
+    sums = {f: sum(q[f] for q in qs) for f in PAIR_COUNTS}
+    out.append({"run": qs[0]["run"], "length": qs[0]["length"], "a": a, "b": b,
+                "depths": sorted(q["depth"] for q in qs), **sums,
+                "p": mcnemar_exact_p(sums["only_a"], sums["only_b"])})
   return out
 
 

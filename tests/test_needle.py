@@ -424,3 +424,24 @@ def test_paired_trials_pairs_only_rows_scored_on_the_same_examples():
   assert (q["first_a"], q["first_b"]) == (4, 4)
   text = "\n".join(eval_needle._paired_lines(pairs))
   assert "| m | 64 | 0.5 | 5 | self_extend | yarn | 2 | 2 | 1 | 0 | 1.000 | 4 / 4 |" in text
+
+
+def test_pairs_summed_over_a_lengths_depths_count_every_trial_once():
+  def row(variant, depth, exact, length=64, seed=0):
+    return {"run": "m", "run_dir": "runs/m", "variant": variant, "length": length,
+            "depth": depth, "seed": seed, "trials": len(exact), "distractors": 9,
+            "split": "test", "status": "ok", "trial_exact": exact, "trial_rank": [1] * len(exact)}
+  rows = [row("yarn", 0.0, [1, 0, 0]), row("self_extend", 0.0, [1, 1, 1]),
+          row("yarn", 1.0, [0, 0, 1, 1]), row("self_extend", 1.0, [1, 1, 1, 0]),
+          row("yarn", 0.5, [0] * 3),                      # one variant only: not summed
+          row("yarn", 0.0, [1] * 3, length=128), row("self_extend", 0.0, [0] * 3, length=128),
+          row("yarn", 0.0, [0] * 3, seed=1), row("self_extend", 0.0, [1] * 3, seed=1)]
+  pooled = needle.paired_over_depths(needle.paired_trials(rows))
+  assert len(pooled) == 1  # 128 and seed 1 have one paired depth each
+  q = pooled[0]
+  assert (q["length"], q["depths"], q["trials"]) == (64, [0.0, 1.0], 7)
+  assert (q["both"], q["only_a"], q["only_b"], q["neither"]) == (2, 4, 1, 0)
+  assert q["p"] == pytest.approx(needle.mcnemar_exact_p(4, 1))
+  text = "\n".join(eval_needle._paired_lines(needle.paired_trials(rows)))
+  assert "| m | 64 | 0, 1 | 7 | self_extend | yarn | 2 | 4 | 1 | 0 | 0.375 | 7 / 7 |" in text
+  assert eval_needle._p_text(needle.mcnemar_exact_p(0, 20)) == "1.9e-06"
