@@ -282,12 +282,16 @@ def paired_over_depths(pairs):
   paired): every trial is its own example, drawn with its own seed, so the sign test over
   all discordant trials still counts independent pairs. It answers "which variant retrieves
   more at this length", which one cell's 20 trials rarely settle; ``depths`` lists what
-  was summed (a depth scored for one variant only is not in it)."""
+  was summed (a depth scored for one variant only is not in it). A depth paired at two
+  trial counts counts once, at the larger (the smaller's trials are its first ones)."""
   groups = {}
   for q in pairs:
-    groups.setdefault((q["examples"], q["a"], q["b"]), []).append(q)
+    by_depth = groups.setdefault((q["examples"], q["a"], q["b"]), {})
+    if q["trials"] > by_depth.get(q["depth"], {"trials": 0})["trials"]:
+      by_depth[q["depth"]] = q
   out = []
-  for (_, a, b), qs in groups.items():
+  for (_, a, b), by_depth in groups.items():
+    qs = list(by_depth.values())
     if len(qs) < 2:
       continue
     sums = {f: sum(q[f] for q in qs) for f in PAIR_COUNTS}

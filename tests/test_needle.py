@@ -435,8 +435,11 @@ def test_pairs_summed_over_a_lengths_depths_count_every_trial_once():
           row("yarn", 1.0, [0, 0, 1, 1]), row("self_extend", 1.0, [1, 1, 1, 0]),
           row("yarn", 0.5, [0] * 3),                      # one variant only: not summed
           row("yarn", 0.0, [1] * 3, length=128), row("self_extend", 0.0, [0] * 3, length=128),
-          row("yarn", 0.0, [0] * 3, seed=1), row("self_extend", 0.0, [1] * 3, seed=1)]
-  pooled = needle.paired_over_depths(needle.paired_trials(rows))
+          row("yarn", 0.0, [0] * 3, seed=1), row("self_extend", 0.0, [1] * 3, seed=1),
+          row("yarn", 1.0, [0, 0]), row("self_extend", 1.0, [1, 1])]  # 1.0's first 2 again
+  pairs = needle.paired_trials(rows)
+  pooled = needle.paired_over_depths(pairs)
+  assert needle.paired_over_depths(pairs[::-1]) == pooled  # the larger 1.0 pair, either order
   assert len(pooled) == 1  # 128 and seed 1 have one paired depth each
   q = pooled[0]
   assert (q["length"], q["depths"], q["trials"]) == (64, [0.0, 1.0], 7)
