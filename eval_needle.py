@@ -278,17 +278,20 @@ def _paired_lines(pairs):
     return []
   counts = "only b / neither, exact McNemar p; key ranked first: a / b)"
   lines = ["## Variants paired by trial (the same examples; exact match: both / only a / " + counts,
-           "", "| run | length | depth | trials | a | b | both | only a | only b | neither | p | "
-           "key first a / b |", "|---" * 12 + "|"]
+           "", *_pair_table_head("depth")]
   lines += [_pair_line(q, f"{q['depth']:g}") for q in pairs]
   pooled = needle.paired_over_depths(pairs)
   if pooled:
     lines += ["", "## Variants paired over a length's depths (the table above summed over the "
               "depths both were scored at; both / only a / " + counts, "",
-              "| run | length | depths | trials | a | b | both | only a | only b | neither | p | "
-              "key first a / b |", "|---" * 12 + "|"]
+              *_pair_table_head("depths")]
     lines += [_pair_line(q, ", ".join(f"{d:g}" for d in q["depths"])) for q in pooled]
   return lines + [""]
+
+
+def _pair_table_head(where):
+  return [f"| run | length | {where} | trials | a | b | both | only a | only b | neither | p | "
+          "key first a / b |", "|---" * 12 + "|"]
 
 
 def _p_text(p):
